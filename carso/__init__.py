@@ -1,0 +1,1 @@
+"""Hybrid adversarial defences: the reference pipeline."""

@@ -1,0 +1,5 @@
+import sys
+
+from carso.cli import main
+
+sys.exit(main())

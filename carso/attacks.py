@@ -1,0 +1,84 @@
+"""L-infinity attacks in [0, 1] pixel space: FGSM (optionally with random start) and PGD.
+
+Every attack returns a perturbed batch that lies inside the eps-ball around `x` and inside [0, 1].
+The caller chooses the model's mode and precision: training wraps these in bf16 autocast when asked,
+evaluation always runs them in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One L-inf attack: `fgsm` (one step of size `step_size`, random start if asked) or `pgd`."""
+
+    method: str               # "fgsm" | "pgd"
+    eps: float                # radius of the L-inf ball, in [0, 1] pixel units
+    steps: int = 1            # gradient steps (1 for FGSM)
+    step_size: float | None = None  # per-step size; None: eps for FGSM, 2.5 * eps / steps for PGD
+    random_start: bool = True  # start from a uniform point in the ball (PGD, FGSM-RS)
+    restarts: int = 1          # PGD restarts; a point counts as broken if any restart breaks it
+
+    @property
+    def alpha(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+                    autocast: contextlib.AbstractContextManager | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed cross-entropy w.r.t. the input, and the logits."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad(), autocast or contextlib.nullcontext():
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+    return grad, logits.detach()
+
+
+def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
+
+
+def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+               autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """One run of projected signed-gradient ascent on the cross-entropy (FGSM when steps == 1)."""
+    x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
+    for _ in range(spec.steps):
+        grad, _ = _input_gradient(model, x_adv, y, autocast)
+        x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
+    return x_adv.detach()
+
+
+@torch.no_grad()
+def _is_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+           autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """Run `spec` on a batch; with restarts, keep for each point the first restart that fools the model."""
+    x_best = pgd_single(model, x, y, spec, autocast)
+    if spec.restarts == 1:
+        return x_best
+    still_correct = _is_correct(model, x_best, y)
+    for _ in range(spec.restarts - 1):
+        if not still_correct.any():
+            break
+        idx = still_correct.nonzero().squeeze(1)
+        x_new = pgd_single(model, x[idx], y[idx], spec, autocast)
+        fooled = ~_is_correct(model, x_new, y[idx])
+        x_best[idx[fooled]] = x_new[fooled]
+        still_correct[idx[fooled]] = False
+    return x_best

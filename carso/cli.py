@@ -1,0 +1,131 @@
+"""Command-line entry points, one per stage: parse arguments, call one library function, write outputs.
+
+The same command runs from Snakemake, from DVC, by hand on a GPU box and from the tests:
+    python -m carso fetch --dataset fashion_mnist --out data/fashion_mnist/dataset
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from carso.errors import UserError
+
+log = logging.getLogger("carso")
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack reports progress at DEBUG
+
+
+def _runtime(params: dict[str, Any], threads: int | None):
+    from carso.device import configure_threads, seed_everything, select_device
+
+    configure_threads(threads)
+    seed_everything(params["runtime"]["seed"])
+    device = select_device(params["runtime"]["device"])
+    log.info("device %s, %s threads", device, threads or "all")
+    return device
+
+
+def cmd_fetch(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.data import fetch_dataset
+
+    manifest = fetch_dataset(args.dataset, params["data"], Path(args.out))
+    for split, info in manifest["splits"].items():
+        log.info("%s: %d images of shape %s", split, info["count"], info["shape"])
+
+
+def cmd_train_classifier(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.training import train_classifier
+
+    device = _runtime(params, args.threads)
+    train_classifier(args.dataset, Path(args.data), Path(args.out), params["classifier"],
+                     params["runtime"]["seed"], device)
+
+
+def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.advgen import generate_adversarial
+    from carso.checkpoint import load_classifier
+
+    device = _runtime(params, args.threads)
+    model = load_classifier(Path(args.model), args.dataset)
+    generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device)
+
+
+def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.checkpoint import load_classifier
+    from carso.data import load_split
+    from carso.evaluation import evaluate_classifier
+    from carso.io import write_json
+
+    device = _runtime(params, args.threads)
+    model = load_classifier(Path(args.model), args.dataset)
+    x, y = load_split(Path(args.data), "test")
+    out = Path(args.out)
+    metrics = evaluate_classifier(model, x, y, params["evaluation"], device, params["runtime"]["seed"], out)
+    write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **metrics})
+
+
+def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.report import write_report
+
+    write_report(args.dataset, Path(args.root), params, Path(args.out))
+
+
+Stage = tuple[Callable[[argparse.Namespace, dict[str, Any]], None], list[tuple[str, str]]]
+STAGES: dict[str, Stage] = {
+    "fetch": (cmd_fetch, [("--out", "folder for train/test tensors and manifest.json")]),
+    "train-classifier": (cmd_train_classifier, [("--data", "fetched dataset folder"),
+                                                ("--out", "folder for the model, checkpoint and curves")]),
+    "generate-adversarial": (cmd_generate_adversarial, [("--model", "classifier .safetensors"),
+                                                        ("--data", "fetched dataset folder"),
+                                                        ("--out", "folder for the adversarial examples")]),
+    "evaluate": (cmd_evaluate, [("--defence", "defence name (at: the classifier alone)"),
+                                ("--model", "classifier .safetensors"), ("--data", "fetched dataset folder"),
+                                ("--out", "folder for metrics.json")]),
+    "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
+                            ("--out", "folder for report.html and report.md")]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carso", description="Hybrid adversarial defences: pipeline stages.")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, (_, options) in STAGES.items():
+        p = sub.add_parser(name)
+        p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+        p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+        p.add_argument("--log", default=None, help="also write the log to this file")
+        for flag, text in options:
+            p.add_argument(flag, required=True, help=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        from carso.params import load_params
+
+        params = load_params(args.params)
+        if args.dataset not in params["datasets"]:
+            raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
+                            f"({params['datasets']}); add it there first.")
+        STAGES[args.stage][0](args, params)
+    except UserError as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume from the last checkpoint")
+        return 130
+    return 0

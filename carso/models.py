@@ -1,0 +1,147 @@
+"""Classifier registry. Every model takes images in [0, 1] and normalises inside `forward`."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carso.errors import UserError
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, stored as buffers so it travels with the weights."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two linear layers, for 1x28x28 (or small) inputs."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], width: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        side = image_size // 4
+        self.fc1 = nn.Linear(2 * width * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0, 1] -> (B, K)
+        x = F.max_pool2d(F.relu(self.conv1(self.normalize(x))), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                         if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 (He et al. 2016) for 32x32 inputs."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        layers, c_in = [], 64
+        for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers += [PreActBlock(c_in, c_out, stride), PreActBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(self.conv1(self.normalize(x)))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1)
+        return self.linear(out.flatten(1))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                         if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-width (Zagoruyko & Komodakis 2016) for 32x32 inputs."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], depth: int = 28, width: int = 10) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise UserError(f"classifier.depth must be 6n+4 for wide_resnet (got {depth}); "
+                            "use e.g. 16, 28 or 34.")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, c_in = [], widths[0]
+        for c_out, stride in zip(widths[1:], [1, 2, 2]):
+            for i in range(n):
+                blocks.append(WideBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.conv1(self.normalize(x)))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1)
+        return self.fc(out.flatten(1))
+
+
+# name -> (constructor, the input side it is built for; None = any side divisible by 4)
+REGISTRY: dict[str, tuple[Callable[..., nn.Module], int | None]] = {
+    "cnn_small": (SmallCNN, None),
+    "preact_resnet18": (PreActResNet18, 32),
+    "wide_resnet": (WideResNet, 32),
+}
+
+
+def build_classifier(arch: str, *, in_channels: int, num_classes: int, image_size: int,
+                     mean: Sequence[float], std: Sequence[float], **kwargs: int) -> nn.Module:
+    """Build a registered classifier, checking that it fits the dataset's image size."""
+    if arch not in REGISTRY:
+        raise UserError(f"classifier.arch '{arch}' is unknown; choose one of {sorted(REGISTRY)}.")
+    constructor, side = REGISTRY[arch]
+    if side is not None and image_size != side:
+        raise UserError(f"classifier.arch '{arch}' is built for {side}x{side} images but the dataset "
+                        f"has {image_size}x{image_size}; pick another classifier.arch in params.yaml.")
+    if side is None and image_size % 4 != 0:
+        raise UserError(f"classifier.arch '{arch}' needs an image side divisible by 4 (got {image_size}).")
+    return constructor(in_channels, num_classes, image_size, mean, std, **kwargs)

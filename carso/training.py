@@ -1,0 +1,166 @@
+"""Adversarial training of the classifier (PGD / Madry, or FGSM with random start), resumable per epoch."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from carso.attacks import AttackSpec, attack
+from carso.checkpoint import load_classifier, save_classifier
+from carso.data import dataset_spec, load_split
+from carso.device import autocast, describe, eval_mode, memory_format
+from carso.evaluation import accuracy, robust_accuracy
+from carso.io import fingerprint, load_checkpoint, read_json, save_checkpoint, write_json, write_text
+from carso.models import build_classifier
+
+log = logging.getLogger(__name__)
+
+CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
+
+
+def training_attack(cfg: dict[str, Any]) -> AttackSpec:
+    """The attack used inside training: `pgd` (Madry) or `fgsm_rs` (FGSM from a random start)."""
+    a = cfg["attack"]
+    if a["method"] == "fgsm_rs":
+        return AttackSpec("fgsm", eps=a["eps"], steps=1, step_size=a["step_size"], random_start=True)
+    return AttackSpec("pgd", eps=a["eps"], steps=a["steps"], step_size=a["step_size"], random_start=True)
+
+
+def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Batched augmentation: `none`, or `crop_flip` (random 4-pixel-padded crop + horizontal flip)."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy = torch.randint(0, 9, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 9, (n,), generator=gen).to(x.device)
+    rows = (torch.arange(h, device=x.device) + dy[:, None])[:, :, None]  # (N, H, 1)
+    cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, :]  # (N, 1, W)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # (N, H, W, C)
+    out = out.permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(3), out).contiguous()
+
+
+def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                           weight_decay=cfg["weight_decay"], nesterov=cfg["momentum"] > 0)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-iteration schedule: `onecycle` (warm-up then anneal), `cosine`, or `constant`."""
+    if cfg["schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total_steps,
+                                                   pct_start=cfg["warmup_fraction"], anneal_strategy="linear")
+    if cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+                 cfg: dict[str, Any], spec: AttackSpec, device: torch.device, gen: torch.Generator,
+                 desc: str) -> tuple[float, float]:
+    """One pass over the data: attack each batch, then step on the adversarial batch."""
+    fmt = memory_format(cfg["channels_last"])
+    order = torch.randperm(len(y), generator=gen)
+    bs, loss_sum, correct = cfg["batch_size"], 0.0, 0
+    model.train()
+    for start in tqdm(range(0, len(y), bs), desc=desc, unit="batch", leave=False, mininterval=5):
+        idx = order[start:start + bs]
+        xb = augment(x[idx].to(device), cfg["augment"], gen).contiguous(memory_format=fmt)
+        yb = y[idx].to(device)
+        xb_adv = attack(model, xb, yb, spec, autocast(device, cfg["precision"]))
+        with autocast(device, cfg["precision"]):
+            logits = model(xb_adv).float()
+        loss = F.cross_entropy(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum / len(y), correct / len(y)
+
+
+def _monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
+             device: torch.device) -> tuple[float, float]:
+    """Clean and PGD accuracy on a fixed test subset, in fp32 and eval mode."""
+    a = cfg["attack"]
+    spec = AttackSpec("pgd", eps=a["eps"], steps=10, step_size=a["eps"] / 4)
+    with eval_mode(model):
+        clean = accuracy(model, x, y, device, batch_size=500)
+        adv = robust_accuracy(model, x, y, spec, device, batch_size=500)
+    return clean, adv
+
+
+def _fresh_state(model: nn.Module, cfg: dict[str, Any], steps_per_epoch: int):
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, cfg["epochs"] * steps_per_epoch)
+    return opt, sched
+
+
+def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: int,
+                     device: torch.device) -> dict[str, Any]:
+    """Adversarially train the classifier described by `cfg`; resume from `out_dir/checkpoint.pt`."""
+    spec_ds = dataset_spec(dataset)
+    x_train, y_train = load_split(data_dir, "train")
+    x_mon, y_mon = load_split(data_dir, "test", limit=cfg["monitor_points"])
+    model = build_classifier(cfg["arch"], in_channels=spec_ds.channels, num_classes=spec_ds.num_classes,
+                             image_size=spec_ds.side, mean=spec_ds.mean, std=spec_ds.std, **cfg["arch_kwargs"])
+    model = model.to(device, memory_format=memory_format(cfg["channels_last"]))
+    steps_per_epoch = -(-len(y_train) // cfg["batch_size"])
+    opt, sched = _fresh_state(model, cfg, steps_per_epoch)
+    manifest = read_json(data_dir / "manifest.json")
+    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"]})
+    ckpt_path = out_dir / "checkpoint.pt"
+    curve: list[dict[str, float]] = []
+    first_epoch = 1
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("fingerprint") == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            curve, first_epoch = state["curve"], state["epoch"] + 1
+            log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
+        else:
+            log.info("ignoring %s: it was made with other settings or data; training from scratch", ckpt_path)
+    spec = training_attack(cfg)
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch)
+        loss, adv_acc = _train_epoch(model, opt, sched, x_train, y_train, cfg, spec, device, gen,
+                                     f"epoch {epoch}/{cfg['epochs']}")
+        clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device)
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss, "train_adv_acc": adv_acc,
+               "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "seconds": time.perf_counter() - t0}
+        curve.append(row)
+        log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
+                 epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
+        save_checkpoint(ckpt_path, {"fingerprint": key, "epoch": epoch, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "curve": curve})
+    return _finish(model, dataset, cfg, curve, out_dir, device)
+
+
+def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dict[str, float]],
+            out_dir: Path, device: torch.device) -> dict[str, Any]:
+    save_classifier(out_dir / "model.safetensors", model, dataset, cfg["arch"], cfg["arch_kwargs"])
+    lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
+    write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
+    last = curve[-1] if curve else {}
+    metrics = {"epochs": len(curve), "final_train_loss": last.get("train_loss"),
+               "final_test_clean_acc": last.get("test_clean_acc"), "final_test_adv_acc": last.get("test_adv_acc"),
+               "monitor_points": cfg["monitor_points"], "train_seconds": sum(r["seconds"] for r in curve),
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device)}
+    write_json(out_dir / "train_metrics.json", metrics)
+    return metrics

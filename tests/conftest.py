@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny configuration, a small real Fashion-MNIST subset, and throw-away projects."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_PARAMS = REPO / "tests" / "tiny" / "params.yaml"
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def load_tiny() -> dict[str, Any]:
+    return yaml.safe_load(TINY_PARAMS.read_text())
+
+
+@pytest.fixture()
+def tiny_params() -> dict[str, Any]:
+    return copy.deepcopy(load_tiny())
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m carso ARGS` the way Snakemake and DVC do."""
+    return subprocess.run([sys.executable, "-m", "carso", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_tool(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run snakemake / dvc from this virtualenv with a hard time limit."""
+    tool = Path(sys.executable).parent / args[0]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(tool), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_project(dest: Path, params: dict[str, Any]) -> Path:
+    """A throw-away copy of the pipeline (workflow, dvc.yaml, code) with its own params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "workflow", dest / "workflow")
+    shutil.copytree(REPO / "carso", dest / "carso", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    write_params(dest / "params.yaml", params)
+    return dest
+
+
+def write_params(path: Path, params: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def fm_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny configuration's real Fashion-MNIST subset (40 train / 10 test images per class)."""
+    from carso.data import fetch_dataset
+
+    out = tmp_path_factory.mktemp("fm_subset")
+    fetch_dataset("fashion_mnist", load_tiny()["data"], out)
+    return out

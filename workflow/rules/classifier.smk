@@ -1,0 +1,27 @@
+rule train_classifier:
+    input:
+        code=CODE["train_classifier"],
+        train="data/{dataset}/dataset/train.safetensors",
+        test="data/{dataset}/dataset/test.safetensors",
+        manifest="data/{dataset}/dataset/manifest.json",
+    output:
+        model="data/{dataset}/classifier/model.safetensors",
+        curve="data/{dataset}/classifier/curve.csv",
+        metrics="data/{dataset}/classifier/train_metrics.json",
+    params:
+        settings=settings("classifier", "runtime.seed"),
+        params_file=PARAMS_FILE,
+        data=subpath(input.manifest, parent=True),
+        out=subpath(output.model, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        "logs/{dataset}/train_classifier.log",
+    benchmark:
+        "benchmarks/{dataset}/train_classifier.tsv"
+    threads: workflow.cores
+    resources:
+        **heavy_resources(mem_mb=8000),
+    shell:
+        "python -m carso train-classifier --params {params.params_file} --dataset {wildcards.dataset}"
+        " --data {params.data} --out {params.out} --threads {threads} --log {log}"

@@ -1,0 +1,47 @@
+# Validation of params.yaml and the small helpers shared by all stages.
+import sys
+from pathlib import Path
+
+from carso.errors import UserError
+from carso.params import validate as validate_params
+
+try:
+    validate_params({k: v for k, v in config.items() if k != "params_file"}, PARAMS_FILE)
+except UserError as err:
+    sys.exit(f"error: {err}")
+validate(config, "../schemas/params.schema.yaml")
+
+DATASETS = config["datasets"]
+DEFENCES = ["at"]  # at: the adversarially-trained classifier alone
+
+# The library modules each stage runs: they are inputs, so editing one reruns exactly the stages it affects
+# (the same lists are `deps` in dvc.yaml).
+BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"]
+CODE = {
+    "fetch": BASE_CODE + ["carso/data.py"],
+    "train_classifier": BASE_CODE + ["carso/training.py", "carso/models.py", "carso/attacks.py",
+                                     "carso/checkpoint.py", "carso/device.py"],
+    "generate_adversarial": BASE_CODE + ["carso/advgen.py", "carso/attacks.py", "carso/evaluation.py"],
+    "evaluate": BASE_CODE + ["carso/evaluation.py", "carso/attacks.py", "carso/stats.py"],
+    "report": BASE_CODE + ["carso/report.py"],
+}
+
+
+def all_targets():
+    return expand("data/{dataset}/report/report.html", dataset=DATASETS)
+
+
+def settings(*keys):
+    """The params.yaml keys (dotted for nested ones) a stage depends on; a change there reruns it."""
+    values = {}
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
+def heavy_resources(mem_mb):
+    """Resources of the rules that run a model: a GPU when one is there, all cores otherwise."""
+    return {"mem_mb": mem_mb, "gpu": 1 if config["runtime"]["device"] != "cpu" else 0}

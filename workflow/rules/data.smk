@@ -1,0 +1,20 @@
+rule fetch:
+    input:
+        code=CODE["fetch"],
+    output:
+        train="data/{dataset}/dataset/train.safetensors",
+        test="data/{dataset}/dataset/test.safetensors",
+        manifest="data/{dataset}/dataset/manifest.json",
+    params:
+        settings=settings("data"),
+        params_file=PARAMS_FILE,
+        out=subpath(output.manifest, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        "logs/{dataset}/fetch.log",
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m carso fetch --params {params.params_file} --dataset {wildcards.dataset}"
+        " --out {params.out} --log {log}"
