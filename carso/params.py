@@ -21,7 +21,8 @@ def load_schema() -> dict[str, Any]:
 
 
 def _key(path: Any) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    return text or "(top level)"
 
 
 def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""params.yaml is validated by the library, by every stage's CLI and by the Snakefile, with one clear sentence."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from carso.errors import UserError
+from carso.params import load_params, validate
+from conftest import REPO, make_project, run_cli, run_tool, write_params
+
+# (how to break the params, the words the error must contain)
+BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
+    "wrong_type": (lambda p: p["classifier"].__setitem__("epochs", "ten"),
+                   ["'classifier.epochs'", "an integer >= 1", "'ten'"]),
+    "unknown_key": (lambda p: p["classifier"].__setitem__("epoch", 3),
+                    ["unknown key 'classifier.epoch'", "epochs"]),
+    "unknown_section": (lambda p: p.__setitem__("trainer", {}), ["unknown key 'trainer'", "classifier"]),
+    "unknown_dataset": (lambda p: p.__setitem__("datasets", ["svhn"]),
+                        ["'datasets[0]'", "'fashion_mnist'", "'svhn'"]),
+    "missing_datasets": (lambda p: p.pop("datasets"), ["'datasets' is missing"]),
+    "negative_eps": (lambda p: p["evaluation"].__setitem__("eps", -0.1),
+                     ["'evaluation.eps'", ">= 0", "-0.1"]),
+    "zero_steps": (lambda p: p["evaluation"]["pgd"].__setitem__("steps", 0),
+                   ["'evaluation.pgd.steps'", ">= 1", "(got 0)"]),
+    "bad_enum": (lambda p: p["classifier"].__setitem__("precision", "fp16"),
+                 ["'classifier.precision'", "'fp32', 'bf16'"]),
+    "pgd_without_steps": (lambda p: p["adversarial"]["attacks"]["pgd_weak"].pop("steps"),
+                          ["'adversarial.attacks.pgd_weak.steps'"]),
+    "mirror_unset": (lambda p: p["data"]["mirror"].__setitem__("fashion_mnist", None),
+                     ["'data.mirror.fashion_mnist'", "download"]),
+}
+
+
+def test_default_and_tiny_params_are_valid() -> None:
+    load_params(REPO / "params.yaml")
+    load_params(REPO / "tests" / "tiny" / "params.yaml")
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_library_rejects_bad_params_in_one_sentence(tiny_params: dict[str, Any], case: str) -> None:
+    breaker, words = BAD[case]
+    breaker(tiny_params)
+    with pytest.raises(UserError) as err:
+        validate(tiny_params)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("case", ["wrong_type", "unknown_key", "negative_eps", "zero_steps"])
+def test_cli_stops_with_the_message_and_writes_nothing(tmp_path: Path, tiny_params: dict[str, Any],
+                                                       case: str) -> None:
+    breaker, words = BAD[case]
+    breaker(tiny_params)
+    write_params(tmp_path / "params.yaml", tiny_params)
+    result = run_cli(["fetch", "--dataset", "fashion_mnist", "--out", "out"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_unparsable_yaml(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("classifier: [unclosed\n")
+    result = run_cli(["fetch", "--dataset", "fashion_mnist", "--out", "out"], cwd=tmp_path)
+    assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_rejects_a_dataset_not_listed(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
+    write_params(tmp_path / "params.yaml", tiny_params)
+    result = run_cli(["fetch", "--dataset", "mnist", "--out", "out"], cwd=tmp_path)
+    assert result.returncode == 2 and "not in `datasets`" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "zero_steps"])
+def test_snakefile_stops_with_the_message(tmp_path: Path, tiny_params: dict[str, Any], case: str) -> None:
+    breaker, words = BAD[case]
+    breaker(tiny_params)
+    project = make_project(tmp_path / "project", tiny_params)
+    result = run_tool(["snakemake", "-n", "--cores", "1"], cwd=project, timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert all(w in output for w in words), output
+    assert not (project / "data").exists()

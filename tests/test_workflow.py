@@ -1,0 +1,165 @@
+"""The whole DAG on the tiny configuration, through Snakemake and through DVC, and the two kept in step."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO, load_tiny, make_project, run_tool, write_params
+
+pytestmark = pytest.mark.slow
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+D = "data/fashion_mnist"
+OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
+           f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/eval/at/metrics.json",
+           f"{D}/report/report.html", f"{D}/report/report.md"]
+
+
+def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
+    """The jobs of a dry run, as {rule, input, output, shell} (parsed from `snakemake -n -p`)."""
+    result = run_tool(["snakemake", "-n", "-p", "--cores", "2", *extra], cwd=project, timeout=120)
+    assert result.returncode == 0, result.stderr
+    jobs: list[dict[str, Any]] = []
+    for line in result.stdout.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": m.group(1), "input": [], "output": [], "shell": None})
+        elif jobs and (m := re.match(r"^    (input|output): (.*)$", line)):
+            jobs[-1][m.group(1)] = m.group(2).split(", ")
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return [j for j in jobs if j["rule"] != "all"]
+
+
+def normalise(cmd: str) -> list[str]:
+    """A stage command without the thread count, which only Snakemake passes."""
+    words = shlex.split(cmd)
+    if "--threads" in words:
+        i = words.index("--threads")
+        del words[i:i + 2]
+    return words
+
+
+def dvc_stages(project: Path) -> dict[str, dict[str, Any]]:
+    from dvc.dependency import ParamsDependency
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(project), uninitialized=True) as repo:
+        for st in repo.index.stages:
+            stages[st.name] = {
+                "cmd": st.cmd, "outs": sorted(o.def_path for o in st.outs),
+                "deps": sorted(d.def_path for d in st.deps if not isinstance(d, ParamsDependency)),
+                "params": sorted(p for d in st.deps if isinstance(d, ParamsDependency) for p in d.params)}
+    return stages
+
+
+def snakemake_settings() -> dict[str, list[str]]:
+    """The params.yaml keys each rule declares through `settings(...)` in workflow/rules/*.smk."""
+    found = {}
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        text = smk.read_text()
+        for rule, keys in re.findall(r"^rule (\w+):.*?settings=settings\(([^)]*)\)", text, re.S | re.M):
+            found[rule] = sorted(k.strip().strip('"') for k in keys.split(","))
+    return found
+
+
+def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = ["fashion_mnist", "mnist"]  # a second wildcard value must line up too
+    params["data"]["mirror"]["mnist"] = "/nonexistent"
+    project = make_project(tmp_path / "p", params)
+    jobs = snakemake_jobs(project, "--forceall")
+    stages = dvc_stages(project)
+    settings = snakemake_settings()
+    assert len(jobs) == len(stages) == 10
+    for job in jobs:
+        dataset = re.search(r"--dataset (\w+)", job["shell"]).group(1)
+        stage = stages.pop(f"{job['rule']}@{dataset}")
+        assert normalise(job["shell"]) == normalise(stage["cmd"]), job["rule"]
+        assert sorted(job["output"]) == stage["outs"], job["rule"]
+        assert sorted(job["input"]) == stage["deps"], job["rule"]
+        assert settings[job["rule"]] == stage["params"], job["rule"]
+    assert not stages
+
+
+@pytest.fixture(scope="module")
+def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny configuration through `snakemake --cores 2`, with a hard 3-minute limit."""
+    project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())
+    result = run_tool(["snakemake", "--cores", "2"], cwd=project, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return project
+
+
+def test_snakemake_runs_the_whole_dag(snakemake_run: Path) -> None:
+    for out in OUTPUTS:
+        assert (snakemake_run / out).exists(), out
+    for rule in ("train_classifier", "generate_adversarial", "evaluate_at"):
+        bench = (snakemake_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
+        assert bench.startswith("s\t")
+    assert "clean accuracy" in (snakemake_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
+
+
+def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(snakemake_run: Path) -> None:
+    assert snakemake_jobs(snakemake_run) == []  # nothing to do after a complete run
+    params = load_tiny()
+    params["evaluation"]["n_points"] = 10
+    write_params(snakemake_run / "params.yaml", params)
+    try:
+        assert sorted(j["rule"] for j in snakemake_jobs(snakemake_run)) == ["evaluate", "report"]
+        params["classifier"]["epochs"] = 3
+        write_params(snakemake_run / "params.yaml", params)
+        assert len(snakemake_jobs(snakemake_run)) == 4  # a training change reruns everything downstream
+    finally:
+        write_params(snakemake_run / "params.yaml", load_tiny())
+
+
+def _sh(cmd: str, cwd: Path, timeout: int = 240) -> str:
+    env = {**os.environ, **GIT_ENV, "DVC_NO_ANALYTICS": "1"}
+    venv_bin = Path(os.sys.executable).parent
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, snakemake_run: Path) -> None:
+    project = make_project(tmp_path / "dvc", load_tiny())
+    (project / ".gitignore").write_text("/logs/\n/.snakemake/\n")
+    _sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init",
+        project)
+    first = _sh("dvc repro", project)
+    assert {s.split("@")[0] for s in ran_stages(first)} == {
+        "fetch", "train_classifier", "generate_adversarial", "evaluate", "report"}
+    for name in ("eval/at/metrics.json", "classifier/train_metrics.json"):  # same artifacts as Snakemake
+        a = json.loads((project / D / name).read_text())
+        b = json.loads((snakemake_run / D / name).read_text())
+        for key in ("clean", "pgd", "autoattack", "final_test_clean_acc", "final_test_adv_acc"):
+            assert a.get(key) == b.get(key), key
+    assert (project / D / "classifier/model.safetensors").read_bytes() == \
+        (snakemake_run / D / "classifier/model.safetensors").read_bytes()
+    _sh("git add -A && git commit -qm results", project)
+
+    model = project / D / "classifier" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    params = load_tiny()
+    params["evaluation"]["n_points"] = 10
+    write_params(project / "params.yaml", params)
+    second = _sh("dvc repro", project)
+    assert ran_stages(second) == {"evaluate@fashion_mnist", "report@fashion_mnist"}
+    assert model.stat().st_mtime_ns == before and model.exists()
+    assert "evaluation.n_points" in _sh("dvc params diff", project)
+    metrics_diff = _sh("dvc metrics diff", project)
+    assert "pgd.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
