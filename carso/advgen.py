@@ -48,7 +48,7 @@ def generate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
 def generate_adversarial(model: nn.Module, data_dir: Path, out_dir: Path, cfg: dict[str, Any],
                          device: torch.device) -> dict[str, Any]:
     """Attack the first `train_points` / `test_points` images; write one safetensors file per split."""
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
     summary: dict[str, Any] = {"precision": "fp32", **describe(device)}
     for split, limit in (("train", cfg["train_points"]), ("test", cfg["test_points"])):
         x, y = load_split(data_dir, split, limit=limit)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 from typing import Iterator
@@ -26,6 +27,24 @@ def configure_threads(threads: int | None) -> None:
     """Use exactly `threads` CPU threads (Snakemake passes its `threads:`), or all cores."""
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing every freed activation buffer back to the kernel.
+
+    By default glibc serves blocks above 128 KiB-32 MiB with mmap and unmaps them on free, so each
+    forward/backward pass page-faults its activations in again (measured here: ~230k faults/s and a
+    quarter of the CPU time in the kernel). Raising the mmap and trim thresholds keeps them in the heap.
+    Returns whether the allocator was tuned (glibc only; a no-op elsewhere).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+        return bool(libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024) == 1 and ok)
+    except (OSError, AttributeError):
+        return False
 
 
 def seed_everything(seed: int) -> None:

@@ -75,7 +75,7 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     """All attacks of the protocol on the first `n_points` test points; the headline is the per-point worst case."""
     conf, bs = cfg["confidence"], cfg["batch_size"]
     work_dir.mkdir(parents=True, exist_ok=True)
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
     results: dict[str, Any] = {"eps": cfg["eps"], "norm": "Linf", "precision": "fp32", **describe(device)}
     t0 = time.perf_counter()
     clean_pred = predict(model, x, device, bs) == y

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def ran_stages(output: str) -> set[str]:
 
 def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, snakemake_run: Path) -> None:
     project = make_project(tmp_path / "dvc", load_tiny())
-    (project / ".gitignore").write_text("/logs/\n/.snakemake/\n")
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")  # data/ ignored by git, as in the repo
     _sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init",
         project)
     first = _sh("dvc repro", project)
@@ -163,3 +164,24 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     assert "evaluation.n_points" in _sh("dvc params diff", project)
     metrics_diff = _sh("dvc metrics diff", project)
     assert "pgd.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
+
+
+def test_snakemake_lint_is_clean() -> None:
+    result = run_tool(["snakemake", "--lint"], cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, result.stdout
+
+
+def test_snakemake_profile_and_gpu_resources_are_real(tmp_path: Path) -> None:
+    """Heavy rules ask for a GPU unless runtime.device is cpu; the default profile is picked up."""
+    params = load_tiny()
+    project = make_project(tmp_path / "gpu", params)
+    result = run_tool(["snakemake", "-n", "--cores", "2"], cwd=project)
+    assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
+    out = result.stdout
+    train = out[out.index("rule train_classifier:"):]
+    assert "gpu=1" in train[:train.index("Shell command")]
+    params["runtime"]["device"] = "cpu"
+    write_params(project / "params.yaml", params)
+    out = run_tool(["snakemake", "-n", "--cores", "2"], cwd=project).stdout
+    train = out[out.index("rule train_classifier:"):]
+    assert "gpu=0" in train[:train.index("Shell command")]
