@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso.attacks import AttackSpec
+from carso.attacks import AttackSpec, attack_dataset, predict
 from carso.data import load_split
 from carso.device import describe
-from carso.evaluation import attack_dataset, predict
 from carso.io import save_tensors, write_json
 
 log = logging.getLogger(__name__)

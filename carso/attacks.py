@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,32 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
         x_best[idx[fooled]] = x_new[fooled]
         still_correct[idx[fooled]] = False
     return x_best
+
+
+# Batched helpers over whole datasets (fp32 unless the caller wraps them in autocast).
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """Predicted labels for `x`, in fp32, batch by batch."""
+    preds = [model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int) -> float:
+    return (predict(model, x, device, batch_size) == y).float().mean().item()
+
+
+def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                   device: torch.device, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """Adversarial versions of all of `x`, crafted in fp32, on the CPU at the end."""
+    out = []
+    batches = range(0, len(x), batch_size)
+    for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None, mininterval=5):
+        out.append(attack(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device), spec).cpu())
+    return torch.cat(out)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                    device: torch.device, batch_size: int) -> float:
+    x_adv = attack_dataset(model, x, y, spec, device, batch_size)
+    return accuracy(model, x_adv, y, device, batch_size)

@@ -54,7 +54,7 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 def _to_uint8_nchw(data: Any) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(data), dtype=torch.uint8)
-    return t.unsqueeze(1) if t.ndim == 3 and t.shape[-1] not in (3,) else t.permute(0, 3, 1, 2)
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C)
 
 
 def _from_torchvision(spec: DatasetSpec, root: Path, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -8,41 +8,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from carso.attacks import AttackSpec, attack
+from carso.attacks import AttackSpec, attack_dataset, predict
 from carso.device import describe
 from carso.io import fingerprint, sha256_tensor
 from carso.stats import summarise
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    """Predicted labels for `x`, in fp32, batch by batch."""
-    preds = [model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int) -> float:
-    return (predict(model, x, device, batch_size) == y).float().mean().item()
-
-
-def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-                   device: torch.device, batch_size: int, desc: str | None = None) -> torch.Tensor:
-    """Adversarial versions of all of `x`, crafted in fp32, on the CPU at the end."""
-    out = []
-    batches = range(0, len(x), batch_size)
-    for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None, mininterval=5):
-        out.append(attack(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device), spec).cpu())
-    return torch.cat(out)
-
-
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-                    device: torch.device, batch_size: int) -> float:
-    x_adv = attack_dataset(model, x, y, spec, device, batch_size)
-    return accuracy(model, x_adv, y, device, batch_size)
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,

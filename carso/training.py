@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from carso.attacks import AttackSpec, attack
-from carso.checkpoint import load_classifier, save_classifier
+from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
+from carso.checkpoint import save_classifier
 from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe, eval_mode, memory_format
-from carso.evaluation import accuracy, robust_accuracy
 from carso.io import fingerprint, load_checkpoint, read_json, save_checkpoint, write_json, write_text
 from carso.models import build_classifier
 

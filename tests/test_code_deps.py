@@ -10,16 +10,18 @@ ENTRY = {  # the modules each stage's CLI function imports
     "fetch": ["data"],
     "train_classifier": ["training", "device"],
     "generate_adversarial": ["advgen", "checkpoint", "device"],
-    "evaluate": ["checkpoint", "data", "evaluation", "device"],
+    "evaluate": ["checkpoint", "data", "evaluation", "io", "device"],
     "report": ["report"],
 }
 BASE = ["cli", "params", "io", "errors"]
 
 
 def carso_imports(module: str) -> set[str]:
+    """Library modules `module` imports (for cli.py only its top level: its stage functions import lazily)."""
     tree = ast.parse((REPO / "carso" / f"{module}.py").read_text())
+    nodes = tree.body if module == "cli" else list(ast.walk(tree))
     found = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("carso."):
             found.add(node.module.split(".")[1])
     return found

@@ -17,12 +17,12 @@ DEFENCES = ["at"]  # at: the adversarially-trained classifier alone
 # The library modules each stage runs: they are inputs, so editing one reruns exactly the stages it affects
 # (the same lists are `deps` in dvc.yaml).
 BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"]
+MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/models.py"]
 CODE = {
     "fetch": BASE_CODE + ["carso/data.py"],
-    "train_classifier": BASE_CODE + ["carso/training.py", "carso/models.py", "carso/attacks.py",
-                                     "carso/checkpoint.py", "carso/device.py"],
-    "generate_adversarial": BASE_CODE + ["carso/advgen.py", "carso/attacks.py", "carso/evaluation.py"],
-    "evaluate": BASE_CODE + ["carso/evaluation.py", "carso/attacks.py", "carso/stats.py"],
+    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py"],
+    "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
+    "evaluate": BASE_CODE + MODEL_CODE + ["carso/evaluation.py", "carso/stats.py"],
     "report": BASE_CODE + ["carso/report.py"],
 }
 
