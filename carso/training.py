@@ -20,7 +20,14 @@ from carso.models import build_classifier
 
 log = logging.getLogger(__name__)
 
+TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint")
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
+
+
+def code_digest() -> str:
+    """A hash of the modules that shape training: a checkpoint from other code is never resumed."""
+    here = Path(__file__).resolve().parent
+    return fingerprint([(here / f"{m}.py").read_text() for m in TRAINING_MODULES])
 
 
 def training_attack(cfg: dict[str, Any]) -> AttackSpec:
@@ -118,7 +125,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     steps_per_epoch = -(-len(y_train) // cfg["batch_size"])
     opt, sched = _fresh_state(model, cfg, steps_per_epoch)
     manifest = read_json(data_dir / "manifest.json")
-    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"]})
+    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"], "code": code_digest()})
     ckpt_path = out_dir / "checkpoint.pt"
     curve: list[dict[str, float]] = []
     first_epoch = 1
@@ -131,7 +138,8 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
             curve, first_epoch = state["curve"], state["epoch"] + 1
             log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
         else:
-            log.info("ignoring %s: it was made with other settings or data; training from scratch", ckpt_path)
+            log.info("ignoring %s: it was made with other settings, data or code; training from scratch",
+                     ckpt_path)
     spec = training_attack(cfg)
     for epoch in range(first_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
