@@ -15,12 +15,13 @@ from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
 from carso.checkpoint import save_classifier
 from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe, eval_mode, memory_format
-from carso.io import fingerprint, load_checkpoint, read_json, save_checkpoint, write_json, write_text
+from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
+from carso.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
-TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint")
+TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint", "resume")
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
 
 
@@ -126,20 +127,14 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     opt, sched = _fresh_state(model, cfg, steps_per_epoch)
     manifest = read_json(data_dir / "manifest.json")
     key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"], "code": code_digest()})
-    ckpt_path = out_dir / "checkpoint.pt"
+    checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve: list[dict[str, float]] = []
     first_epoch = 1
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") == key:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            curve, first_epoch = state["curve"], state["epoch"] + 1
-            log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
-        else:
-            log.info("ignoring %s: it was made with other settings, data or code; training from scratch",
-                     ckpt_path)
+    if (state := checkpoint.load()) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        curve, first_epoch = state["curve"], state["epoch"] + 1
     spec = training_attack(cfg)
     for epoch in range(first_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
@@ -153,9 +148,8 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         curve.append(row)
         log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
                  epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
-        save_checkpoint(ckpt_path, {"fingerprint": key, "epoch": epoch, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "curve": curve})
+        checkpoint.save(epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), curve=curve)
     return _finish(model, dataset, cfg, curve, out_dir, device)
 
 

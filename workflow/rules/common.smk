@@ -20,7 +20,7 @@ BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"
 MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/models.py"]
 CODE = {
     "fetch": BASE_CODE + ["carso/data.py"],
-    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py"],
+    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py"],
     "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
     "evaluate": BASE_CODE + MODEL_CODE + ["carso/evaluation.py", "carso/stats.py"],
     "report": BASE_CODE + ["carso/report.py"],

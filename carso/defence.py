@@ -1,0 +1,54 @@
+"""The CARSO defence as one nn.Module from [0, 1] images to logits, attackable end to end."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from carso.aggregation import get_aggregation
+from carso.purifier import Purifier
+from carso.representation import RepresentationExtractor
+
+
+class CarsoDefence(nn.Module):
+    """representation -> condition -> N latent samples -> N reconstructions -> classifier -> aggregation.
+
+    The N samples of every image go through the decoder and the classifier as one batch of B x N.
+    The classifier is frozen; gradients still flow through it (to the representation and from the
+    reconstructions), so an attack sees the whole defence's true gradient.
+    """
+
+    def __init__(self, classifier: nn.Module, purifier: Purifier, extractor: RepresentationExtractor,
+                 n_samples: int = 8, aggregation: str = "peel") -> None:
+        super().__init__()
+        self.classifier, self.purifier, self.extractor = classifier, purifier, extractor
+        self.n_samples = n_samples
+        self.aggregation_name = aggregation
+        self.aggregate = get_aggregation(aggregation)
+        for p in self.classifier.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> per-sample logits (B, N, K)."""
+        b, n = x.shape[0], self.n_samples
+        c = self.purifier.condition(self.extractor(x))  # (B, D)
+        c = c.repeat_interleave(n, dim=0)  # (B*N, D): the N samples of image i are rows i*N .. i*N+N-1
+        z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
+        recon = self.purifier.decode(z, c)  # (B*N, C, H, W)
+        return self.classifier(recon).view(b, n, -1)
+
+    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, C, H, W) reconstructions, for figures."""
+        b, n = x.shape[0], self.n_samples
+        c = self.purifier.condition(self.extractor(x)).repeat_interleave(n, dim=0)
+        z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
+        return self.purifier.decode(z, c).view(b, n, *x.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(self.sample_logits(x))
+
+    def train(self, mode: bool = True) -> "CarsoDefence":
+        """The classifier always stays in eval mode; the purifier follows `mode`."""
+        super().train(mode)
+        self.classifier.eval()
+        return self

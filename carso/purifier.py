@@ -1,0 +1,133 @@
+"""CARSO's purifier: a conditional VAE from the classifier's representation to clean reconstructions.
+
+representation (one tensor per hooked layer) -> per-layer conv compressors -> condition head -> c
+training:  [pre-encoded input, c] -> joint encoder -> (mu, logvar) -> z ~ q(z | x, c)
+inference: z ~ N(0, I)
+[z, c] -> decoder (linear, transposed-conv stack, conv, sigmoid) -> image in [0, 1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carso.errors import UserError
+from carso.models import Normalize
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    """Every size of the purifier (defaults: a small one sized for 1x28x28 inputs)."""
+
+    compressor_depth: int = 3           # 3x3 unpadded convs per hooked layer, halving channels each time
+    condition_dim: int = 130            # size of the condition vector c
+    latent_dim: int = 64                # size of z
+    pre_encoder_channels: tuple[int, ...] = (6, 12)  # strided convs of the input pre-encoder
+    decoder_start_side: int = 7         # side of the decoder's first feature map
+    decoder_channels: tuple[int, ...] = (64, 32, 16)  # first map's channels, then one 2x upsampling each
+    layers: tuple[str, ...] = field(default_factory=tuple)  # hooked layers (empty: every conv layer)
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+
+
+class LayerCompressor(nn.Module):
+    """depth x [3x3 conv without padding, BatchNorm, LeakyReLU(0.2)], channels c -> c/2 -> c/4 ..., flattened."""
+
+    def __init__(self, shape: tuple[int, ...], depth: int) -> None:
+        super().__init__()
+        c, h, w = shape
+        if min(h, w) - 2 * depth < 1:
+            raise UserError(f"a hooked layer's {h}x{w} activations are too small for purifier.compressor_depth "
+                            f"{depth}; lower it or hook earlier layers.")
+        blocks, c_in = [], c
+        for _ in range(depth):
+            c_out = max(1, c_in // 2)
+            blocks += _conv_block(c_in, c_out)
+            c_in = c_out
+        self.net = nn.Sequential(*blocks)
+        self.out_features = c_in * (h - 2 * depth) * (w - 2 * depth)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net(a).flatten(1)
+
+
+class Purifier(nn.Module):
+    """The conditional VAE; `shapes` are the hooked activations' shapes (without batch)."""
+
+    def __init__(self, cfg: PurifierConfig, shapes: Sequence[tuple[int, ...]], image_shape: tuple[int, int, int],
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.cfg, self.image_shape = cfg, image_shape
+        c_img, side, _ = image_shape
+        self.compressors = nn.ModuleList(LayerCompressor(s, cfg.compressor_depth) for s in shapes)
+        flat = sum(m.out_features for m in self.compressors)
+        self.condition_head = nn.Sequential(nn.Linear(flat, cfg.condition_dim), nn.BatchNorm1d(cfg.condition_dim),
+                                            nn.LeakyReLU(0.2))
+        self.pre_encoder = self._pre_encoder(c_img, mean, std)
+        with torch.no_grad():
+            pre_flat = self.pre_encoder(torch.zeros(1, *image_shape)).shape[1]
+        self.encoder = nn.Linear(pre_flat + cfg.condition_dim, 2 * cfg.latent_dim)
+        self.decoder_input, self.decoder = self._decoder(side, c_img)
+
+    def _pre_encoder(self, c_img: int, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
+        layers: list[nn.Module] = [Normalize(mean, std)]
+        c_in = c_img
+        for c_out in self.cfg.pre_encoder_channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        return nn.Sequential(*layers, nn.Flatten())
+
+    def _decoder(self, side: int, c_img: int) -> tuple[nn.Module, nn.Module]:
+        cfg, chans = self.cfg, self.cfg.decoder_channels
+        if cfg.decoder_start_side * 2 ** (len(chans) - 1) != side:
+            raise UserError(f"purifier.decoder_start_side ({cfg.decoder_start_side}) doubled once per "
+                            f"purifier.decoder_channels entry after the first ({len(chans) - 1}) must give the "
+                            f"image side {side}; adjust one of them.")
+        first = nn.Linear(cfg.latent_dim + cfg.condition_dim, chans[0] * cfg.decoder_start_side ** 2)
+        layers: list[nn.Module] = [nn.LeakyReLU(0.2), nn.Unflatten(1, (chans[0], cfg.decoder_start_side,
+                                                                        cfg.decoder_start_side))]
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(chans[-1], c_img, 3, padding=1), nn.Sigmoid()]
+        return first, nn.Sequential(*layers)
+
+    def condition(self, acts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Representation (one tensor per hooked layer) -> condition c, (B, condition_dim)."""
+        return self.condition_head(torch.cat([m(a) for m, a in zip(self.compressors, acts)], dim=1))
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(possibly perturbed) input and condition -> mean and log-variance of q(z | x, c)."""
+        mu, logvar = self.encoder(torch.cat([self.pre_encoder(x), c], dim=1)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(M, latent) and (M, condition) -> (M, C, H, W) reconstructions in [0, 1]."""
+        return self.decoder(self.decoder_input(torch.cat([z, c], dim=1)))
+
+    def forward(self, x: torch.Tensor, acts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: reconstruction from z ~ q(z | x, c) (reparameterised), and q's parameters."""
+        c = self.condition(acts)
+        mu, logvar = self.encode(x, c)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return self.decode(z, c), mu, logvar
+
+
+def purifier_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image summed pixel-wise BCE + beta * KL(q || N(0, I)), averaged over the batch: (loss, bce, kl)."""
+    n = target.shape[0]
+    bce = F.binary_cross_entropy(recon.float(), target, reduction="sum") / n
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
+    return bce + beta * kl, bce, kl
+
+
+def beta_schedule(epoch: int, epochs: int, off_fraction: float = 0.125, ramp_fraction: float = 0.042) -> float:
+    """KL weight: 0 for the first 12.5% of epochs, then a linear ramp over ~4.2% of epochs, then 1."""
+    off, ramp = off_fraction * epochs, max(ramp_fraction * epochs, 1e-9)
+    return float(min(1.0, max(0.0, (epoch - off) / ramp)))
