@@ -25,6 +25,8 @@ class AttackSpec:
     step_size: float | None = None  # per-step size; None: eps for FGSM, 2.5 * eps / steps for PGD
     random_start: bool = True  # start from a uniform point in the ball (PGD, FGSM-RS)
     restarts: int = 1          # PGD restarts; a point counts as broken if any restart breaks it
+    eot: int = 1               # Expectation over Transformation: gradients averaged over this many
+                               # forward/backward passes per step (for randomised defences)
 
     @property
     def alpha(self) -> float:
@@ -38,14 +40,16 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-                    autocast: contextlib.AbstractContextManager | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed cross-entropy w.r.t. the input, and the logits."""
+                    autocast: contextlib.AbstractContextManager | None, eot: int = 1) -> torch.Tensor:
+    """Gradient of the summed cross-entropy w.r.t. the input, averaged over `eot` passes."""
     x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad(), autocast or contextlib.nullcontext():
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-    return grad, logits.detach()
+    total = torch.zeros_like(x_adv)
+    for _ in range(eot):
+        with torch.enable_grad(), autocast or contextlib.nullcontext():
+            loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        total += grad
+    return total / eot
 
 
 def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,7 +61,7 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
     """One run of projected signed-gradient ascent on the cross-entropy (FGSM when steps == 1)."""
     x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
     for _ in range(spec.steps):
-        grad, _ = _input_gradient(model, x_adv, y, autocast)
+        grad = _input_gradient(model, x_adv, y, autocast, spec.eot)
         x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
     return x_adv.detach()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from carso.io import read_json, write_text
+from carso.io import atomic_path, read_json, write_text
 
 DEFENCE_NAMES = {"at": "adversarially-trained classifier alone"}
 
@@ -130,8 +130,6 @@ def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path
             md.append("\n".join(f"- {s}" for s in content))
             body.append("<ul>" + "".join(f"<li>{html.escape(s.replace('`', ''))}</li>" for s in content) + "</ul>")
     out_dir.mkdir(parents=True, exist_ok=True)
-    from carso.io import atomic_path
-
     with atomic_path(out_dir / "training_curves.png") as tmp:
         tmp.write_bytes(png)
     write_text(out_dir / "report.md", "\n".join(md) + "\n")

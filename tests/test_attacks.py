@@ -68,3 +68,22 @@ def test_restarts_never_weaken_the_attack(model_and_batch) -> None:
     three = attack(model, x, y, AttackSpec("pgd", eps=0.03, steps=3, step_size=0.01, restarts=3))
     with torch.no_grad():
         assert (model(three).argmax(1) == y).sum() <= (model(one).argmax(1) == y).sum()
+
+
+def test_eot_averages_gradients_over_repeated_passes(model_and_batch) -> None:
+    model, x, y = model_and_batch
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    x_adv = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.03, eot=4))
+    handle.remove()
+    assert len(calls) == 3 * 4
+    assert (x_adv - x).abs().max().item() <= 0.1 + 1e-6
+
+
+def test_eot_on_a_deterministic_model_equals_plain_pgd(model_and_batch) -> None:
+    model, x, y = model_and_batch
+    torch.manual_seed(5)
+    plain = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.03))
+    torch.manual_seed(5)
+    eot = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.03, eot=2))
+    assert torch.allclose(plain, eot, atol=1e-6)
