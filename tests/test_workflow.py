@@ -185,3 +185,10 @@ def test_snakemake_profile_and_gpu_resources_are_real(tmp_path: Path) -> None:
     out = run_tool(["snakemake", "-n", "--cores", "2"], cwd=project).stdout
     train = out[out.index("rule train_classifier:"):]
     assert "gpu=0" in train[:train.index("Shell command")]
+
+
+def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", load_tiny())
+    write_params(project / "other.yaml", load_tiny())
+    jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
+    assert len(jobs) == 5 and all("--params other.yaml" in j["shell"] for j in jobs)
