@@ -42,6 +42,9 @@ class SmallCNN(nn.Module):
 
 
 class PreActBlock(nn.Module):
+    """Pre-activation basic block (BN-ReLU-conv twice, projection shortcut when the shape changes),
+    shared by PreAct ResNet and WideResNet."""
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
@@ -81,22 +84,6 @@ class PreActResNet18(nn.Module):
         return self.linear(out.flatten(1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-                         if stride != 1 or c_in != c_out else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
-
-
 class WideResNet(nn.Module):
     """WideResNet-depth-width (Zagoruyko & Komodakis 2016) for 32x32 inputs."""
 
@@ -113,7 +100,7 @@ class WideResNet(nn.Module):
         blocks, c_in = [], widths[0]
         for c_out, stride in zip(widths[1:], [1, 2, 2]):
             for i in range(n):
-                blocks.append(WideBlock(c_in, c_out, stride if i == 0 else 1))
+                blocks.append(PreActBlock(c_in, c_out, stride if i == 0 else 1))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)
