@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,31 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return flags.cpu().bool()
 
 
+def is_randomised(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """AutoAttack's own check: do repeated forward passes on the same inputs disagree?"""
+    from pyautoattack import checks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks.check_randomized(model, x, y, bs=len(x))
+    return any("randomized defense" in str(w.message) for w in caught)
+
+
+def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: float = 0.007,
+                 reference_eps: float = 8 / 255) -> AttackSpec:
+    """PGD with Expectation over Transformation as in Lee & Kim (2023): 200 steps, 20 EoT samples per
+    step, cross-entropy; the step size is theirs (0.007 at eps 8/255) scaled to the configured eps."""
+    return AttackSpec("pgd", eps=eps, steps=steps, step_size=reference_step * eps / reference_eps, eot=eot)
+
+
+def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
+                     device: torch.device, batch_size: int) -> tuple[float, torch.Tensor]:
+    """Classify the final adversarial points `repeats` times: the mean accuracy, and per point whether
+    every repeat was correct (the worst case of a stochastic defence's noisy verdict)."""
+    correct = torch.stack([predict(model, x_adv, device, batch_size) == y for _ in range(repeats)])  # (R, n)
+    return correct.float().mean().item(), correct.all(dim=0)
+
+
 def model_digest(model: nn.Module) -> str:
     """A hash of every parameter and buffer, so resumable state never outlives the model it belongs to."""
     return fingerprint([sha256_tensor(t.detach().float()) for t in model.state_dict().values()])
@@ -62,6 +88,7 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     results["pgd"] = {**summarise(pgd_ok.tolist(), conf), "steps": p["steps"], "restarts": p["restarts"]}
     log.info("PGD-%d accuracy %.4f on %d points", p["steps"], results["pgd"]["accuracy"], n)
     per_point = clean_pred[:n] & pgd_ok
+    results["randomised"] = is_randomised(model, xs[:bs].to(device), ys[:bs].to(device))
     aa = cfg["autoattack"]
     if aa["enabled"]:
         key = fingerprint({"eps": cfg["eps"], "n": n, "version": aa["version"], "seed": seed,

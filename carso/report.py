@@ -95,7 +95,9 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"`{name}`: clean accuracy {100 * m['clean']['accuracy']:.2f}% on {m['clean']['n']} test "
                    f"images; robust accuracy (a point counts only if it survives every attack) "
                    f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {int(100 * rc['confidence'])}% CI "
-                   f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], L-inf eps {m['eps']:.4g}, fp32.")
+                   f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], L-inf eps {m['eps']:.4g}, fp32; "
+                   f"AutoAttack's randomness check found the model "
+                   f"{'randomised' if m.get('randomised') else 'deterministic'}.")
     return out
 
 

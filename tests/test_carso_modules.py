@@ -173,3 +173,31 @@ def test_train_purifier_lowers_reconstruction_loss_and_resumes(parts, tmp_path: 
     assert curve[0]["beta"] == 0.0 and curve[-1]["beta"] == 1.0
     again = train_purifier(purifier, extractor, data, cfg, 0, torch.device("cpu"), tmp_path / "ckpt.pt", "k")
     assert again == curve  # complete checkpoint: nothing left to train
+
+
+def test_autoattack_randomness_check_flags_carso_but_not_the_classifier(parts) -> None:
+    from carso.evaluation import is_randomised
+
+    clf, extractor, purifier, x, y = parts
+    assert not is_randomised(clf, x[:16], y[:16])
+    assert is_randomised(CarsoDefence(clf, purifier, extractor, n_samples=2), x[:16], y[:16])
+
+
+def test_pgd_eot_step_is_scaled_from_the_reference() -> None:
+    from carso.evaluation import pgd_eot_spec
+
+    spec = pgd_eot_spec(0.1)
+    assert (spec.steps, spec.eot) == (200, 20)
+    assert spec.alpha == pytest.approx(0.007 * 0.1 / (8 / 255))
+    assert pgd_eot_spec(8 / 255).alpha == pytest.approx(0.007)
+
+
+def test_repeated_verdict_worst_case_is_never_above_the_mean(parts) -> None:
+    from carso.evaluation import repeated_verdict
+
+    clf, extractor, purifier, x, y = parts
+    mean, every = repeated_verdict(clf, x[:32], y[:32], 3, torch.device("cpu"), 16)
+    assert mean == pytest.approx(every.float().mean().item())  # deterministic: all repeats agree
+    defence = CarsoDefence(clf, purifier, extractor, n_samples=2)
+    mean, every = repeated_verdict(defence, x[:32], y[:32], 5, torch.device("cpu"), 16)
+    assert every.float().mean().item() <= mean

@@ -65,7 +65,7 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path) -> None:
     n = load_tiny()["evaluation"]["n_points"]
     for key in ("pgd", "autoattack", "robust_worst_case", "clean_subset"):
         assert m[key]["n"] == n and m[key]["ci_low"] <= m[key]["accuracy"] <= m[key]["ci_high"]
-    assert m["clean"]["n"] == 100 and m["precision"] == "fp32"
+    assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["randomised"] is False
     assert m["robust_worst_case"]["accuracy"] <= min(m["pgd"]["accuracy"], m["autoattack"]["accuracy"])
     assert not list((chain / "eval" / "at").glob("autoattack_state_*"))
 
