@@ -39,8 +39,7 @@ def aggregate_prob(logits: torch.Tensor) -> torch.Tensor:
 
 def aggregate_count(logits: torch.Tensor) -> torch.Tensor:
     """Majority vote: the number of samples that predict each class (ties: the lower class index wins)."""
-    votes = F.one_hot(logits.argmax(dim=2), logits.shape[2]).sum(dim=1).to(logits.dtype)
-    return votes
+    return F.one_hot(logits.argmax(dim=2), logits.shape[2]).sum(dim=1).to(logits.dtype)
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -28,21 +28,18 @@ class CarsoDefence(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> per-sample logits (B, N, K)."""
+    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, C, H, W): N reconstructions per image, decoded as one batch of B x N."""
         b, n = x.shape[0], self.n_samples
         c = self.purifier.condition(self.extractor(x))  # (B, D)
         c = c.repeat_interleave(n, dim=0)  # (B*N, D): the N samples of image i are rows i*N .. i*N+N-1
         z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
-        recon = self.purifier.decode(z, c)  # (B*N, C, H, W)
-        return self.classifier(recon).view(b, n, -1)
-
-    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, C, H, W) reconstructions, for figures."""
-        b, n = x.shape[0], self.n_samples
-        c = self.purifier.condition(self.extractor(x)).repeat_interleave(n, dim=0)
-        z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
         return self.purifier.decode(z, c).view(b, n, *x.shape[1:])
+
+    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> per-sample logits (B, N, K), classifying all B x N reconstructions at once."""
+        recon = self.reconstructions(x)
+        return self.classifier(recon.flatten(0, 1)).view(*recon.shape[:2], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aggregate(self.sample_logits(x))

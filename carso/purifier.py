@@ -7,7 +7,7 @@ inference: z ~ N(0, I)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,7 +28,6 @@ class PurifierConfig:
     pre_encoder_channels: tuple[int, ...] = (6, 12)  # strided convs of the input pre-encoder
     decoder_start_side: int = 7         # side of the decoder's first feature map
     decoder_channels: tuple[int, ...] = (64, 32, 16)  # first map's channels, then one 2x upsampling each
-    layers: tuple[str, ...] = field(default_factory=tuple)  # hooked layers (empty: every conv layer)
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from carso.device import autocast
 from carso.io import fingerprint
 from carso.purifier import Purifier, beta_schedule, purifier_loss
 from carso.representation import RepresentationExtractor
-from carso.resume import EpochCheckpoint
+from carso.resume import EpochCheckpoint, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +120,10 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
     opt: torch.optim.Optimizer = Lookahead(inner) if cfg["lookahead"] else inner
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, steps))
     checkpoint = EpochCheckpoint(checkpoint_path, fingerprint({"cfg": cfg, "seed": seed, "data": data_key}))
-    curve: list[dict[str, float]] = []
-    if (state := checkpoint.load()) is not None:
-        purifier.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        curve = state["curve"]
+    curve = checkpoint.restore(purifier, opt, sched)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)
+        gen = seed_epoch(seed, epoch)
         beta = beta_schedule(epoch - 1, cfg["epochs"])
         row = _epoch(purifier, extractor, opt, sched, data, cfg, beta, device, gen, f"epoch {epoch}/{cfg['epochs']}")
         row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row,
@@ -138,6 +131,5 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         curve.append(row)
         log.info("epoch %d: loss %.2f (BCE %.2f, KL %.2f, beta %.3f), %.1f s", epoch, row["loss"], row["bce"],
                  row["kl"], beta, row["seconds"])
-        checkpoint.save(epoch, model=purifier.state_dict(), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), curve=curve)
+        checkpoint.save(purifier, opt, sched, curve)
     return curve

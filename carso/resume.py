@@ -5,9 +5,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from carso.io import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed the global RNG for `epoch` and return a generator for its shuffling and augmentation.
+
+    Every epoch draws from its own seed, so a run resumed after epoch k continues exactly as an
+    uninterrupted one would.
+    """
+    epoch_seed = seed * 100_003 + epoch
+    torch.manual_seed(epoch_seed)
+    return torch.Generator().manual_seed(epoch_seed)
 
 
 class EpochCheckpoint:
@@ -17,16 +31,24 @@ class EpochCheckpoint:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = Path(path), key
 
-    def load(self) -> dict[str, Any] | None:
+    def restore(self, model: nn.Module, optimizer: Any, scheduler: Any) -> list[dict[str, float]]:
+        """Load a matching state into the model, optimizer and scheduler; return its per-epoch curve
+        (empty when there is nothing to resume, so training starts at epoch len(curve) + 1)."""
         if not self.path.exists():
-            return None
+            return []
         state = load_checkpoint(self.path)
         if state.get("fingerprint") != self.key:
             log.info("ignoring %s: it was made with other settings, data or code; training from scratch",
                      self.path)
-            return None
+            return []
         log.info("resuming from %s after epoch %d", self.path, state["epoch"])
-        return state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return state["curve"]
 
-    def save(self, epoch: int, **state: Any) -> None:
-        save_checkpoint(self.path, {"fingerprint": self.key, "epoch": epoch, **state})
+    def save(self, model: nn.Module, optimizer: Any, scheduler: Any, curve: list[dict[str, float]]) -> None:
+        """Record the state after epoch len(curve)."""
+        save_checkpoint(self.path, {"fingerprint": self.key, "epoch": len(curve), "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "curve": curve})

@@ -17,7 +17,7 @@ from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe, eval_mode, memory_format
 from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
-from carso.resume import EpochCheckpoint
+from carso.resume import EpochCheckpoint, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,11 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     manifest = read_json(data_dir / "manifest.json")
     key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"], "code": code_digest()})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
-    curve: list[dict[str, float]] = []
-    first_epoch = 1
-    if (state := checkpoint.load()) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        curve, first_epoch = state["curve"], state["epoch"] + 1
+    curve = checkpoint.restore(model, opt, sched)
     spec = training_attack(cfg)
-    for epoch in range(first_epoch, cfg["epochs"] + 1):
+    for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)
+        gen = seed_epoch(seed, epoch)
         loss, adv_acc = _train_epoch(model, opt, sched, x_train, y_train, cfg, spec, device, gen,
                                      f"epoch {epoch}/{cfg['epochs']}")
         clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device)
@@ -148,8 +141,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         curve.append(row)
         log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
                  epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
-        checkpoint.save(epoch, model=model.state_dict(), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), curve=curve)
+        checkpoint.save(model, opt, sched, curve)
     return _finish(model, dataset, cfg, curve, out_dir, device)
 
 
