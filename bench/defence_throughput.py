@@ -48,15 +48,18 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--width", type=int, default=16, help="cnn_small width (conv channels)")
+    parser.add_argument("--decoder-channels", type=int, nargs="+", default=list(PurifierConfig().decoder_channels))
     args = parser.parse_args()
     configure_threads(args.threads)
     torch.manual_seed(0)
-    clf = build_classifier("cnn_small", in_channels=1, num_classes=10, image_size=28, mean=[0.286], std=[0.353])
+    clf = build_classifier("cnn_small", in_channels=1, num_classes=10, image_size=28, mean=[0.286], std=[0.353],
+                           width=args.width)
     clf = clf.to(memory_format=torch.channels_last).eval()
     extractor = RepresentationExtractor(clf)
     x = torch.rand(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
-    purifier = Purifier(PurifierConfig(), extractor.shapes(x), (1, 28, 28), [0.286], [0.353])
+    purifier = Purifier(PurifierConfig(decoder_channels=tuple(args.decoder_channels)), extractor.shapes(x), (1, 28, 28), [0.286], [0.353])
     purifier = purifier.to(memory_format=torch.channels_last)
     defence = CarsoDefence(clf, purifier, extractor, n_samples=args.samples).eval()
 
@@ -72,7 +75,7 @@ def main() -> None:
                 forward(x)
         return run
 
-    print(f"# CARSO defence, cnn_small classifier, default 28x28 purifier, N={args.samples}, batch {args.batch}, "
+    print(f"# CARSO defence, cnn_small width {args.width}, decoder channels {args.decoder_channels}, N={args.samples}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, fp32")
     print(f"{'pass':<22}{'batched img/s':>15}{'looped img/s':>14}{'speed-up':>10}")
     for name, make in (("inference", inference), ("attack (fwd+bwd)", attack_pass)):

@@ -57,9 +57,14 @@ def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-               autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """One run of projected signed-gradient ascent on the cross-entropy (FGSM when steps == 1)."""
-    x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
+               autocast: contextlib.AbstractContextManager | None = None,
+               x_start: torch.Tensor | None = None) -> torch.Tensor:
+    """One run of projected signed-gradient ascent on the cross-entropy (FGSM when steps == 1),
+    from `x_start` when given (to continue an earlier run), else from a random or the clean point."""
+    if x_start is not None:
+        x_adv = _project(x_start.clone(), x, spec.eps)
+    else:
+        x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
     for _ in range(spec.steps):
         grad = _input_gradient(model, x_adv, y, autocast, spec.eot)
         x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
@@ -72,9 +77,11 @@ def _is_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-           autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """Run `spec` on a batch; with restarts, keep for each point the first restart that fools the model."""
-    x_best = pgd_single(model, x, y, spec, autocast)
+           autocast: contextlib.AbstractContextManager | None = None,
+           x_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `spec` on a batch; with restarts, keep for each point the first restart that fools the model.
+    `x_start` (optional) is where the first run starts."""
+    x_best = pgd_single(model, x, y, spec, autocast, x_start)
     if spec.restarts == 1:
         return x_best
     still_correct = _is_correct(model, x_best, y)

@@ -36,3 +36,4 @@ def load_classifier(path: Path, dataset: str) -> nn.Module:
         raise UserError(f"{path} does not match classifier '{meta['arch']}' ({first}); rerun the "
                         "train_classifier stage.") from None
     return model.eval()
+

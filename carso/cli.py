@@ -61,17 +61,41 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
     generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device)
 
 
-def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from carso.checkpoint import load_classifier
-    from carso.data import load_split
-    from carso.evaluation import evaluate_classifier
-    from carso.io import write_json
+def cmd_train_purifier(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.purifier_training import run_purifier_training
 
     device = _runtime(params, args.threads)
-    model = load_classifier(Path(args.model), args.dataset)
+    run_purifier_training(args.dataset, Path(args.model), Path(args.adversarial), Path(args.out),
+                          params["purifier"], params["runtime"]["seed"], device)
+
+
+def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.data import load_split
+    from carso.defence import load_defence
+    from carso.evaluation import evaluate_defence, example_tensors
+    from carso.io import load_tensors, save_tensors, write_json
+
+    device = _runtime(params, args.threads)
+    if args.defence not in params["evaluation"]["defences"]:
+        raise UserError(f"defence '{args.defence}' has no section in evaluation.defences of {args.params}; "
+                        f"add one (see the default params.yaml).")
+    model = load_defence(args.defence, Path(args.model), Path(args.purifier) if args.purifier else None,
+                         args.dataset, params["carso"])
     x, y = load_split(Path(args.data), "test")
+    stored, _ = load_tensors(Path(args.adversarial) / "test.safetensors")
+    transfer = params["evaluation"]["transfer_attack"]
+    if transfer not in stored:
+        raise UserError(f"{args.adversarial}/test.safetensors holds no '{transfer}' examples; rerun the "
+                        "generate_adversarial stage (evaluation.transfer_attack must be in adversarial.attacks).")
     out = Path(args.out)
-    metrics = evaluate_classifier(model, x, y, params["evaluation"], device, params["runtime"]["seed"], out)
+    cfg = params["evaluation"]["defences"][args.defence]
+    metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], params["evaluation"], cfg, device,
+                                            params["runtime"]["seed"], out)
+    metrics["transfer"]["attack"] = transfer
+    examples = example_tensors(model, x, adversarial["pgd"], y, device)
+    save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},
+                 {"defence": args.defence, "adversarial": "the evaluation's PGD run",
+                  "robust_worst_case": "per attacked point: survived every attack (and every repeated verdict)"})
     write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **metrics})
 
 
@@ -89,9 +113,15 @@ STAGES: dict[str, Stage] = {
     "generate-adversarial": (cmd_generate_adversarial, [("--model", "classifier .safetensors"),
                                                         ("--data", "fetched dataset folder"),
                                                         ("--out", "folder for the adversarial examples")]),
-    "evaluate": (cmd_evaluate, [("--defence", "defence name (at: the classifier alone)"),
-                                ("--model", "classifier .safetensors"), ("--data", "fetched dataset folder"),
-                                ("--out", "folder for metrics.json")]),
+    "train-purifier": (cmd_train_purifier, [("--model", "classifier .safetensors"),
+                                            ("--adversarial", "generate_adversarial's folder"),
+                                            ("--out", "folder for the purifier, checkpoint and curves")]),
+    "evaluate": (cmd_evaluate, [("--defence", "at (the classifier alone) or carso (classifier + purifier)"),
+                                ("--model", "classifier .safetensors"),
+                                ("--purifier?", "purifier .safetensors (carso only)"),
+                                ("--data", "fetched dataset folder"),
+                                ("--adversarial", "generate_adversarial's folder (transfer attack)"),
+                                ("--out", "folder for metrics.json and examples.safetensors")]),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
                             ("--out", "folder for report.html and report.md")]),
 }
@@ -106,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
         p.add_argument("--log", default=None, help="also write the log to this file")
-        for flag, text in options:
-            p.add_argument(flag, required=True, help=text)
+        for flag, text in options:  # a trailing "?" marks an optional flag
+            p.add_argument(flag.rstrip("?"), required=not flag.endswith("?"), help=text)
     return parser
 
 

@@ -1,12 +1,20 @@
 """The CARSO defence as one nn.Module from [0, 1] images to logits, attackable end to end."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
 from carso.aggregation import get_aggregation
-from carso.purifier import Purifier
+from carso.checkpoint import load_classifier
+from carso.errors import UserError
+from carso.io import sha256_file
+from carso.purifier import Purifier, load_purifier
 from carso.representation import RepresentationExtractor
+
+DEFENCES = ("at", "carso")  # at: the adversarially-trained classifier alone; carso: classifier + purifier
 
 
 class CarsoDefence(nn.Module):
@@ -49,3 +57,17 @@ class CarsoDefence(nn.Module):
         super().train(mode)
         self.classifier.eval()
         return self
+
+
+def load_defence(name: str, classifier_path: Path, purifier_path: Path | None, dataset: str,
+                 carso_cfg: dict[str, Any]) -> nn.Module:
+    """The model a defence name stands for: `at` the classifier alone, `carso` classifier + purifier."""
+    classifier = load_classifier(classifier_path, dataset)
+    if name == "at":
+        return classifier
+    if name != "carso":
+        raise UserError(f"unknown defence '{name}'; the defences are: {', '.join(DEFENCES)}.")
+    if purifier_path is None:
+        raise UserError("the carso defence needs --purifier (the train_purifier stage's model.safetensors).")
+    purifier, extractor = load_purifier(purifier_path, classifier, dataset, sha256_file(classifier_path))
+    return CarsoDefence(classifier, purifier, extractor, carso_cfg["n_samples"], carso_cfg["aggregation"])

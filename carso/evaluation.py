@@ -2,25 +2,57 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from carso.attacks import AttackSpec, attack_dataset, predict
+from tqdm import tqdm
+
+from carso.attacks import AttackSpec, attack, predict
 from carso.device import describe
-from carso.io import fingerprint, sha256_tensor
+from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
 from carso.stats import summarise
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Verdict:
+    """One attack's outcome on the attacked points."""
+
+    ok: torch.Tensor        # (n,) bool: correct in every repeated classification
+    share: torch.Tensor     # (n,) float: share of the repeats that were correct
+
+    def __and__(self, other: "Verdict") -> "Verdict":
+        return Verdict(self.ok & other.ok, torch.minimum(self.share, other.share))
+
+    def head(self, m: int) -> "Verdict":
+        return Verdict(self.ok[:m], self.share[:m])
+
+    def and_head(self, other: "Verdict") -> "Verdict":
+        """Combine with a verdict on the first len(other) points only (the rest unchanged)."""
+        ok, share = self.ok.clone(), self.share.clone()
+        m = len(other.ok)
+        ok[:m] &= other.ok
+        share[:m] = torch.minimum(share[:m], other.share)
+        return Verdict(ok, share)
+
+    def entry(self, confidence: float, **extra: Any) -> dict[str, Any]:
+        """Accuracy (a point counts when all repeats are correct) with its CI, and the mean single-verdict accuracy."""
+        return {**summarise(self.ok.tolist(), confidence), "mean_accuracy": self.share.mean().item(), **extra}
+
+
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
-                   device: torch.device, batch_size: int, seed: int, state_path: Path) -> torch.Tensor:
-    """AutoAttack (pyautoattack, the reference attack code) at L-inf `eps`; returns per-point robustness.
+                   device: torch.device, batch_size: int, seed: int,
+                   state_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAttack (pyautoattack, the reference attack code) at L-inf `eps`; returns per-point robustness
+    and the adversarial points (the clean point where no attack succeeded in this run).
 
     Resumable: AutoAttack records in `state_path` which attacks already ran and which points are still
     robust, so a killed evaluation continues where it stopped. The file is removed once the run is complete.
@@ -33,9 +65,10 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
     flags = EvaluationState.from_disk(state_path).robust_flags
     state_path.unlink()
+    x_adv = x_adv.detach().cpu()
     if flags is None:  # no attack needed to run (e.g. every point was already misclassified)
-        return predict(model, x_adv.cpu(), device, batch_size) == y
-    return flags.cpu().bool()
+        return predict(model, x_adv, device, batch_size) == y, x_adv
+    return flags.cpu().bool(), x_adv
 
 
 def is_randomised(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -55,12 +88,21 @@ def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: fl
     return AttackSpec("pgd", eps=eps, steps=steps, step_size=reference_step * eps / reference_eps, eot=eot)
 
 
+def pgd_spec(eps: float, cfg: dict[str, Any]) -> AttackSpec:
+    """`evaluation.defences.<name>.pgd` as an AttackSpec; step_size null means Lee & Kim's scaled step."""
+    if cfg["step_size"] is None:
+        return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=pgd_eot_spec(eps).step_size,
+                          eot=cfg["eot"], restarts=cfg["restarts"])
+    return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=cfg["step_size"], eot=cfg["eot"],
+                      restarts=cfg["restarts"])
+
+
 def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
-                     device: torch.device, batch_size: int) -> tuple[float, torch.Tensor]:
-    """Classify the final adversarial points `repeats` times: the mean accuracy, and per point whether
-    every repeat was correct (the worst case of a stochastic defence's noisy verdict)."""
+                     device: torch.device, batch_size: int) -> "Verdict":
+    """Classify the final adversarial points `repeats` times: per point, the share of correct repeats and
+    whether every repeat was correct (the worst case of a stochastic defence's noisy verdict)."""
     correct = torch.stack([predict(model, x_adv, device, batch_size) == y for _ in range(repeats)])  # (R, n)
-    return correct.float().mean().item(), correct.all(dim=0)
+    return Verdict(correct.all(dim=0), correct.float().mean(dim=0))
 
 
 def model_digest(model: nn.Module) -> str:
@@ -68,37 +110,159 @@ def model_digest(model: nn.Module) -> str:
     return fingerprint([sha256_tensor(t.detach().float()) for t in model.state_dict().values()])
 
 
-def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
-                        device: torch.device, seed: int, work_dir: Path) -> dict[str, Any]:
-    """All attacks of the protocol on the first `n_points` test points; the headline is the per-point worst case."""
-    conf, bs = cfg["confidence"], cfg["batch_size"]
-    work_dir.mkdir(parents=True, exist_ok=True)
+class AttackCache:
+    """Runs attacks batch by batch and keeps every finished batch on disk, so a killed evaluation resumes
+    where it stopped. Each batch draws from its own seed, so a resumed run equals an uninterrupted one."""
+
+    def __init__(self, folder: Path, model_key: str, seed: int) -> None:
+        self.folder, self.model_key, self.seed = folder, model_key, seed
+
+    def run(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+            device: torch.device, batch_size: int, x_start: torch.Tensor | None = None) -> torch.Tensor:
+        key = fingerprint({"spec": asdict(spec), "model": self.model_key, "seed": self.seed, "x": sha256_tensor(x),
+                           "y": sha256_tensor(y), "start": None if x_start is None else sha256_tensor(x_start)})
+        folder = self.folder / f"{name}_{key[:16]}"
+        out = []
+        starts = range(0, len(x), batch_size)
+        desc = f"{name} ({spec.steps} steps x {spec.eot} EoT, eps {spec.eps:.4g})"
+        for i, start in enumerate(tqdm(starts, desc=desc, unit="batch", mininterval=10)):
+            path = folder / f"batch_{i:05d}.safetensors"
+            if path.exists():
+                out.append(load_tensors(path)[0]["x_adv"])
+                continue
+            torch.manual_seed(int(key[:12], 16) + i)
+            sl = slice(start, start + batch_size)
+            xb = attack(model, x[sl].to(device), y[sl].to(device), spec,
+                        x_start=None if x_start is None else x_start[sl].to(device)).cpu()
+            save_tensors(path, {"x_adv": xb}, {"attack": name})
+            out.append(xb)
+            log.info("%s: batch %d/%d done", name, i + 1, len(starts))
+        return torch.cat(out)
+
+
+MASKING_LIMITS = {"large_eps_max_accuracy": 0.10}
+
+
+def masking_checks(results: dict[str, Any]) -> list[str]:
+    """Signatures of gradient masking in one defence's results, in words (empty when none was seen)."""
+    found = []
+    white = [results[k]["mean_accuracy"] for k in ("pgd", "autoattack") if k in results]
+    if white and results["transfer"]["mean_accuracy"] < min(white):
+        found.append(f"the transfer attack (crafted on the classifier alone) left {100 * results['transfer']['mean_accuracy']:.2f}% "
+                     f"correct, fewer than the best white-box attack ({100 * min(white):.2f}%): the white-box "
+                     "gradients are weaker than they should be")
+    sanity = results.get("sanity")
+    if sanity:
+        large = sanity["large_eps"]
+        if large["mean_accuracy"] > MASKING_LIMITS["large_eps_max_accuracy"]:
+            found.append(f"at eps {large['eps']:.3g} accuracy is still {100 * large['mean_accuracy']:.2f}% "
+                         f"(expected near 0, at most {100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}%)")
+        more, base = sanity["more_steps"], sanity["base_steps"]
+        if more["mean_accuracy"] > base["mean_accuracy"]:
+            found.append(f"{more['steps']} PGD steps left {100 * more['mean_accuracy']:.2f}% correct, more than "
+                         f"{base['steps']} steps ({100 * base['mean_accuracy']:.2f}%) on the same {more['n']} points")
+    return found
+
+
+def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
+                     common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
+                     work_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
+    """Every attack of the protocol on the first `n_points` test points of one defence, in fp32.
+
+    `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier
+    alone. The headline is the per-point worst case over all attacks (and all repeated verdicts of a
+    randomised defence). Returns the metrics, the adversarial points (for the report's examples) and the
+    per-point worst-case verdict (so defences can be compared on the same points).
+    """
+    conf, bs, eps = common["confidence"], cfg["batch_size"], common["eps"]
     model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
-    results: dict[str, Any] = {"eps": cfg["eps"], "norm": "Linf", "precision": "fp32", **describe(device)}
+    results: dict[str, Any] = {"eps": eps, "norm": "Linf", "precision": "fp32", **describe(device)}
     t0 = time.perf_counter()
-    clean_pred = predict(model, x, device, bs) == y
-    results["clean"] = summarise(clean_pred.tolist(), conf)
+    results["clean"] = summarise((predict(model, x, device, max(bs, 256)) == y).tolist(), conf)
     log.info("clean accuracy %.4f on %d points", results["clean"]["accuracy"], len(y))
     n = min(cfg["n_points"], len(y))
     xs, ys = x[:n], y[:n]
-    p = cfg["pgd"]
-    pgd = AttackSpec("pgd", eps=cfg["eps"], steps=p["steps"], step_size=p["step_size"], restarts=p["restarts"])
-    x_pgd = attack_dataset(model, xs, ys, pgd, device, bs, desc=f"PGD-{p['steps']}")
-    pgd_ok = predict(model, x_pgd, device, bs) == ys
-    results["pgd"] = {**summarise(pgd_ok.tolist(), conf), "steps": p["steps"], "restarts": p["restarts"]}
-    log.info("PGD-%d accuracy %.4f on %d points", p["steps"], results["pgd"]["accuracy"], n)
-    per_point = clean_pred[:n] & pgd_ok
     results["randomised"] = is_randomised(model, xs[:bs].to(device), ys[:bs].to(device))
+    repeats = cfg["verdict_repeats"] if results["randomised"] else 1
+    results["verdict_repeats"] = repeats
+
+    def judge(x_adv: torch.Tensor, labels: torch.Tensor = ys) -> Verdict:
+        return repeated_verdict(model, x_adv, labels, repeats, device, bs)
+
+    cache = AttackCache(work_dir / "work", model_digest(model), seed)
+    clean = judge(xs)
+    results["clean_subset"] = clean.entry(conf)
+    spec = pgd_spec(eps, cfg["pgd"])
+    x_pgd = cache.run("pgd", model, xs, ys, spec, device, bs)
+    pgd = judge(x_pgd)
+    results["pgd"] = pgd.entry(conf, steps=spec.steps, eot=spec.eot, step_size=spec.alpha, restarts=spec.restarts)
+    log.info("PGD-%d (EoT %d) accuracy %.4f on %d points", spec.steps, spec.eot, results["pgd"]["accuracy"], n)
+    worst = clean & pgd
+    adversarial = {"clean": xs, "pgd": x_pgd}
     aa = cfg["autoattack"]
     if aa["enabled"]:
-        key = fingerprint({"eps": cfg["eps"], "n": n, "version": aa["version"], "seed": seed,
+        key = fingerprint({"eps": eps, "n": n, "version": aa["version"], "seed": seed,
                            "labels": sha256_tensor(ys), "model": model_digest(model)})
-        aa_ok = run_autoattack(model, xs, ys, cfg["eps"], aa["version"], device, bs, seed,
-                               work_dir / f"autoattack_state_{key}.json")
-        results["autoattack"] = {**summarise(aa_ok.tolist(), conf), "version": aa["version"]}
+        (work_dir / "work").mkdir(parents=True, exist_ok=True)
+        aa_flags, x_aa = run_autoattack(model, xs, ys, eps, aa["version"], device, bs, seed,
+                                        work_dir / "work" / f"autoattack_state_{key}.json")
+        verdict = judge(x_aa)
+        aa_verdict = Verdict(aa_flags & verdict.ok, torch.where(aa_flags, verdict.share, 0.0))
+        results["autoattack"] = aa_verdict.entry(conf, version=aa["version"])
         log.info("AutoAttack (%s) accuracy %.4f on %d points", aa["version"], results["autoattack"]["accuracy"], n)
-        per_point &= aa_ok
-    results["robust_worst_case"] = summarise(per_point.tolist(), conf)
-    results["clean_subset"] = summarise(clean_pred[:n].tolist(), conf)
+        worst = worst & aa_verdict
+        adversarial["autoattack"] = x_aa
+    transfer = judge(x_transfer[:n])
+    results["transfer"] = transfer.entry(conf)
+    log.info("transfer accuracy %.4f on %d points", results["transfer"]["accuracy"], n)
+    worst = worst & transfer
+    m = cfg["sanity"]["n_points"]
+    if m > 0:
+        results["sanity"], more = _sanity(model, xs[:m], ys[:m], x_pgd[:m], pgd.head(m), spec, cfg["sanity"],
+                                          cache, device, bs, conf, judge)
+        worst = worst.and_head(more)
+    results["robust_worst_case"] = worst.entry(conf)
+    results["gradient_masking"] = masking_checks(results)
+    for line in results["gradient_masking"]:
+        log.warning("possible gradient masking: %s", line)
     results["seconds"] = time.perf_counter() - t0
-    return results
+    shutil.rmtree(work_dir / "work", ignore_errors=True)
+    return results, adversarial, worst.ok
+
+
+def _sanity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, base: Verdict,
+            spec: AttackSpec, cfg: dict[str, Any], cache: AttackCache, device: torch.device, bs: int,
+            conf: float, judge: Any) -> tuple[dict[str, Any], Verdict]:
+    """Gradient-masking checks: PGD continued to `more_steps_factor` x its steps (from where it stopped),
+    and PGD at a very large eps. Returns their entries and the continued run's verdict."""
+    out: dict[str, Any] = {"base_steps": base.entry(conf, steps=spec.steps)}
+    more = base
+    if cfg["more_steps_factor"] > 1:
+        extra = AttackSpec("pgd", eps=spec.eps, steps=(cfg["more_steps_factor"] - 1) * spec.steps,
+                           step_size=spec.alpha, random_start=False, eot=spec.eot)
+        x_more = cache.run("pgd_more_steps", model, x, y, extra, device, bs, x_start=x_pgd)
+        more = judge(x_more, y)
+    out["more_steps"] = more.entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
+    large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot)
+    x_large = cache.run("pgd_large_eps", model, x, y, large, device, bs)
+    out["large_eps"] = judge(x_large, y).entry(conf, eps=cfg["large_eps"], steps=cfg["large_eps_steps"])
+    log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", len(y), spec.steps,
+             out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"], out["more_steps"]["mean_accuracy"],
+             cfg["large_eps"], out["large_eps"]["mean_accuracy"])
+    return out, more
+
+
+@torch.no_grad()
+def example_tensors(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    k: int = 6) -> dict[str, torch.Tensor]:
+    """A few clean and adversarial points with the defence's predictions, and, for a defence that
+    reconstructs its input (CARSO), its reconstructions of both with the classifier's label for each."""
+    x, x_adv, y = x[:k], x_adv[:k], y[:k]
+    out = {"clean": x, "adversarial": x_adv, "labels": y, "pred_clean": predict(model, x, device, k),
+           "pred_adversarial": predict(model, x_adv, device, k)}
+    if hasattr(model, "reconstructions"):
+        for name, images in (("clean", x), ("adversarial", x_adv)):
+            recon = model.reconstructions(images.to(device))  # (k, N, C, H, W)
+            out[f"recon_{name}"] = recon.cpu()
+            out[f"recon_{name}_pred"] = model.classifier(recon.flatten(0, 1)).argmax(1).view(len(x), -1).cpu()
+    return out

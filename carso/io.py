@@ -94,3 +94,12 @@ def sha256_tensor(t: torch.Tensor) -> str:
 def fingerprint(obj: Any) -> str:
     """A stable hash of JSON-serialisable settings, to tell whether a checkpoint matches them."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (ties an artifact to the exact model it was made for)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

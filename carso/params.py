@@ -88,11 +88,41 @@ def _check_relations(params: dict[str, Any], source: str) -> None:
         if spec["method"] == "pgd" and "step_size" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.step_size' is missing; a pgd attack needs "
                             "a step_size > 0.")
+    _check_carso_relations(params, source)
     for name in params["datasets"]:
         mirror = params["data"]["mirror"]
         if params["data"]["source"] == "mirror" and not mirror.get(name):
             raise UserError(f"{source}: 'data.mirror.{name}' is not set but data.source is 'mirror'; set it "
                             "to the folder that holds the dataset, or set data.source to 'download'.")
+
+
+def _check_carso_relations(params: dict[str, Any], source: str) -> None:
+    """Names that must point at stored attacks, and sizes that must fit each other."""
+    attacks = params["adversarial"]["attacks"]
+    known = ", ".join(attacks)
+    named = [("purifier.attacks", a) for a in params["purifier"]["attacks"]]
+    named += [("purifier.monitor_attack", params["purifier"]["monitor_attack"]),
+              ("evaluation.transfer_attack", params["evaluation"]["transfer_attack"])]
+    for key, name in named:
+        if name not in attacks:
+            raise UserError(f"{source}: '{key}' names '{name}', which is not in adversarial.attacks ({known}); "
+                            "use one of those names or add the attack there.")
+    transfer = params["evaluation"]["transfer_attack"]
+    if attacks[transfer]["eps"] > params["evaluation"]["eps"] + 1e-12:
+        raise UserError(f"{source}: 'evaluation.transfer_attack' ({transfer}) has eps {attacks[transfer]['eps']}, "
+                        f"larger than evaluation.eps {params['evaluation']['eps']}; pick an attack inside the threat model.")
+    if params["carso"]["aggregation"] == "count":
+        raise UserError(f"{source}: 'carso.aggregation' is 'count', a majority vote without gradients that no "
+                        "white-box attack can use; set it to peel, logit or prob.")
+    test_points = params["adversarial"]["test_points"]
+    for name, cfg in params["evaluation"]["defences"].items():
+        if test_points is not None and test_points < cfg["n_points"]:
+            raise UserError(f"{source}: 'adversarial.test_points' ({test_points}) is smaller than "
+                            f"'evaluation.defences.{name}.n_points' ({cfg['n_points']}); the transfer attack needs "
+                            "a stored example for every attacked point, so raise test_points (or null).")
+        if cfg["sanity"]["n_points"] > cfg["n_points"]:
+            raise UserError(f"{source}: 'evaluation.defences.{name}.sanity.n_points' ({cfg['sanity']['n_points']}) "
+                            f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

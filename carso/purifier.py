@@ -7,15 +7,19 @@ inference: z ~ N(0, I)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carso.data import dataset_spec
 from carso.errors import UserError
+from carso.io import load_tensors, save_tensors
 from carso.models import Normalize
+from carso.representation import RepresentationExtractor
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,17 @@ class PurifierConfig:
     pre_encoder_channels: tuple[int, ...] = (6, 12)  # strided convs of the input pre-encoder
     decoder_start_side: int = 7         # side of the decoder's first feature map
     decoder_channels: tuple[int, ...] = (64, 32, 16)  # first map's channels, then one 2x upsampling each
+
+
+    @classmethod
+    def from_params(cls, cfg: dict[str, Any]) -> "PurifierConfig":
+        """The size keys of params.yaml's `purifier` section (the training keys are ignored)."""
+        return cls(compressor_depth=cfg["compressor_depth"], condition_dim=cfg["condition_dim"],
+                   latent_dim=cfg["latent_dim"], pre_encoder_channels=tuple(cfg["pre_encoder_channels"]),
+                   decoder_start_side=cfg["decoder_start_side"], decoder_channels=tuple(cfg["decoder_channels"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -130,3 +145,37 @@ def beta_schedule(epoch: int, epochs: int, off_fraction: float = 0.125, ramp_fra
     """KL weight: 0 for the first 12.5% of epochs, then a linear ramp over ~4.2% of epochs, then 1."""
     off, ramp = off_fraction * epochs, max(ramp_fraction * epochs, 1e-9)
     return float(min(1.0, max(0.0, (epoch - off) / ramp)))
+
+
+def build_purifier(classifier: nn.Module, dataset: str, cfg: PurifierConfig,
+                   layers: list[str] | None) -> tuple[Purifier, RepresentationExtractor]:
+    """A fresh purifier for `classifier`'s representation at `layers` (None: every conv layer)."""
+    spec = dataset_spec(dataset)
+    extractor = RepresentationExtractor(classifier, layers)
+    image_shape = (spec.channels, spec.side, spec.side)
+    shapes = extractor.shapes(torch.zeros(1, *image_shape))
+    return Purifier(cfg, shapes, image_shape, spec.mean, spec.std), extractor
+
+
+def save_purifier(path: Path, purifier: Purifier, dataset: str, layers: list[str], classifier_sha256: str) -> None:
+    state = {k: v.detach().cpu() for k, v in purifier.state_dict().items()}
+    save_tensors(path, state, {"kind": "purifier", "dataset": dataset, "config": purifier.cfg.as_dict(),
+                               "layers": layers, "classifier_sha256": classifier_sha256})
+
+
+def load_purifier(path: Path, classifier: nn.Module, dataset: str,
+                  classifier_sha256: str) -> tuple[Purifier, RepresentationExtractor]:
+    """Rebuild a purifier for `classifier`; refuse one trained on another classifier or dataset."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "purifier":
+        raise UserError(f"{path} is not a purifier written by this pipeline; rerun the train_purifier stage.")
+    if meta.get("dataset") != dataset or meta.get("classifier_sha256") != classifier_sha256:
+        raise UserError(f"{path} was trained for another classifier or dataset; rerun the train_purifier stage.")
+    purifier, extractor = build_purifier(classifier, dataset, PurifierConfig.from_params(meta["config"]),
+                                         meta["layers"])
+    try:
+        purifier.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{path} does not match its recorded purifier sizes ({str(err).splitlines()[0]}); "
+                        "rerun the train_purifier stage.") from None
+    return purifier.eval(), extractor

@@ -9,9 +9,11 @@ from typing import Any, Iterable
 import torch
 from tqdm import tqdm
 
-from carso.device import autocast
-from carso.io import fingerprint
-from carso.purifier import Purifier, beta_schedule, purifier_loss
+from carso.checkpoint import load_classifier
+from carso.device import autocast, describe, memory_format
+from carso.errors import UserError
+from carso.io import fingerprint, load_tensors, sha256_file, write_json, write_text
+from carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
 from carso.representation import RepresentationExtractor
 from carso.resume import EpochCheckpoint, seed_epoch
 
@@ -106,11 +108,27 @@ def _epoch(purifier: Purifier, extractor: RepresentationExtractor, opt: torch.op
     return {k: v / n for k, v in sums.items()}
 
 
+@torch.no_grad()
+def monitor(purifier: Purifier, extractor: RepresentationExtractor, x: torch.Tensor, y: torch.Tensor,
+            device: torch.device, batch_size: int = 500) -> float:
+    """Accuracy of the frozen classifier on one reconstruction per point (z ~ N(0, I)), in fp32."""
+    purifier.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        c = purifier.condition(extractor(xb))
+        z = torch.randn(len(xb), purifier.cfg.latent_dim, device=device)
+        correct += (extractor.classifier(purifier.decode(z, c)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    return correct / max(1, len(x))
+
+
 def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data: dict[str, torch.Tensor],
                    cfg: dict[str, Any], seed: int, device: torch.device, checkpoint_path: Path,
-                   data_key: str) -> list[dict[str, float]]:
+                   data_key: str, monitor_data: dict[str, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Train `purifier` for cfg["epochs"] epochs on `data` (clean images, labels and one tensor per
-    attack); returns the per-epoch curve. Resumes from `checkpoint_path` when it matches this run."""
+    attack); returns the per-epoch curve. Resumes from `checkpoint_path` when it matches this run.
+    With `monitor_data` (clean, labels and cfg["monitor_attack"] test images), each epoch also records
+    the classifier's accuracy on one reconstruction of every clean and adversarial monitor point."""
     extractor.classifier.eval()
     for p in extractor.classifier.parameters():
         p.requires_grad_(False)
@@ -126,10 +144,58 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         gen = seed_epoch(seed, epoch)
         beta = beta_schedule(epoch - 1, cfg["epochs"])
         row = _epoch(purifier, extractor, opt, sched, data, cfg, beta, device, gen, f"epoch {epoch}/{cfg['epochs']}")
-        row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row,
-               "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row}
+        if monitor_data is not None:
+            row["recon_clean_acc"] = monitor(purifier, extractor, monitor_data["clean"], monitor_data["labels"], device)
+            row["recon_adv_acc"] = monitor(purifier, extractor, monitor_data[cfg["monitor_attack"]],
+                                           monitor_data["labels"], device)
+        row["seconds"] = time.perf_counter() - t0
         curve.append(row)
-        log.info("epoch %d: loss %.2f (BCE %.2f, KL %.2f, beta %.3f), %.1f s", epoch, row["loss"], row["bce"],
-                 row["kl"], beta, row["seconds"])
+        log.info("epoch %d: loss %.2f (BCE %.2f, KL %.2f, beta %.3f), reconstruction accuracy clean %.4f / "
+                 "adversarial %.4f, %.1f s", epoch, row["loss"], row["bce"], row["kl"], beta,
+                 row.get("recon_clean_acc", float("nan")), row.get("recon_adv_acc", float("nan")), row["seconds"])
         checkpoint.save(purifier, opt, sched, curve)
     return curve
+
+
+CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
+
+
+def load_adversarial(path: Path, names: list[str], limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Clean images, labels and the named attacks from a generate_adversarial file (first `limit` rows)."""
+    tensors, _ = load_tensors(path)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        stored = ", ".join(k for k in tensors if k not in ("clean", "labels"))
+        raise UserError(f"{path} holds no '{missing[0]}' examples (it has: {stored}); rerun the "
+                        "generate_adversarial stage with that attack in adversarial.attacks.")
+    return {k: tensors[k][:limit].float() if k != "labels" else tensors[k][:limit]
+            for k in ["clean", "labels", *names]}
+
+
+def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: Path, out_dir: Path,
+                          cfg: dict[str, Any], seed: int, device: torch.device) -> dict[str, Any]:
+    """The train_purifier stage: build, train (resumably) and save the purifier, its curve and metrics."""
+    classifier = load_classifier(classifier_path, dataset).to(device, memory_format=memory_format(cfg["channels_last"]))
+    purifier, extractor = build_purifier(classifier, dataset, PurifierConfig.from_params(cfg), cfg["layers"])
+    purifier = purifier.to(device, memory_format=memory_format(cfg["channels_last"]))
+    train_path = adversarial_dir / "train.safetensors"
+    data = load_adversarial(train_path, cfg["attacks"])
+    mon = load_adversarial(adversarial_dir / "test.safetensors", [cfg["monitor_attack"]], cfg["monitor_points"])
+    classifier_sha = sha256_file(classifier_path)
+    key = fingerprint({"train": sha256_file(train_path), "classifier": classifier_sha})
+    log.info("training the purifier on %d points (%s) for %d epochs", len(data["labels"]),
+             ", ".join(cfg["attacks"]), cfg["epochs"])
+    curve = train_purifier(purifier, extractor, data, cfg, seed, device, out_dir / "checkpoint.pt", key, mon)
+    save_purifier(out_dir / "model.safetensors", purifier, dataset, extractor.layers, classifier_sha)
+    lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
+    write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
+    last = curve[-1]
+    metrics = {"epochs": len(curve), "train_points": len(data["labels"]), "layers": extractor.layers,
+               "parameters": sum(p.numel() for p in purifier.parameters()), "final_loss": last["loss"],
+               "final_bce": last["bce"], "final_kl": last["kl"], "final_recon_clean_acc": last["recon_clean_acc"],
+               "final_recon_adv_acc": last["recon_adv_acc"], "monitor_points": len(mon["labels"]),
+               "monitor_attack": cfg["monitor_attack"], "train_seconds": sum(r["seconds"] for r in curve),
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device)}
+    write_json(out_dir / "train_metrics.json", metrics)
+    return metrics

@@ -20,8 +20,11 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid"
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 D = "data/fashion_mnist"
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
-           f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/eval/at/metrics.json",
-           f"{D}/report/report.html", f"{D}/report/report.md"]
+           f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
+           f"{D}/eval/at/metrics.json", f"{D}/eval/carso/metrics.json", f"{D}/eval/carso/examples.safetensors",
+           f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/reconstructions.png"]
+# evaluate's settings depend on the defence wildcard (workflow/rules/evaluate.smk, evaluate_settings)
+EVALUATE_SETTINGS = ["evaluation.confidence", "evaluation.eps", "evaluation.transfer_attack", "runtime.seed"]
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
@@ -62,6 +65,23 @@ def dvc_stages(project: Path) -> dict[str, dict[str, Any]]:
     return stages
 
 
+def stage_name(job: dict[str, Any]) -> str:
+    """The DVC stage a Snakemake job corresponds to: evaluate runs as one DVC stage per defence."""
+    dataset = re.search(r"--dataset (\w+)", job["shell"]).group(1)
+    if job["rule"] == "evaluate":
+        defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
+        return f"evaluate_{defence}@{dataset}"
+    return f"{job['rule']}@{dataset}"
+
+
+def expected_settings(job: dict[str, Any], settings: dict[str, list[str]]) -> list[str]:
+    if job["rule"] != "evaluate":
+        return settings[job["rule"]]
+    defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
+    extra = ["carso"] if defence == "carso" else []
+    return sorted(EVALUATE_SETTINGS + [f"evaluation.defences.{defence}"] + extra)
+
+
 def snakemake_settings() -> dict[str, list[str]]:
     """The params.yaml keys each rule declares through `settings(...)` in workflow/rules/*.smk."""
     found = {}
@@ -80,14 +100,14 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
     settings = snakemake_settings()
-    assert len(jobs) == len(stages) == 10
+    assert len(jobs) == len(stages) == 14
     for job in jobs:
-        dataset = re.search(r"--dataset (\w+)", job["shell"]).group(1)
-        stage = stages.pop(f"{job['rule']}@{dataset}")
-        assert normalise(job["shell"]) == normalise(stage["cmd"]), job["rule"]
-        assert sorted(job["output"]) == stage["outs"], job["rule"]
-        assert sorted(job["input"]) == stage["deps"], job["rule"]
-        assert settings[job["rule"]] == stage["params"], job["rule"]
+        name = stage_name(job)
+        stage = stages.pop(name)
+        assert normalise(job["shell"]) == normalise(stage["cmd"]), name
+        assert sorted(job["output"]) == stage["outs"], name
+        assert sorted(job["input"]) == stage["deps"], name
+        assert expected_settings(job, settings) == stage["params"], name
     assert not stages
 
 
@@ -104,22 +124,29 @@ def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_snakemake_runs_the_whole_dag(snakemake_run: Path) -> None:
     for out in OUTPUTS:
         assert (snakemake_run / out).exists(), out
-    for rule in ("train_classifier", "generate_adversarial", "evaluate_at"):
+    for rule in ("train_classifier", "generate_adversarial", "train_purifier", "evaluate_at", "evaluate_carso"):
         bench = (snakemake_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
     assert "clean accuracy" in (snakemake_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
+    assert "AutoAttack (rand)" in (snakemake_run / "logs" / "fashion_mnist" / "evaluate_carso.log").read_text()
 
 
 def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(snakemake_run: Path) -> None:
     assert snakemake_jobs(snakemake_run) == []  # nothing to do after a complete run
     params = load_tiny()
-    params["evaluation"]["n_points"] = 10
+    params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(snakemake_run / "params.yaml", params)
-    try:
-        assert sorted(j["rule"] for j in snakemake_jobs(snakemake_run)) == ["evaluate", "report"]
+    try:  # one defence's evaluation settings rerun that defence's evaluation and the report only
+        assert sorted(stage_name(j) for j in snakemake_jobs(snakemake_run)) == [
+            "evaluate_at@fashion_mnist", "report@fashion_mnist"]
+        params["purifier"]["epochs"] = 3
+        write_params(snakemake_run / "params.yaml", params)
+        assert sorted(stage_name(j) for j in snakemake_jobs(snakemake_run)) == [
+            "evaluate_at@fashion_mnist", "evaluate_carso@fashion_mnist", "report@fashion_mnist",
+            "train_purifier@fashion_mnist"]
         params["classifier"]["epochs"] = 3
         write_params(snakemake_run / "params.yaml", params)
-        assert len(snakemake_jobs(snakemake_run)) == 4  # a training change reruns everything downstream
+        assert len(snakemake_jobs(snakemake_run)) == 6  # a training change reruns everything downstream
     finally:
         write_params(snakemake_run / "params.yaml", load_tiny())
 
@@ -144,25 +171,28 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
         project)
     first = _sh("dvc repro", project)
     assert {s.split("@")[0] for s in ran_stages(first)} == {
-        "fetch", "train_classifier", "generate_adversarial", "evaluate", "report"}
-    for name in ("eval/at/metrics.json", "classifier/train_metrics.json"):  # same artifacts as Snakemake
+        "fetch", "train_classifier", "generate_adversarial", "train_purifier", "evaluate_at", "evaluate_carso",
+        "report"}
+    for name in ("eval/at/metrics.json", "eval/carso/metrics.json", "classifier/train_metrics.json",
+                 "purifier/train_metrics.json"):  # the same artifacts as Snakemake's
         a = json.loads((project / D / name).read_text())
         b = json.loads((snakemake_run / D / name).read_text())
-        for key in ("clean", "pgd", "autoattack", "final_test_clean_acc", "final_test_adv_acc"):
-            assert a.get(key) == b.get(key), key
-    assert (project / D / "classifier/model.safetensors").read_bytes() == \
-        (snakemake_run / D / "classifier/model.safetensors").read_bytes()
+        for key in ("clean", "pgd", "autoattack", "transfer", "robust_worst_case", "final_test_clean_acc",
+                    "final_test_adv_acc", "final_loss"):
+            assert a.get(key) == b.get(key), (name, key)
+    for name in ("classifier/model.safetensors", "purifier/model.safetensors"):
+        assert (project / D / name).read_bytes() == (snakemake_run / D / name).read_bytes(), name
     _sh("git add -A && git commit -qm results", project)
 
     model = project / D / "classifier" / "model.safetensors"
     before = model.stat().st_mtime_ns
     params = load_tiny()
-    params["evaluation"]["n_points"] = 10
+    params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(project / "params.yaml", params)
     second = _sh("dvc repro", project)
-    assert ran_stages(second) == {"evaluate@fashion_mnist", "report@fashion_mnist"}
+    assert ran_stages(second) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
     assert model.stat().st_mtime_ns == before and model.exists()
-    assert "evaluation.n_points" in _sh("dvc params diff", project)
+    assert "evaluation.defences.at.n_points" in _sh("dvc params diff", project)
     metrics_diff = _sh("dvc metrics diff", project)
     assert "pgd.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
 
@@ -192,4 +222,4 @@ def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", load_tiny())
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 5 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 7 and all("--params other.yaml" in j["shell"] for j in jobs)

@@ -12,18 +12,21 @@ except UserError as err:
 validate(config, "../schemas/params.schema.yaml")
 
 DATASETS = config["datasets"]
-DEFENCES = ["at"]  # at: the adversarially-trained classifier alone
+DEFENCES = ["at", "carso"]  # at: the adversarially-trained classifier alone; carso: classifier + purifier
 
 # The library modules each stage runs: they are inputs, so editing one reruns exactly the stages it affects
 # (the same lists are `deps` in dvc.yaml).
 BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"]
 MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/models.py"]
+PURIFIER_CODE = ["carso/purifier.py", "carso/representation.py"]
 CODE = {
     "fetch": BASE_CODE + ["carso/data.py"],
     "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py"],
     "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
-    "evaluate": BASE_CODE + MODEL_CODE + ["carso/evaluation.py", "carso/stats.py"],
-    "report": BASE_CODE + ["carso/report.py"],
+    "train_purifier": BASE_CODE + MODEL_CODE + PURIFIER_CODE + ["carso/purifier_training.py", "carso/resume.py"],
+    "evaluate": BASE_CODE + MODEL_CODE + PURIFIER_CODE + ["carso/defence.py", "carso/aggregation.py",
+                                                          "carso/evaluation.py", "carso/stats.py"],
+    "report": BASE_CODE + ["carso/report.py", "carso/stats.py"],
 }
 
 

@@ -1,0 +1,110 @@
+"""The evaluation protocol's own logic: resumable attacks, PGD continuation, per-point verdicts,
+gradient-masking checks, the paired comparison of two defences and the report's verdict sentence."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from carso.attacks import AttackSpec, pgd_single
+from carso.evaluation import AttackCache, Verdict, masking_checks, pgd_spec
+from carso.models import build_classifier
+from carso.report import comparison_sentence
+from carso.stats import paired_difference
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_classifier("cnn_small", in_channels=1, num_classes=10, image_size=28, mean=[0.5], std=[0.3],
+                            width=4, hidden=16).eval()
+
+
+def test_attack_cache_resumes_bit_identically(model: nn.Module, tmp_path: Path) -> None:
+    x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    spec = AttackSpec("pgd", eps=0.1, steps=3, step_size=0.04)
+    cache = AttackCache(tmp_path, "model-a", seed=0)
+    first = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
+    files = sorted(tmp_path.glob("pgd_*/batch_*.safetensors"))
+    assert len(files) == 3
+    files[1].unlink()  # as if the run had been killed during the second batch
+    torch.manual_seed(123)  # whatever the global RNG holds, each batch draws from its own seed
+    resumed = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
+    assert torch.equal(first, resumed)
+    assert (first - x).abs().max() <= 0.1 + 1e-6
+    other = AttackCache(tmp_path, "model-b", seed=0).run("pgd", model, x, y, spec, CPU, batch_size=4)
+    assert len(list(tmp_path.glob("pgd_*"))) == 2 and other.shape == first.shape  # another model: fresh state
+
+
+def test_pgd_continued_from_where_it_stopped_equals_a_longer_run(model: nn.Module) -> None:
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    torch.manual_seed(1)
+    long = pgd_single(model, x, y, AttackSpec("pgd", eps=0.1, steps=6, step_size=0.02))
+    torch.manual_seed(1)
+    half = pgd_single(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.02))
+    rest = pgd_single(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.02, random_start=False),
+                      x_start=half)
+    assert torch.equal(long, rest)
+
+
+def test_pgd_spec_scales_lee_and_kim_step_only_when_asked() -> None:
+    assert pgd_spec(0.1, {"steps": 200, "step_size": None, "eot": 20, "restarts": 1}).alpha == \
+        pytest.approx(0.007 * 0.1 / (8 / 255))
+    assert pgd_spec(0.1, {"steps": 100, "step_size": 0.01, "eot": 1, "restarts": 1}).alpha == 0.01
+
+
+def test_verdicts_combine_per_point() -> None:
+    a = Verdict(torch.tensor([True, True, False, True]), torch.tensor([1.0, 1.0, 0.5, 1.0]))
+    b = Verdict(torch.tensor([True, False]), torch.tensor([1.0, 0.6]))
+    c = a.and_head(b)
+    assert c.ok.tolist() == [True, False, False, True]
+    assert c.share.tolist() == pytest.approx([1.0, 0.6, 0.5, 1.0])
+    entry = c.entry(0.95)
+    assert entry["n"] == 4 and entry["accuracy"] == 0.5 and entry["mean_accuracy"] == pytest.approx(0.775)
+
+
+def _entry(acc: float, **extra: float) -> dict[str, float]:
+    return {"mean_accuracy": acc, "accuracy": acc, "n": 50, **extra}
+
+
+def test_masking_checks_flag_each_signature_and_nothing_else() -> None:
+    healthy = {"pgd": _entry(0.7), "autoattack": _entry(0.68), "transfer": _entry(0.8),
+               "sanity": {"base_steps": _entry(0.7, steps=200), "more_steps": _entry(0.69, steps=400),
+                          "large_eps": _entry(0.0, eps=0.95)}}
+    assert masking_checks(healthy) == []
+    transfer = {**healthy, "transfer": _entry(0.6)}
+    assert "transfer attack" in masking_checks(transfer)[0]
+    large = {**healthy, "sanity": {**healthy["sanity"], "large_eps": _entry(0.3, eps=0.95)}}
+    assert "eps 0.95" in masking_checks(large)[0]
+    more = {**healthy, "sanity": {**healthy["sanity"], "more_steps": _entry(0.72, steps=400)}}
+    assert "400 PGD steps" in masking_checks(more)[0]
+
+
+def test_paired_difference_interval() -> None:
+    same = [True, False] * 20
+    d = paired_difference(same, same)
+    assert d["difference"] == 0 and d["ci_low"] <= 0 <= d["ci_high"]
+    better = [True] * 40
+    d = paired_difference(better, [False] * 10 + [True] * 30)
+    assert d["difference"] == pytest.approx(0.25) and 0 < d["ci_low"] < 0.25 < d["ci_high"] <= 1
+    swapped = paired_difference([False] * 10 + [True] * 30, better)
+    assert swapped["ci_low"] == pytest.approx(-d["ci_high"]) and swapped["ci_high"] == pytest.approx(-d["ci_low"])
+
+
+def _evals() -> dict:
+    return {name: {"robust_worst_case": {"confidence": 0.95}} for name in ("at", "carso")}
+
+
+@pytest.mark.parametrize("carso_robust, words", [
+    ([True] * 60 + [False] * 40, "CARSO beat the classifier alone on this run, by +30.0 points"),
+    ([True] * 10 + [False] * 90, "CARSO did worse than the classifier alone"),
+    ([True] * 31 + [False] * 69, "did not measurably beat"),
+])
+def test_report_states_plainly_whether_carso_beat_the_classifier(carso_robust: list[bool], words: str) -> None:
+    at = [True] * 30 + [False] * 70
+    sentence = comparison_sentence(_evals(), {"at": at + [True] * 400, "carso": carso_robust})
+    assert words in sentence and "same first 100 test points" in sentence

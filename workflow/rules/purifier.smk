@@ -1,0 +1,28 @@
+rule train_purifier:
+    input:
+        code=CODE["train_purifier"],
+        model="data/{dataset}/classifier/model.safetensors",
+        train="data/{dataset}/adversarial/train.safetensors",
+        test="data/{dataset}/adversarial/test.safetensors",
+    output:
+        model="data/{dataset}/purifier/model.safetensors",
+        curve="data/{dataset}/purifier/curve.csv",
+        metrics="data/{dataset}/purifier/train_metrics.json",
+    params:
+        settings=settings("purifier", "runtime.seed"),
+        params_file=PARAMS_FILE,
+        adversarial=subpath(input.train, parent=True),
+        out=subpath(output.model, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        "logs/{dataset}/train_purifier.log",
+    benchmark:
+        "benchmarks/{dataset}/train_purifier.tsv"
+    threads: workflow.cores
+    resources:
+        **heavy_resources(mem_mb=8000),
+    shell:
+        "python -m carso train-purifier --params {params.params_file} --dataset {wildcards.dataset}"
+        " --model {input.model} --adversarial {params.adversarial} --out {params.out}"
+        " --threads {threads} --log {log}"
