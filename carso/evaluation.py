@@ -17,7 +17,7 @@ from tqdm import tqdm
 from carso.attacks import AttackSpec, attack, predict
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
-from carso.stats import summarise
+from carso.stats import paired_difference, summarise
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Verdict:
 
     def entry(self, confidence: float, **extra: Any) -> dict[str, Any]:
         """Accuracy (a point counts when all repeats are correct) with its CI, and the mean single-verdict accuracy."""
-        return {**summarise(self.ok.tolist(), confidence), "mean_accuracy": self.share.mean().item(), **extra}
+        return {**summarise(self.ok.tolist(), confidence), "mean_accuracy": self.share.double().mean().item(), **extra}
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
@@ -143,14 +143,23 @@ class AttackCache:
 MASKING_LIMITS = {"large_eps_max_accuracy": 0.10}
 
 
-def masking_checks(results: dict[str, Any]) -> list[str]:
-    """Signatures of gradient masking in one defence's results, in words (empty when none was seen)."""
+def _clearly_more(first: Verdict, second: Verdict, confidence: float) -> bool:
+    """Did `first` leave clearly more points correct than `second` on the same points (paired interval above 0)?"""
+    return paired_difference(first.ok.tolist(), second.ok.tolist(), confidence)["ci_low"] > 0
+
+
+def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confidence: float) -> list[str]:
+    """Signatures of gradient masking in one defence's results, in words (empty when none was seen).
+
+    A difference between two attacks counts only when the paired interval on the same points excludes 0,
+    so noise between nearly equal attacks is not reported as masking."""
     found = []
-    white = [results[k]["mean_accuracy"] for k in ("pgd", "autoattack") if k in results]
-    if white and results["transfer"]["mean_accuracy"] < min(white):
-        found.append(f"the transfer attack (crafted on the classifier alone) left {100 * results['transfer']['mean_accuracy']:.2f}% "
-                     f"correct, fewer than the best white-box attack ({100 * min(white):.2f}%): the white-box "
-                     "gradients are weaker than they should be")
+    transfer = results["transfer"]["accuracy"]
+    for key, name in (("pgd", "PGD"), ("autoattack", "AutoAttack")):
+        if key in verdicts and _clearly_more(verdicts[key], verdicts["transfer"], confidence):
+            found.append(f"the transfer attack (crafted on the classifier alone) left {100 * transfer:.2f}% correct, "
+                         f"clearly fewer than white-box {name} ({100 * results[key]['accuracy']:.2f}%): {name}'s "
+                         "gradients through this defence are weaker than they should be")
     sanity = results.get("sanity")
     if sanity:
         large = sanity["large_eps"]
@@ -158,9 +167,9 @@ def masking_checks(results: dict[str, Any]) -> list[str]:
             found.append(f"at eps {large['eps']:.3g} accuracy is still {100 * large['mean_accuracy']:.2f}% "
                          f"(expected near 0, at most {100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}%)")
         more, base = sanity["more_steps"], sanity["base_steps"]
-        if more["mean_accuracy"] > base["mean_accuracy"]:
-            found.append(f"{more['steps']} PGD steps left {100 * more['mean_accuracy']:.2f}% correct, more than "
-                         f"{base['steps']} steps ({100 * base['mean_accuracy']:.2f}%) on the same {more['n']} points")
+        if _clearly_more(verdicts["more_steps"], verdicts["base_steps"], confidence):
+            found.append(f"{more['steps']} PGD steps left {100 * more['accuracy']:.2f}% correct, clearly more than "
+                         f"{base['steps']} steps ({100 * base['accuracy']:.2f}%) on the same {more['n']} points")
     return found
 
 
@@ -198,6 +207,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     results["pgd"] = pgd.entry(conf, steps=spec.steps, eot=spec.eot, step_size=spec.alpha, restarts=spec.restarts)
     log.info("PGD-%d (EoT %d) accuracy %.4f on %d points", spec.steps, spec.eot, results["pgd"]["accuracy"], n)
     worst = clean & pgd
+    verdicts = {"pgd": pgd}
     adversarial = {"clean": xs, "pgd": x_pgd}
     aa = cfg["autoattack"]
     if aa["enabled"]:
@@ -211,18 +221,21 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         results["autoattack"] = aa_verdict.entry(conf, version=aa["version"])
         log.info("AutoAttack (%s) accuracy %.4f on %d points", aa["version"], results["autoattack"]["accuracy"], n)
         worst = worst & aa_verdict
+        verdicts["autoattack"] = aa_verdict
         adversarial["autoattack"] = x_aa
     transfer = judge(x_transfer[:n])
     results["transfer"] = transfer.entry(conf)
     log.info("transfer accuracy %.4f on %d points", results["transfer"]["accuracy"], n)
     worst = worst & transfer
+    verdicts["transfer"] = transfer
     m = cfg["sanity"]["n_points"]
     if m > 0:
         results["sanity"], more = _sanity(model, xs[:m], ys[:m], x_pgd[:m], pgd.head(m), spec, cfg["sanity"],
                                           cache, device, bs, conf, judge)
+        verdicts.update(base_steps=pgd.head(m), more_steps=more)
         worst = worst.and_head(more)
     results["robust_worst_case"] = worst.entry(conf)
-    results["gradient_masking"] = masking_checks(results)
+    results["gradient_masking"] = masking_checks(results, verdicts, conf)
     for line in results["gradient_masking"]:
         log.warning("possible gradient masking: %s", line)
     results["seconds"] = time.perf_counter() - t0

@@ -31,7 +31,7 @@ class PurifierConfig:
     latent_dim: int = 64                # size of z
     pre_encoder_channels: tuple[int, ...] = (6, 12)  # strided convs of the input pre-encoder
     decoder_start_side: int = 7         # side of the decoder's first feature map
-    decoder_channels: tuple[int, ...] = (64, 32, 16)  # first map's channels, then one 2x upsampling each
+    decoder_channels: tuple[int, ...] = (32, 16, 8)  # first map's channels, then one 2x upsampling each
 
 
     @classmethod

@@ -20,6 +20,7 @@ from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.stats import paired_difference
 
 DEFENCE_NAMES = {"at": "adversarially-trained classifier alone", "carso": "classifier + CARSO purifier"}
+COLLAPSE_KL = 1.0  # nats per image: below this the latent carries almost no information
 PUBLISHED = ("The paper reports CARSO above its classifier alone on CIFAR-10 (AutoAttack rand 76.13% vs "
              "67.73%, eps 8/255) and CIFAR-100 (66.65% vs 39.18%); it gives no FashionMNIST figure at eps 0.1.")
 
@@ -274,7 +275,10 @@ def _purifier_lines(pur: dict[str, Any] | None) -> list[str]:
             f"parameters; representation from layers {', '.join(pur['layers'])}.",
             f"Last epoch: loss {pur['final_loss']:.2f} (BCE {pur['final_bce']:.2f}, KL {pur['final_kl']:.2f}); the "
             f"classifier on one reconstruction: {100 * pur['final_recon_clean_acc']:.2f}% of {pur['monitor_points']} "
-            f"clean test images, {100 * pur['final_recon_adv_acc']:.2f}% of their {pur['monitor_attack']} versions."]
+            f"clean test images, {100 * pur['final_recon_adv_acc']:.2f}% of their {pur['monitor_attack']} versions.",
+            *([f"The KL term ended at {pur['final_kl']:.3f} nats per image: the decoder nearly ignores z (posterior "
+               "collapse), so CARSO's N samples are close to one reconstruction determined by the representation, "
+               "and the defence is only weakly random."] if pur["final_kl"] < COLLAPSE_KL else [])]
 
 
 def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, str, Any]]:

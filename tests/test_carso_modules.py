@@ -202,3 +202,19 @@ def test_repeated_verdict_worst_case_is_never_above_the_mean(parts) -> None:
     v = repeated_verdict(defence, x[:32], y[:32], 5, torch.device("cpu"), 16)
     assert v.ok.float().mean().item() <= v.share.mean().item()
     assert bool((v.share[v.ok] == 1).all())
+
+
+def test_purifier_and_defence_work_on_cifar_shapes_with_a_wide_resnet() -> None:
+    """3x32x32 inputs and a WideResNet: every conv (shortcuts included) is hooked, as for a WRN-28-10."""
+    torch.manual_seed(0)
+    clf = build_classifier("wide_resnet", in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3,
+                           std=[0.25] * 3, depth=10, width=1).eval()
+    extractor = RepresentationExtractor(clf)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert len(extractor.layers) == sum(isinstance(m, torch.nn.Conv2d) for m in clf.modules())
+    cfg = PurifierConfig(condition_dim=32, latent_dim=16, decoder_start_side=4, decoder_channels=(32, 16, 8, 8))
+    purifier = Purifier(cfg, extractor.shapes(x), (3, 32, 32), [0.5] * 3, [0.25] * 3).eval()
+    defence = CarsoDefence(clf, purifier, extractor, n_samples=3)
+    assert defence.reconstructions(x).shape == (2, 3, 3, 32, 32)
+    (grad,) = torch.autograd.grad(defence(x).sum(), x)
+    assert grad.abs().sum() > 0

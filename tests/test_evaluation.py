@@ -67,21 +67,30 @@ def test_verdicts_combine_per_point() -> None:
     assert entry["n"] == 4 and entry["accuracy"] == 0.5 and entry["mean_accuracy"] == pytest.approx(0.775)
 
 
-def _entry(acc: float, **extra: float) -> dict[str, float]:
-    return {"mean_accuracy": acc, "accuracy": acc, "n": 50, **extra}
+def _verdict(correct: int, n: int = 100) -> Verdict:
+    ok = torch.arange(n) < correct
+    return Verdict(ok, ok.float())
 
 
-def test_masking_checks_flag_each_signature_and_nothing_else() -> None:
-    healthy = {"pgd": _entry(0.7), "autoattack": _entry(0.68), "transfer": _entry(0.8),
-               "sanity": {"base_steps": _entry(0.7, steps=200), "more_steps": _entry(0.69, steps=400),
-                          "large_eps": _entry(0.0, eps=0.95)}}
-    assert masking_checks(healthy) == []
-    transfer = {**healthy, "transfer": _entry(0.6)}
-    assert "transfer attack" in masking_checks(transfer)[0]
-    large = {**healthy, "sanity": {**healthy["sanity"], "large_eps": _entry(0.3, eps=0.95)}}
-    assert "eps 0.95" in masking_checks(large)[0]
-    more = {**healthy, "sanity": {**healthy["sanity"], "more_steps": _entry(0.72, steps=400)}}
-    assert "400 PGD steps" in masking_checks(more)[0]
+def _results(verdicts: dict[str, Verdict], large_eps_acc: float = 0.0) -> dict:
+    entry = {k: v.entry(0.95) for k, v in verdicts.items()}
+    return {**entry, "sanity": {"base_steps": {**entry["base_steps"], "steps": 200},
+                                "more_steps": {**entry["more_steps"], "steps": 400},
+                                "large_eps": {"mean_accuracy": large_eps_acc, "eps": 0.95}}}
+
+
+def test_masking_checks_flag_clear_signatures_and_not_noise() -> None:
+    healthy = {"pgd": _verdict(70), "autoattack": _verdict(68), "transfer": _verdict(80),
+               "base_steps": _verdict(35, 50), "more_steps": _verdict(34, 50)}
+    assert masking_checks(_results(healthy), healthy, 0.95) == []
+    noise = {**healthy, "transfer": _verdict(69)}  # one point fewer than PGD: not a signature
+    assert masking_checks(_results(noise), noise, 0.95) == []
+    transfer = {**healthy, "transfer": _verdict(55)}  # clearly fewer than both white-box attacks
+    found = masking_checks(_results(transfer), transfer, 0.95)
+    assert len(found) == 2 and "white-box PGD (70.00%)" in found[0] and "AutoAttack" in found[1]
+    assert "eps 0.95" in masking_checks(_results(healthy, large_eps_acc=0.3), healthy, 0.95)[0]
+    more = {**healthy, "base_steps": _verdict(20, 50), "more_steps": _verdict(35, 50)}
+    assert "400 PGD steps" in masking_checks(_results(more), more, 0.95)[0]
 
 
 def test_paired_difference_interval() -> None:

@@ -132,3 +132,12 @@ def test_report_fails_clearly_without_inputs(tmp_path: Path) -> None:
 def test_evaluation_uses_fp32_even_if_training_used_bf16(chain: Path) -> None:
     tensors, _ = load_tensors(chain / "classifier" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_carso_evaluation_without_a_purifier_says_what_to_pass(chain: Path) -> None:
+    root = chain.parent.parent
+    result = run_cli(["evaluate", "--dataset", "fashion_mnist", "--defence", "carso", "--model",
+                      "data/fashion_mnist/classifier/model.safetensors", "--data", "data/fashion_mnist/dataset",
+                      "--adversarial", "data/fashion_mnist/adversarial", "--out", "elsewhere"], cwd=root)
+    assert result.returncode == 2 and "--purifier" in result.stderr and "Traceback" not in result.stderr
+    assert not (root / "elsewhere" / "metrics.json").exists()

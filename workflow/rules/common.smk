@@ -23,7 +23,8 @@ CODE = {
     "fetch": BASE_CODE + ["carso/data.py"],
     "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py"],
     "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
-    "train_purifier": BASE_CODE + MODEL_CODE + PURIFIER_CODE + ["carso/purifier_training.py", "carso/resume.py"],
+    "train_purifier": BASE_CODE + [m for m in MODEL_CODE if m != "carso/attacks.py"] + PURIFIER_CODE
+    + ["carso/purifier_training.py", "carso/resume.py"],
     "evaluate": BASE_CODE + MODEL_CODE + PURIFIER_CODE + ["carso/defence.py", "carso/aggregation.py",
                                                           "carso/evaluation.py", "carso/stats.py"],
     "report": BASE_CODE + ["carso/report.py", "carso/stats.py"],
@@ -48,3 +49,23 @@ def settings(*keys):
 def heavy_resources(mem_mb):
     """Resources of the rules that run a model: a GPU when one is there, all cores otherwise."""
     return {"mem_mb": mem_mb, "gpu": 1 if config["runtime"]["device"] != "cpu" else 0}
+
+
+def evaluate_inputs(wildcards):
+    """Both defences need the classifier, the test set and the stored transfer examples; carso its purifier."""
+    inputs = {
+        "code": CODE["evaluate"],
+        "model": f"data/{wildcards.dataset}/classifier/model.safetensors",
+        "test": f"data/{wildcards.dataset}/dataset/test.safetensors",
+        "adversarial": f"data/{wildcards.dataset}/adversarial/test.safetensors",
+    }
+    if wildcards.defence == "carso":
+        inputs["purifier"] = f"data/{wildcards.dataset}/purifier/model.safetensors"
+    return inputs
+
+
+def evaluate_settings(wildcards):
+    """The keys one defence's evaluation depends on: a change to the other defence's section leaves it be."""
+    keys = ["evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
+            f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
+    return settings(*keys, *(["carso"] if wildcards.defence == "carso" else []))

@@ -1,23 +1,3 @@
-def evaluate_inputs(wildcards):
-    """Both defences need the classifier, the test set and the stored transfer examples; carso its purifier."""
-    inputs = {
-        "code": CODE["evaluate"],
-        "model": f"data/{wildcards.dataset}/classifier/model.safetensors",
-        "test": f"data/{wildcards.dataset}/dataset/test.safetensors",
-        "adversarial": f"data/{wildcards.dataset}/adversarial/test.safetensors",
-    }
-    if wildcards.defence == "carso":
-        inputs["purifier"] = f"data/{wildcards.dataset}/purifier/model.safetensors"
-    return inputs
-
-
-def evaluate_settings(wildcards):
-    """The keys one defence's evaluation depends on: a change to the other defence's section leaves it be."""
-    keys = ["evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
-            f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
-    return settings(*keys, *(["carso"] if wildcards.defence == "carso" else []))
-
-
 rule evaluate:
     input:
         unpack(evaluate_inputs),
