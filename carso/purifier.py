@@ -33,7 +33,6 @@ class PurifierConfig:
     decoder_start_side: int = 7         # side of the decoder's first feature map
     decoder_channels: tuple[int, ...] = (32, 16, 8)  # first map's channels, then one 2x upsampling each
 
-
     @classmethod
     def from_params(cls, cfg: dict[str, Any]) -> "PurifierConfig":
         """The size keys of params.yaml's `purifier` section (the training keys are ignored)."""
