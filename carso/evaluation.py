@@ -173,6 +173,29 @@ def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confid
     return found
 
 
+class _Judge:
+    """Classifies final adversarial points `repeats` times (1 for a deterministic defence)."""
+
+    def __init__(self, model: nn.Module, y: torch.Tensor, repeats: int, device: torch.device, batch_size: int) -> None:
+        self.model, self.y, self.repeats, self.device, self.batch_size = model, y, repeats, device, batch_size
+
+    def __call__(self, x_adv: torch.Tensor, labels: torch.Tensor | None = None) -> Verdict:
+        labels = self.y[:len(x_adv)] if labels is None else labels
+        return repeated_verdict(self.model, x_adv, labels, self.repeats, self.device, self.batch_size)
+
+
+def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, cfg: dict[str, Any],
+                device: torch.device, bs: int, seed: int, work: Path, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
+    """AutoAttack's per-point verdict, combined with the repeated verdicts on its final points."""
+    key = fingerprint({"eps": eps, "n": len(y), "version": cfg["version"], "seed": seed,
+                       "labels": sha256_tensor(y), "model": model_digest(model)})
+    work.mkdir(parents=True, exist_ok=True)
+    flags, x_aa = run_autoattack(model, x, y, eps, cfg["version"], device, bs, seed,
+                                 work / f"autoattack_state_{key}.json")
+    verdict = judge(x_aa)
+    return Verdict(flags & verdict.ok, torch.where(flags, verdict.share, 0.0)), x_aa
+
+
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
@@ -192,47 +215,34 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     n = min(cfg["n_points"], len(y))
     xs, ys = x[:n], y[:n]
     results["randomised"] = is_randomised(model, xs[:bs].to(device), ys[:bs].to(device))
-    repeats = cfg["verdict_repeats"] if results["randomised"] else 1
-    results["verdict_repeats"] = repeats
-
-    def judge(x_adv: torch.Tensor, labels: torch.Tensor = ys) -> Verdict:
-        return repeated_verdict(model, x_adv, labels, repeats, device, bs)
-
+    results["verdict_repeats"] = cfg["verdict_repeats"] if results["randomised"] else 1
+    judge = _Judge(model, ys, results["verdict_repeats"], device, bs)
     cache = AttackCache(work_dir / "work", model_digest(model), seed)
-    clean = judge(xs)
-    results["clean_subset"] = clean.entry(conf)
+
+    verdicts = {"clean_subset": judge(xs)}
     spec = pgd_spec(eps, cfg["pgd"])
-    x_pgd = cache.run("pgd", model, xs, ys, spec, device, bs)
-    pgd = judge(x_pgd)
-    results["pgd"] = pgd.entry(conf, steps=spec.steps, eot=spec.eot, step_size=spec.alpha, restarts=spec.restarts)
-    log.info("PGD-%d (EoT %d) accuracy %.4f on %d points", spec.steps, spec.eot, results["pgd"]["accuracy"], n)
-    worst = clean & pgd
-    verdicts = {"pgd": pgd}
-    adversarial = {"clean": xs, "pgd": x_pgd}
-    aa = cfg["autoattack"]
-    if aa["enabled"]:
-        key = fingerprint({"eps": eps, "n": n, "version": aa["version"], "seed": seed,
-                           "labels": sha256_tensor(ys), "model": model_digest(model)})
-        (work_dir / "work").mkdir(parents=True, exist_ok=True)
-        aa_flags, x_aa = run_autoattack(model, xs, ys, eps, aa["version"], device, bs, seed,
-                                        work_dir / "work" / f"autoattack_state_{key}.json")
-        verdict = judge(x_aa)
-        aa_verdict = Verdict(aa_flags & verdict.ok, torch.where(aa_flags, verdict.share, 0.0))
-        results["autoattack"] = aa_verdict.entry(conf, version=aa["version"])
-        log.info("AutoAttack (%s) accuracy %.4f on %d points", aa["version"], results["autoattack"]["accuracy"], n)
-        worst = worst & aa_verdict
-        verdicts["autoattack"] = aa_verdict
-        adversarial["autoattack"] = x_aa
-    transfer = judge(x_transfer[:n])
-    results["transfer"] = transfer.entry(conf)
-    log.info("transfer accuracy %.4f on %d points", results["transfer"]["accuracy"], n)
-    worst = worst & transfer
-    verdicts["transfer"] = transfer
+    adversarial = {"clean": xs, "pgd": cache.run("pgd", model, xs, ys, spec, device, bs)}
+    verdicts["pgd"] = judge(adversarial["pgd"])
+    if cfg["autoattack"]["enabled"]:
+        verdicts["autoattack"], adversarial["autoattack"] = _autoattack(
+            model, xs, ys, eps, cfg["autoattack"], device, bs, seed, work_dir / "work", judge)
+    verdicts["transfer"] = judge(x_transfer[:n])
+    extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts},
+             "autoattack": {"version": cfg["autoattack"]["version"]}}
+    titles = {"clean_subset": "clean", "pgd": f"PGD-{spec.steps} (EoT {spec.eot})",
+              "autoattack": f"AutoAttack ({cfg['autoattack']['version']})", "transfer": "transfer"}
+    for name, verdict in verdicts.items():
+        results[name] = verdict.entry(conf, **extra.get(name, {}))
+        log.info("%s accuracy %.4f on %d attacked points", titles[name], results[name]["accuracy"], n)
+    worst = verdicts["clean_subset"]
+    for name in ("pgd", "autoattack", "transfer"):
+        if name in verdicts:
+            worst = worst & verdicts[name]
     m = cfg["sanity"]["n_points"]
     if m > 0:
-        results["sanity"], more = _sanity(model, xs[:m], ys[:m], x_pgd[:m], pgd.head(m), spec, cfg["sanity"],
-                                          cache, device, bs, conf, judge)
-        verdicts.update(base_steps=pgd.head(m), more_steps=more)
+        results["sanity"], more = _sanity(model, xs[:m], ys[:m], adversarial["pgd"][:m], verdicts["pgd"].head(m),
+                                          spec, cfg["sanity"], cache, device, bs, conf, judge)
+        verdicts.update(base_steps=verdicts["pgd"].head(m), more_steps=more)
         worst = worst.and_head(more)
     results["robust_worst_case"] = worst.entry(conf)
     results["gradient_masking"] = masking_checks(results, verdicts, conf)
@@ -245,7 +255,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
 
 def _sanity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, base: Verdict,
             spec: AttackSpec, cfg: dict[str, Any], cache: AttackCache, device: torch.device, bs: int,
-            conf: float, judge: Any) -> tuple[dict[str, Any], Verdict]:
+            conf: float, judge: _Judge) -> tuple[dict[str, Any], Verdict]:
     """Gradient-masking checks: PGD continued to `more_steps_factor` x its steps (from where it stopped),
     and PGD at a very large eps. Returns their entries and the continued run's verdict."""
     out: dict[str, Any] = {"base_steps": base.entry(conf, steps=spec.steps)}
