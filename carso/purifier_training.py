@@ -15,7 +15,7 @@ from carso.errors import UserError
 from carso.io import fingerprint, load_tensors, sha256_file, write_json, write_text
 from carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
 from carso.representation import RepresentationExtractor
-from carso.resume import EpochCheckpoint, seed_epoch
+from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
     return curve
 
 
+PURIFIER_TRAINING_MODULES = ("purifier_training", "purifier", "representation", "models", "checkpoint", "data",
+                             "device", "resume")
 CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
 
 
@@ -183,7 +185,8 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
     data = load_adversarial(train_path, cfg["attacks"])
     mon = load_adversarial(adversarial_dir / "test.safetensors", [cfg["monitor_attack"]], cfg["monitor_points"])
     classifier_sha = sha256_file(classifier_path)
-    key = fingerprint({"train": sha256_file(train_path), "classifier": classifier_sha})
+    key = fingerprint({"train": sha256_file(train_path), "classifier": classifier_sha,
+                       "code": code_digest(PURIFIER_TRAINING_MODULES)})
     log.info("training the purifier on %d points (%s) for %d epochs", len(data["labels"]),
              ", ".join(cfg["attacks"]), cfg["epochs"])
     curve = train_purifier(purifier, extractor, data, cfg, seed, device, out_dir / "checkpoint.pt", key, mon)

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from carso.io import load_checkpoint, save_checkpoint
+from carso.io import fingerprint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def code_digest(modules: Sequence[str]) -> str:
+    """A hash of the library modules that shape a training run: a checkpoint from other code is never resumed."""
+    here = Path(__file__).resolve().parent
+    return fingerprint([(here / f"{m}.py").read_text() for m in modules])
 
 
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:

@@ -17,18 +17,12 @@ from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe, eval_mode, memory_format
 from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
-from carso.resume import EpochCheckpoint, seed_epoch
+from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 
 log = logging.getLogger(__name__)
 
 TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint", "resume")
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
-
-
-def code_digest() -> str:
-    """A hash of the modules that shape training: a checkpoint from other code is never resumed."""
-    here = Path(__file__).resolve().parent
-    return fingerprint([(here / f"{m}.py").read_text() for m in TRAINING_MODULES])
 
 
 def training_attack(cfg: dict[str, Any]) -> AttackSpec:
@@ -126,7 +120,8 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     steps_per_epoch = -(-len(y_train) // cfg["batch_size"])
     opt, sched = _fresh_state(model, cfg, steps_per_epoch)
     manifest = read_json(data_dir / "manifest.json")
-    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"], "code": code_digest()})
+    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"],
+                       "code": code_digest(TRAINING_MODULES)})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve = checkpoint.restore(model, opt, sched)
     spec = training_attack(cfg)
