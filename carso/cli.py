@@ -70,10 +70,10 @@ def cmd_train_purifier(args: argparse.Namespace, params: dict[str, Any]) -> None
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from carso.data import load_split
+    from carso.data import load_adversarial, load_split
     from carso.defence import load_defence
     from carso.evaluation import evaluate_defence, example_tensors
-    from carso.io import load_tensors, save_tensors, write_json
+    from carso.io import save_tensors, write_json
 
     device = _runtime(params, args.threads)
     if args.defence not in params["evaluation"]["defences"]:
@@ -82,11 +82,8 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     model = load_defence(args.defence, Path(args.model), Path(args.purifier) if args.purifier else None,
                          args.dataset, params["carso"])
     x, y = load_split(Path(args.data), "test")
-    stored, _ = load_tensors(Path(args.adversarial) / "test.safetensors")
     transfer = params["evaluation"]["transfer_attack"]
-    if transfer not in stored:
-        raise UserError(f"{args.adversarial}/test.safetensors holds no '{transfer}' examples; rerun the "
-                        "generate_adversarial stage (evaluation.transfer_attack must be in adversarial.attacks).")
+    stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
     out = Path(args.out)
     cfg = params["evaluation"]["defences"][args.defence]
     metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], params["evaluation"], cfg, device,

@@ -149,3 +149,15 @@ def load_split(data_dir: Path, split: str, limit: int | None = None) -> tuple[to
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.float().div_(255.0), labels
+
+
+def load_adversarial(path: Path, names: list[str], limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Clean images, labels and the named attacks from a generate_adversarial file (first `limit` rows)."""
+    tensors, _ = load_tensors(path)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        stored = ", ".join(k for k in tensors if k not in ("clean", "labels"))
+        raise UserError(f"{path} holds no '{missing[0]}' examples (it has: {stored}); rerun the "
+                        "generate_adversarial stage with that attack in adversarial.attacks.")
+    return {k: tensors[k][:limit].float() if k != "labels" else tensors[k][:limit]
+            for k in ["clean", "labels", *names]}

@@ -90,11 +90,8 @@ def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: fl
 
 def pgd_spec(eps: float, cfg: dict[str, Any]) -> AttackSpec:
     """`evaluation.defences.<name>.pgd` as an AttackSpec; step_size null means Lee & Kim's scaled step."""
-    if cfg["step_size"] is None:
-        return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=pgd_eot_spec(eps).step_size,
-                          eot=cfg["eot"], restarts=cfg["restarts"])
-    return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=cfg["step_size"], eot=cfg["eot"],
-                      restarts=cfg["restarts"])
+    step = pgd_eot_spec(eps).alpha if cfg["step_size"] is None else cfg["step_size"]
+    return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=step, eot=cfg["eot"], restarts=cfg["restarts"])
 
 
 def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
@@ -240,9 +237,10 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
             worst = worst & verdicts[name]
     m = cfg["sanity"]["n_points"]
     if m > 0:
-        results["sanity"], more = _sanity(model, xs[:m], ys[:m], adversarial["pgd"][:m], verdicts["pgd"].head(m),
-                                          spec, cfg["sanity"], cache, device, bs, conf, judge)
-        verdicts.update(base_steps=verdicts["pgd"].head(m), more_steps=more)
+        base = verdicts["pgd"].head(m)
+        results["sanity"], more = _sanity(model, xs[:m], ys[:m], adversarial["pgd"][:m], base, spec,
+                                          cfg["sanity"], cache, device, bs, conf, judge)
+        verdicts.update(base_steps=base, more_steps=more)
         worst = worst.and_head(more)
     results["robust_worst_case"] = worst.entry(conf)
     results["gradient_masking"] = masking_checks(results, verdicts, conf)

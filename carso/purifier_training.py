@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from carso.checkpoint import load_classifier
 from carso.device import autocast, describe, memory_format
-from carso.errors import UserError
-from carso.io import fingerprint, load_tensors, sha256_file, write_json, write_text
+from carso.data import load_adversarial
+from carso.io import fingerprint, sha256_file, write_json, write_text
 from carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
 from carso.representation import RepresentationExtractor
 from carso.resume import EpochCheckpoint, code_digest, seed_epoch
@@ -161,18 +161,6 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
 PURIFIER_TRAINING_MODULES = ("purifier_training", "purifier", "representation", "models", "checkpoint", "data",
                              "device", "resume")
 CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
-
-
-def load_adversarial(path: Path, names: list[str], limit: int | None = None) -> dict[str, torch.Tensor]:
-    """Clean images, labels and the named attacks from a generate_adversarial file (first `limit` rows)."""
-    tensors, _ = load_tensors(path)
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        stored = ", ".join(k for k in tensors if k not in ("clean", "labels"))
-        raise UserError(f"{path} holds no '{missing[0]}' examples (it has: {stored}); rerun the "
-                        "generate_adversarial stage with that attack in adversarial.attacks.")
-    return {k: tensors[k][:limit].float() if k != "labels" else tensors[k][:limit]
-            for k in ["clean", "labels", *names]}
 
 
 def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: Path, out_dir: Path,
