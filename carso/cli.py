@@ -26,14 +26,23 @@ def _setup_logging(log_file: str | None) -> None:
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack reports progress at DEBUG
 
 
-def _runtime(params: dict[str, Any], threads: int | None):
-    from carso.device import configure_threads, seed_everything, select_device
+def _runtime(params: dict[str, Any], threads: int | None, data_parallel: bool = False):
+    """Threads, seeds and the device for a stage; `data_parallel` stages also join torchrun's team.
 
-    configure_threads(threads)
+    Returns the device, and for data-parallel stages (device, team)."""
+    import torch
+
+    from carso.device import configure_threads, seed_everything, select_device
+    from carso.distributed import join, require_single, team_from_env
+
+    team = team_from_env()
+    if not data_parallel:
+        require_single()
+    configure_threads(threads, share=team.local_size)
     seed_everything(params["runtime"]["seed"])
-    device = select_device(params["runtime"]["device"])
-    log.info("device %s, %s threads", device, threads or "all")
-    return device
+    device = select_device(params["runtime"]["device"], team.local_rank)
+    log.info("device %s, %d threads per process", device, torch.get_num_threads())
+    return (device, join(team, device)) if data_parallel else device
 
 
 def cmd_fetch(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -45,11 +54,19 @@ def cmd_fetch(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.distributed import leave
+    from carso.pretrained import import_classifier
     from carso.training import train_classifier
 
-    device = _runtime(params, args.threads)
-    train_classifier(args.dataset, Path(args.data), Path(args.out), params["classifier"],
-                     params["runtime"]["seed"], device)
+    device, team = _runtime(params, args.threads, data_parallel=True)
+    if params["classifier"].get("pretrained"):  # imported, not trained: one process does it all
+        if team.is_main:
+            import_classifier(args.dataset, Path(args.data), Path(args.out), params["classifier"], device,
+                              Path(params["data"]["download_root"]) / "robustbench")
+    else:
+        train_classifier(args.dataset, Path(args.data), Path(args.out), params["classifier"],
+                         params["runtime"]["seed"], device, team)
+    leave(team)
 
 
 def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -62,11 +79,13 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
 
 
 def cmd_train_purifier(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.distributed import leave
     from carso.purifier_training import run_purifier_training
 
-    device = _runtime(params, args.threads)
+    device, team = _runtime(params, args.threads, data_parallel=True)
     run_purifier_training(args.dataset, Path(args.model), Path(args.adversarial), Path(args.out),
-                          params["purifier"], params["runtime"]["seed"], device)
+                          params["purifier"], params["runtime"]["seed"], device, team)
+    leave(team)
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:

@@ -13,19 +13,34 @@ import torch
 from carso.errors import UserError
 
 
-def select_device(requested: str = "auto") -> torch.device:
-    """Return CUDA when present (or asked for), the CPU otherwise."""
+def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """Return CUDA when present (or asked for), the CPU otherwise.
+
+    Under torchrun, process `local_rank` of a node takes GPU `local_rank`. On a GPU, cuDNN picks the
+    fastest convolution algorithms for the shapes it sees, and TF32 is switched off: fp32 stays fp32
+    (every attack is measured in it), and training gets its speed from bf16 autocast instead.
+    """
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("runtime.device is 'cuda' in params.yaml but no CUDA GPU is visible; "
                         "set it to 'auto' or 'cpu'.")
-    return torch.device(requested)
+    if requested != "cuda":
+        return torch.device(requested)
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"process {local_rank} of this node has no GPU of its own (only "
+                        f"{torch.cuda.device_count()} visible); start at most that many processes per node.")
+    torch.cuda.set_device(local_rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda", local_rank)
 
 
-def configure_threads(threads: int | None) -> None:
-    """Use exactly `threads` CPU threads (Snakemake passes its `threads:`), or all cores."""
-    n = threads or os.cpu_count() or 1
+def configure_threads(threads: int | None, share: int = 1) -> None:
+    """Use `threads` CPU threads (Snakemake passes its `threads:`; default all cores), split evenly
+    between the `share` processes torchrun started on this node."""
+    n = max(1, (threads or os.cpu_count() or 1) // share)
     torch.set_num_threads(n)
     keep_freed_memory()
 
@@ -64,12 +79,13 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def describe(device: torch.device) -> dict[str, str | int]:
+def describe(device: torch.device) -> dict[str, str | int | bool]:
     """What ran where, for each stage's metrics."""
-    info: dict[str, str | int] = {"device": str(device), "torch": torch.__version__,
-                                  "threads": torch.get_num_threads()}
+    info: dict[str, str | int | bool] = {"device": str(device), "torch": torch.__version__,
+                                         "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32"] = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
     return info
 
 

@@ -112,11 +112,83 @@ class WideResNet(nn.Module):
         return self.fc(out.flatten(1))
 
 
+class DMBlock(nn.Module):
+    """Pre-activation WRN block in the layout of DeepMind's WideResNet (Gowal et al. 2020), as RobustBench
+    ships it: the first 3x3 conv is unpadded and the input is padded by hand ("SAME": 1 on every side at
+    stride 1, only right and bottom at stride 2); a 1x1 projection shortcut exactly when the channel count
+    changes, applied to the activated input."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"DMBlock supports stride 1 or 2, not {stride}")
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(c_in)
+        self.relu_0 = nn.SiLU()
+        self.conv_0 = nn.Conv2d(c_in, c_out, 3, stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(c_out)
+        self.relu_1 = nn.SiLU()
+        self.conv_1 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.relu_0(self.batchnorm_0(x))
+        out = self.conv_0(F.pad(act, (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)))
+        out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
+        return (self.shortcut(act) if self.shortcut is not None else x) + out
+
+
+class DMBlockGroup(nn.Module):
+    """`n` DMBlocks; the first changes the width and the stride."""
+
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(*(DMBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class DMWideResNet(nn.Module):
+    """WideResNet-depth-width with SiLU (Swish) activations in DeepMind's layout, for 32x32 inputs.
+
+    Its state dict has RobustBench's names and shapes (`init_conv`, `layer.G.block.B.{batchnorm_0, conv_0,
+    batchnorm_1, conv_1, shortcut}`, `batchnorm`, `logits`), so RobustBench checkpoints of this family
+    (Cui2023Decoupled_WRN-28-10 for CIFAR-10 and CIFAR-100) load with strict=True. The normalisation
+    constants are buffers left out of the state dict, as in RobustBench; they come from the dataset.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], depth: int = 28, width: int = 10) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise UserError(f"classifier.depth must be 6n+4 for dm_wide_resnet (got {depth}); "
+                            "use e.g. 16, 28, 34 or 70.")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.init_conv = nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=False)
+        self.layer = nn.Sequential(*(DMBlockGroup(n, c_in, c_out, stride) for c_in, c_out, stride
+                                     in zip(widths[:-1], widths[1:], (1, 2, 2))))
+        self.batchnorm = nn.BatchNorm2d(widths[-1])
+        self.relu = nn.SiLU()
+        self.logits = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(self.init_conv((x - self.mean) / self.std))
+        out = self.relu(self.batchnorm(out))
+        out = F.avg_pool2d(out, tuple(out.shape[-2:]))  # global average (8x8 on 32x32 inputs)
+        return self.logits(out.flatten(1))
+
+
 # name -> (constructor, the input side it is built for; None = any side divisible by 4)
 REGISTRY: dict[str, tuple[Callable[..., nn.Module], int | None]] = {
     "cnn_small": (SmallCNN, None),
     "preact_resnet18": (PreActResNet18, 32),
     "wide_resnet": (WideResNet, 32),
+    "dm_wide_resnet": (DMWideResNet, 32),  # RobustBench's DMWideResNet layout, SiLU (Cui2023 WRN-28-10)
 }
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from carso.checkpoint import load_classifier
 from carso.device import autocast, describe, memory_format
 from carso.data import load_adversarial
+from carso.distributed import Team, parallel
 from carso.io import fingerprint, sha256_file, write_json, write_text
 from carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
 from carso.representation import RepresentationExtractor
@@ -84,20 +85,23 @@ def gather_inputs(tensors: dict[str, torch.Tensor], idx: torch.Tensor, sources: 
     return out
 
 
-def _epoch(purifier: Purifier, extractor: RepresentationExtractor, opt: torch.optim.Optimizer,
+def _epoch(net: torch.nn.Module, extractor: RepresentationExtractor, opt: torch.optim.Optimizer,
            sched: torch.optim.lr_scheduler.LambdaLR, data: dict[str, torch.Tensor], cfg: dict[str, Any],
-           beta: float, device: torch.device, gen: torch.Generator, desc: str) -> dict[str, float]:
+           beta: float, device: torch.device, gen: torch.Generator, team: Team, desc: str) -> dict[str, float]:
+    """One pass over the balanced batches; under torchrun each process trains on its shard of every batch."""
     sums = {"loss": 0.0, "bce": 0.0, "kl": 0.0}
     n = len(data["labels"])
-    purifier.train()
+    net.train()
     batches = balanced_batches(n, cfg["batch_size"], cfg["attacks"], cfg["adversarial_fraction"], gen)
-    for idx, sources in tqdm(list(batches), desc=desc, unit="batch", leave=False, mininterval=5):
+    for idx, sources in tqdm(list(batches), desc=desc, unit="batch", leave=False, mininterval=5,
+                             disable=not team.is_main):
+        idx, sources = team.shard(idx), team.shard(sources)
         x_in = gather_inputs(data, idx, sources).to(device)
         target = data["clean"][idx].to(device)
         with torch.no_grad(), autocast(device, cfg["precision"]):
             acts = [a.float() for a in extractor(x_in)]
         with autocast(device, cfg["precision"]):
-            recon, mu, logvar = purifier(x_in, acts)
+            recon, mu, logvar = net(x_in, acts)
         loss, bce, kl = purifier_loss(recon.float(), target, mu.float(), logvar.float(), beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,7 +109,8 @@ def _epoch(purifier: Purifier, extractor: RepresentationExtractor, opt: torch.op
         sched.step()
         for key, value in (("loss", loss), ("bce", bce), ("kl", kl)):
             sums[key] += value.item() * len(idx)
-    return {k: v / n for k, v in sums.items()}
+    totals = team.sum(list(sums.values()))
+    return {k: v / n for k, v in zip(sums, totals)}
 
 
 @torch.no_grad()
@@ -124,11 +129,13 @@ def monitor(purifier: Purifier, extractor: RepresentationExtractor, x: torch.Ten
 
 def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data: dict[str, torch.Tensor],
                    cfg: dict[str, Any], seed: int, device: torch.device, checkpoint_path: Path,
-                   data_key: str, monitor_data: dict[str, torch.Tensor] | None = None) -> list[dict[str, float]]:
+                   data_key: str, monitor_data: dict[str, torch.Tensor] | None = None,
+                   team: Team = Team()) -> list[dict[str, float]]:
     """Train `purifier` for cfg["epochs"] epochs on `data` (clean images, labels and one tensor per
     attack); returns the per-epoch curve. Resumes from `checkpoint_path` when it matches this run.
     With `monitor_data` (clean, labels and cfg["monitor_attack"] test images), each epoch also records
-    the classifier's accuracy on one reconstruction of every clean and adversarial monitor point."""
+    the classifier's accuracy on one reconstruction of every clean and adversarial monitor point.
+    Under torchrun the team trains data-parallel; rank 0 alone monitors, checkpoints and gets the curve."""
     extractor.classifier.eval()
     for p in extractor.classifier.parameters():
         p.requires_grad_(False)
@@ -139,11 +146,15 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, steps))
     checkpoint = EpochCheckpoint(checkpoint_path, fingerprint({"cfg": cfg, "seed": seed, "data": data_key}))
     curve = checkpoint.restore(purifier, opt, sched)
+    net = parallel(purifier, team, device)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        gen = seed_epoch(seed, epoch)
+        gen = seed_epoch(seed, epoch, team.rank)
         beta = beta_schedule(epoch - 1, cfg["epochs"])
-        row = _epoch(purifier, extractor, opt, sched, data, cfg, beta, device, gen, f"epoch {epoch}/{cfg['epochs']}")
+        row = _epoch(net, extractor, opt, sched, data, cfg, beta, device, gen, team,
+                     f"epoch {epoch}/{cfg['epochs']}")
+        if not team.is_main:
+            continue
         row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row}
         if monitor_data is not None:
             row["recon_clean_acc"] = monitor(purifier, extractor, monitor_data["clean"], monitor_data["labels"], device)
@@ -159,13 +170,14 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
 
 
 PURIFIER_TRAINING_MODULES = ("purifier_training", "purifier", "representation", "models", "checkpoint", "data",
-                             "device", "resume")
+                             "device", "resume", "distributed")
 CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
 
 
 def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: Path, out_dir: Path,
-                          cfg: dict[str, Any], seed: int, device: torch.device) -> dict[str, Any]:
-    """The train_purifier stage: build, train (resumably) and save the purifier, its curve and metrics."""
+                          cfg: dict[str, Any], seed: int, device: torch.device, team: Team = Team()) -> dict[str, Any]:
+    """The train_purifier stage: build, train (resumably) and save the purifier, its curve and metrics
+    (rank 0 alone writes under torchrun; the other processes return an empty dict)."""
     classifier = load_classifier(classifier_path, dataset).to(device, memory_format=memory_format(cfg["channels_last"]))
     purifier, extractor = build_purifier(classifier, dataset, PurifierConfig.from_params(cfg), cfg["layers"])
     purifier = purifier.to(device, memory_format=memory_format(cfg["channels_last"]))
@@ -177,7 +189,9 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                        "code": code_digest(PURIFIER_TRAINING_MODULES)})
     log.info("training the purifier on %d points (%s) for %d epochs", len(data["labels"]),
              ", ".join(cfg["attacks"]), cfg["epochs"])
-    curve = train_purifier(purifier, extractor, data, cfg, seed, device, out_dir / "checkpoint.pt", key, mon)
+    curve = train_purifier(purifier, extractor, data, cfg, seed, device, out_dir / "checkpoint.pt", key, mon, team)
+    if not team.is_main:
+        return {}
     save_purifier(out_dir / "model.safetensors", purifier, dataset, extractor.layers, classifier_sha)
     lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
     write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
@@ -187,6 +201,7 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                "final_bce": last["bce"], "final_kl": last["kl"], "final_recon_clean_acc": last["recon_clean_acc"],
                "final_recon_adv_acc": last["recon_adv_acc"], "monitor_points": len(mon["labels"]),
                "monitor_attack": cfg["monitor_attack"], "train_seconds": sum(r["seconds"] for r in curve),
-               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device)}
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
+               **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)
     return metrics

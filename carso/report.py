@@ -54,9 +54,13 @@ def _png(fig: Any) -> bytes:
 
 
 def curves_png(curve: list[dict[str, float]]) -> bytes:
-    """Loss and accuracies per epoch, as a PNG."""
+    """Loss and accuracies per epoch, as a PNG (a note instead when the classifier was imported: no epochs)."""
     plt = _pyplot()
-
+    if not curve:
+        fig = plt.figure(figsize=(10, 1.2))
+        fig.text(0.5, 0.5, "No training curve: the classifier was imported (classifier.pretrained), not trained.",
+                 ha="center", va="center")
+        return _png(fig)
     epochs = [r["epoch"] for r in curve]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(epochs, [r["train_loss"] for r in curve], marker="o")
@@ -281,6 +285,14 @@ def _purifier_lines(pur: dict[str, Any] | None) -> list[str]:
                "and the defence is only weakly random."] if pur["final_kl"] < COLLAPSE_KL else [])]
 
 
+def _imported_lines(train: dict[str, Any]) -> list[str]:
+    """The classifier section when train_classifier imported the classifier (classifier.pretrained)."""
+    origin = f"{train['source']}" + (f", file {train['file']}" if train.get("file") else "")
+    return [f"Not trained here: {train['name']} imported from {origin}; clean {100 * train['test_clean_acc']:.2f}% "
+            f"and PGD-10 (eps {train['pgd10_eps']:.4g}) {100 * train['test_pgd10_acc']:.2f}% on the first "
+            f"{train['monitor_points']} test images, in fp32 on {train['device']}."]
+
+
 def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, str, Any]]:
     train, man = facts["train"], facts["manifest"]["splits"]
     data_lines = [f"{split}: {info['count']} images of shape {info['shape']}, sha256 {info['sha256_images'][:16]}..."
@@ -288,7 +300,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
     train_lines = [f"{train['epochs']} epochs in {train['train_seconds']:.0f} s on {train['device']} "
                    f"({train['threads']} threads), precision {train['precision']}, channels_last "
                    f"{train['channels_last']}; last epoch: clean {100 * train['final_test_clean_acc']:.2f}% and "
-                   f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."]
+                   f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
+                   ] if "source" not in train else _imported_lines(train)
     summary = summary_sentences(facts["evals"])
     if sentence := comparison_sentence(facts["evals"], facts["robust"]):
         summary.insert(0, sentence)

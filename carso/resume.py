@@ -19,14 +19,16 @@ def code_digest(modules: Sequence[str]) -> str:
     return fingerprint([(here / f"{m}.py").read_text() for m in modules])
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """Seed the global RNG for `epoch` and return a generator for its shuffling and augmentation.
 
     Every epoch draws from its own seed, so a run resumed after epoch k continues exactly as an
-    uninterrupted one would.
+    uninterrupted one would. The returned generator is the same in every process of a data-parallel
+    team (one shuffled order for all); the global RNG (attack starts, latent samples) differs per rank,
+    and rank 0 draws what a single process draws.
     """
     epoch_seed = seed * 100_003 + epoch
-    torch.manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed + 7_919 * rank)
     return torch.Generator().manual_seed(epoch_seed)
 
 

@@ -15,13 +15,14 @@ from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
 from carso.checkpoint import save_classifier
 from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe, eval_mode, memory_format
+from carso.distributed import Team, parallel
 from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
 from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 
 log = logging.getLogger(__name__)
 
-TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint", "resume")
+TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint", "resume", "distributed")
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
 
 
@@ -66,28 +67,34 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], total_steps:
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
-                 cfg: dict[str, Any], spec: AttackSpec, device: torch.device, gen: torch.Generator,
-                 desc: str) -> tuple[float, float]:
-    """One pass over the data: attack each batch, then step on the adversarial batch."""
+def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor,
+                 y: torch.Tensor, cfg: dict[str, Any], spec: AttackSpec, device: torch.device, gen: torch.Generator,
+                 team: Team, desc: str) -> tuple[float, float]:
+    """One pass over the data: attack each batch, then step on the adversarial batch.
+
+    `net` is `model` as trained (wrapped for data parallelism under torchrun): every process draws the
+    same order and augmentation for the global batch, then attacks and trains on its own shard. The
+    attack runs on `model` itself, so its input gradients never trigger a gradient exchange."""
     fmt = memory_format(cfg["channels_last"])
     order = torch.randperm(len(y), generator=gen)
     bs, loss_sum, correct = cfg["batch_size"], 0.0, 0
-    model.train()
-    for start in tqdm(range(0, len(y), bs), desc=desc, unit="batch", leave=False, mininterval=5):
+    net.train()
+    batches = range(0, len(y), bs)
+    for start in tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=5, disable=not team.is_main):
         idx = order[start:start + bs]
-        xb = augment(x[idx].to(device), cfg["augment"], gen).contiguous(memory_format=fmt)
-        yb = y[idx].to(device)
+        xb = team.shard(augment(x[idx].to(device), cfg["augment"], gen)).contiguous(memory_format=fmt)
+        yb = team.shard(y[idx]).to(device)
         xb_adv = attack(model, xb, yb, spec, autocast(device, cfg["precision"]))
         with autocast(device, cfg["precision"]):
-            logits = model(xb_adv).float()
+            logits = net(xb_adv).float()
         loss = F.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        loss_sum += loss.item() * len(idx)
+        loss_sum += loss.item() * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
+    loss_sum, correct = team.sum([loss_sum, correct])
     return loss_sum / len(y), correct / len(y)
 
 
@@ -109,8 +116,11 @@ def _fresh_state(model: nn.Module, cfg: dict[str, Any], steps_per_epoch: int):
 
 
 def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: int,
-                     device: torch.device) -> dict[str, Any]:
-    """Adversarially train the classifier described by `cfg`; resume from `out_dir/checkpoint.pt`."""
+                     device: torch.device, team: Team = Team()) -> dict[str, Any]:
+    """Adversarially train the classifier described by `cfg`; resume from `out_dir/checkpoint.pt`.
+
+    Under torchrun, `team`'s processes train one model data-parallel and rank 0 alone monitors and
+    writes; the others return an empty dict."""
     spec_ds = dataset_spec(dataset)
     x_train, y_train = load_split(data_dir, "train")
     x_mon, y_mon = load_split(data_dir, "test", limit=cfg["monitor_points"])
@@ -124,12 +134,15 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
                        "code": code_digest(TRAINING_MODULES)})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve = checkpoint.restore(model, opt, sched)
+    net = parallel(model, team, device)
     spec = training_attack(cfg)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        gen = seed_epoch(seed, epoch)
-        loss, adv_acc = _train_epoch(model, opt, sched, x_train, y_train, cfg, spec, device, gen,
+        gen = seed_epoch(seed, epoch, team.rank)
+        loss, adv_acc = _train_epoch(model, net, opt, sched, x_train, y_train, cfg, spec, device, gen, team,
                                      f"epoch {epoch}/{cfg['epochs']}")
+        if not team.is_main:
+            continue
         clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device)
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss, "train_adv_acc": adv_acc,
                "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "seconds": time.perf_counter() - t0}
@@ -137,11 +150,11 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
                  epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
         checkpoint.save(model, opt, sched, curve)
-    return _finish(model, dataset, cfg, curve, out_dir, device)
+    return _finish(model, dataset, cfg, curve, out_dir, device, team) if team.is_main else {}
 
 
 def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dict[str, float]],
-            out_dir: Path, device: torch.device) -> dict[str, Any]:
+            out_dir: Path, device: torch.device, team: Team) -> dict[str, Any]:
     save_classifier(out_dir / "model.safetensors", model, dataset, cfg["arch"], cfg["arch_kwargs"])
     lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
     write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
@@ -149,6 +162,7 @@ def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dic
     metrics = {"epochs": len(curve), "final_train_loss": last.get("train_loss"),
                "final_test_clean_acc": last.get("test_clean_acc"), "final_test_adv_acc": last.get("test_adv_acc"),
                "monitor_points": cfg["monitor_points"], "train_seconds": sum(r["seconds"] for r in curve),
-               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device)}
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
+               **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)
     return metrics

@@ -8,10 +8,10 @@ from conftest import REPO
 
 ENTRY = {  # the modules each stage's CLI function imports
     "fetch": ["data"],
-    "train_classifier": ["training", "device"],
-    "generate_adversarial": ["advgen", "checkpoint", "device"],
-    "train_purifier": ["purifier_training", "device"],
-    "evaluate": ["data", "defence", "evaluation", "io", "device"],
+    "train_classifier": ["training", "pretrained", "device", "distributed"],
+    "generate_adversarial": ["advgen", "checkpoint", "device", "distributed"],
+    "train_purifier": ["purifier_training", "device", "distributed"],
+    "evaluate": ["data", "defence", "evaluation", "io", "device", "distributed"],
     "report": ["report"],
 }
 BASE = ["cli", "params", "io", "errors"]
@@ -45,7 +45,7 @@ def test_cli_imports_what_entry_says() -> None:
         stage = fn.name.removeprefix("cmd_")
         imported = {n.module.split(".")[1] for n in ast.walk(fn)
                     if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("carso.")}
-        runtime = {"device"} if any(isinstance(n, ast.Name) and n.id == "_runtime" for n in ast.walk(fn)) else set()
+        runtime = {"device", "distributed"} if any(isinstance(n, ast.Name) and n.id == "_runtime" for n in ast.walk(fn)) else set()
         assert imported | runtime == set(ENTRY[stage]), stage
 
 

@@ -218,6 +218,18 @@ def test_snakemake_profile_and_gpu_resources_are_real(tmp_path: Path) -> None:
     assert "gpu=0" in train[:train.index("Shell command")]
 
 
+def test_training_rules_go_data_parallel_when_given_several_gpus_or_processes(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "ddp", load_tiny())
+    plain = {j["rule"]: j["shell"] for j in snakemake_jobs(project)}
+    assert plain["train_classifier"].startswith("python -m carso train-classifier ")
+    wide = {j["rule"]: j["shell"] for j in snakemake_jobs(
+        project, "--set-resources", "train_classifier:processes=2", "train_purifier:gpu=4")}
+    torchrun = "python -m torch.distributed.run --standalone --nproc_per_node"
+    assert wide["train_classifier"].startswith(f"{torchrun} 2 -m carso train-classifier ")
+    assert wide["train_purifier"].startswith(f"{torchrun} 4 -m carso train-purifier ")
+    assert wide["generate_adversarial"].startswith("python -m carso generate-adversarial ")
+
+
 def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", load_tiny())

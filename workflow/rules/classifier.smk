@@ -11,6 +11,7 @@ rule train_classifier:
     params:
         settings=settings("classifier", "runtime.seed"),
         params_file=PARAMS_FILE,
+        launch=launcher,
         data=subpath(input.manifest, parent=True),
         out=subpath(output.model, parent=True),
     conda:
@@ -21,7 +22,7 @@ rule train_classifier:
         "benchmarks/{dataset}/train_classifier.tsv"
     threads: workflow.cores
     resources:
-        **heavy_resources(mem_mb=8000),
+        **training_resources(mem_mb=8000),
     shell:
-        "python -m carso train-classifier --params {params.params_file} --dataset {wildcards.dataset}"
+        "{params.launch} train-classifier --params {params.params_file} --dataset {wildcards.dataset}"
         " --data {params.data} --out {params.out} --threads {threads} --log {log}"

@@ -17,11 +17,12 @@ DEFENCES = ["at", "carso"]  # at: the adversarially-trained classifier alone; ca
 # The library modules each stage runs: they are inputs, so editing one reruns exactly the stages it affects
 # (the same lists are `deps` in dvc.yaml).
 BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"]
-MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/models.py"]
+MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/distributed.py",
+              "carso/models.py"]
 PURIFIER_CODE = ["carso/purifier.py", "carso/representation.py"]
 CODE = {
     "fetch": BASE_CODE + ["carso/data.py"],
-    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py"],
+    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py", "carso/pretrained.py"],
     "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
     "train_purifier": BASE_CODE + [m for m in MODEL_CODE if m != "carso/attacks.py"] + PURIFIER_CODE
     + ["carso/purifier_training.py", "carso/resume.py"],
@@ -49,6 +50,20 @@ def settings(*keys):
 def heavy_resources(mem_mb):
     """Resources of the rules that run a model: a GPU when one is there, all cores otherwise."""
     return {"mem_mb": mem_mb, "gpu": 1 if config["runtime"]["device"] != "cpu" else 0}
+
+
+def training_resources(mem_mb):
+    """The two training rules also take `processes`: more than one GPU or process makes them data-parallel
+    (e.g. `--set-resources train_purifier:gpu=4`, or `train_classifier:processes=2` on CPUs)."""
+    return {**heavy_resources(mem_mb), "processes": 1}
+
+
+def launcher(wildcards, resources):
+    """`python -m carso`, or torchrun with one process per GPU (or per `processes`) when there are several."""
+    n = max(int(getattr(resources, "gpu", 0)), int(getattr(resources, "processes", 1)))
+    if n <= 1:
+        return "python -m carso"
+    return f"python -m torch.distributed.run --standalone --nproc_per_node {n} -m carso"
 
 
 def evaluate_inputs(wildcards):

@@ -11,6 +11,7 @@ rule train_purifier:
     params:
         settings=settings("purifier", "runtime.seed"),
         params_file=PARAMS_FILE,
+        launch=launcher,
         adversarial=subpath(input.train, parent=True),
         out=subpath(output.model, parent=True),
     conda:
@@ -21,8 +22,8 @@ rule train_purifier:
         "benchmarks/{dataset}/train_purifier.tsv"
     threads: workflow.cores
     resources:
-        **heavy_resources(mem_mb=8000),
+        **training_resources(mem_mb=8000),
     shell:
-        "python -m carso train-purifier --params {params.params_file} --dataset {wildcards.dataset}"
+        "{params.launch} train-purifier --params {params.params_file} --dataset {wildcards.dataset}"
         " --model {input.model} --adversarial {params.adversarial} --out {params.out}"
         " --threads {threads} --log {log}"
