@@ -12,6 +12,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+APT_UPDATED=
+apt_update_once() {
+    # A fresh machine needs `apt-get update` before its first install; once is enough for both installs.
+    if [ -z "$APT_UPDATED" ]; then as_root apt-get update -qq; APT_UPDATED=1; fi
+}
+
 install_dataset() {
     # The default dataset without internet: Fashion-MNIST from Debian's dataset-fashion-mnist.
     if [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then return; fi
@@ -20,8 +26,29 @@ install_dataset() {
         return
     fi
     echo "==> installing dataset-fashion-mnist (apt)"
-    as_root apt-get update -qq
+    apt_update_once
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dataset-fashion-mnist >/dev/null
+}
+
+install_slurm() {
+    # Slurm and munge for a real single-node cluster (tools/local_slurm.py, tests/test_slurm.py).
+    local cmd missing=
+    for cmd in slurmctld slurmd sinfo munged; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null || missing=1
+    done
+    if [ -z "$missing" ]; then return; fi
+    if command -v sbatch >/dev/null; then  # a cluster's login node: use that cluster, install no daemons
+        echo "sbatch found without local Slurm daemons: not installing them (tests/test_slurm.py will be skipped)" >&2
+        return
+    fi
+    if ! command -v apt-get >/dev/null; then
+        echo "Slurm is missing and apt-get is not available: tests/test_slurm.py will be skipped (fails under CI)" >&2
+        return
+    fi
+    echo "==> installing slurmctld slurmd slurm-client munge (apt)"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        slurmctld slurmd slurm-client munge >/dev/null
 }
 
 install_python() {
@@ -40,6 +67,7 @@ install_python() {
 
 setup() {
     install_dataset
+    install_slurm
     install_python
     # shellcheck disable=SC1091
     source "$VENV/bin/activate"
