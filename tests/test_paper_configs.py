@@ -1,0 +1,101 @@
+"""configs/cifar10.yaml and configs/cifar100.yaml: complete, valid, the published CARSO settings, and one
+`--config params_file=...` away from a Snakemake run (checked with a dry run; nothing is computed)."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from carso.data import dataset_spec
+from carso.models import build_classifier
+from carso.params import load_params
+from carso.pretrained import check_pretrained
+from carso.purifier import PurifierConfig, build_purifier
+from conftest import REPO, load_tiny, make_project, run_tool
+
+CONFIGS = {"cifar10": 0.5, "cifar100": 0.15}  # dataset -> published adversarial fraction of the purifier's batches
+EPS, HALF_EPS = 8 / 255, 4 / 255
+STAGE_JOBS = {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1, "train_purifier": 1, "evaluate": 2,
+              "report": 1}  # 7 jobs (plus the `all` target)
+
+
+def key_tree(node: Any) -> Any:
+    return {k: key_tree(v) for k, v in node.items()} if isinstance(node, dict) else None
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def config(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return request.param, load_params(REPO / "configs" / f"{request.param}.yaml")  # schema + cross-checks
+
+
+def test_same_keys_as_params_yaml_plus_the_import(config: tuple[str, dict[str, Any]]) -> None:
+    _, params = config
+    mine, default = key_tree(params), key_tree(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert mine["classifier"].pop("pretrained") == {"source": None, "name": None, "file": None}
+    default["classifier"].pop("pretrained", None)  # null there, if the default lists it
+    for tree in (mine, default):  # constructor arguments: free-form per architecture
+        tree["classifier"].pop("arch_kwargs")
+    assert mine == default
+
+
+def test_published_settings(config: tuple[str, dict[str, Any]]) -> None:
+    dataset, p = config
+    assert p["datasets"] == [dataset] and p["runtime"]["device"] == "auto" and p["data"]["source"] == "download"
+    assert p["data"]["subset"]["train_per_class"] is None and p["data"]["subset"]["test_per_class"] is None
+    assert p["classifier"]["pretrained"] == {"source": "robustbench", "name": "Cui2023Decoupled_WRN-28-10", "file": None}
+    assert check_pretrained(p["classifier"], dataset) == ("dm_wide_resnet", {"depth": 28, "width": 10})
+    attacks = p["adversarial"]["attacks"]
+    assert p["adversarial"]["train_points"] is None and p["adversarial"]["test_points"] is None
+    assert sorted((a["method"], a["eps"], a.get("steps"), a.get("step_size")) for a in attacks.values()) == sorted(
+        [("fgsm", HALF_EPS, None, None), ("fgsm", EPS, None, None), ("pgd", HALF_EPS, 40, 0.01), ("pgd", EPS, 40, 0.01)])
+    pur = p["purifier"]
+    assert (pur["epochs"], pur["batch_size"], pur["condition_dim"], pur["latent_dim"], pur["compressor_depth"]) == \
+        (200, 5120, 512, 128, 3)
+    assert pur["pre_encoder_channels"] == [6, 12] and pur["decoder_channels"] == [256, 256, 128, 64, 32]
+    assert pur["adversarial_fraction"] == CONFIGS[dataset] and sorted(pur["attacks"]) == sorted(attacks)
+    assert pur["lookahead"] and p["carso"] == {"n_samples": 8, "aggregation": "peel"}
+    ev = p["evaluation"]
+    assert ev["eps"] == EPS and attacks[ev["transfer_attack"]]["eps"] == EPS
+    at, carso = ev["defences"]["at"], ev["defences"]["carso"]
+    assert at["autoattack"] == {"enabled": True, "version": "standard"} and at["n_points"] == 10000
+    assert carso["autoattack"] == {"enabled": True, "version": "rand"} and carso["n_points"] == 10000
+    assert carso["pgd"] == {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1}
+
+
+def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, dict[str, Any]]) -> None:
+    dataset, p = config
+    spec = dataset_spec(dataset)
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        clf = build_classifier(p["classifier"]["arch"], in_channels=spec.channels, num_classes=spec.num_classes,
+                               image_size=spec.side, mean=spec.mean, std=spec.std, **p["classifier"]["arch_kwargs"])
+        purifier, extractor = build_purifier(clf.eval(), dataset, PurifierConfig.from_params(p["purifier"]),
+                                             p["purifier"]["layers"])
+    convs = [n for n, m in clf.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    layers = p["purifier"]["layers"]
+    assert len(layers) == len(set(layers)) == 26 and set(layers) <= set(convs)
+    assert sorted(set(convs) - set(layers)) == ["init_conv", "layer.0.block.0.shortcut"]
+    assert [n for n in convs if n in layers] == layers  # in the classifier's order
+    with torch.device("meta"):
+        assert purifier.decode(torch.zeros(2, 128), torch.zeros(2, 512)).shape == (2, 3, 32, 32)
+    assert len(extractor.layers) == 26
+
+
+@pytest.mark.parametrize("dataset", sorted(CONFIGS))
+def test_snakemake_dry_run_lists_the_seven_stages(dataset: str, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project", load_tiny())
+    shutil.copytree(REPO / "configs", project / "configs")
+    result = run_tool(["snakemake", "-n", "--cores", "1", "--config", f"params_file=configs/{dataset}.yaml"],
+                      cwd=project, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
+    assert {k: int(v) for k, v in table.items()} == {**STAGE_JOBS, "all": 1, "total": 8}
+    commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
+    assert len(commands) == 7
+    assert all(f"--params configs/{dataset}.yaml --dataset {dataset} " in c for c in commands), commands
+    assert not (project / "data").exists()
