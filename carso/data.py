@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision import datasets as tvd
 
 from carso.errors import UserError
 from carso.io import load_tensors, save_tensors, sha256_tensor, write_json
@@ -22,7 +22,7 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    torchvision_class: type
+    torchvision_class: str  # a class of torchvision.datasets, imported only by `fetch` (2-3 s of imports)
     channels: int
     side: int
     num_classes: int
@@ -32,15 +32,15 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("fashion_mnist", tvd.FashionMNIST, 1, 28, 10, (0.2860,), (0.3530,),
+    "fashion_mnist": DatasetSpec("fashion_mnist", "FashionMNIST", 1, 28, 10, (0.2860,), (0.3530,),
                                  "install the Debian package dataset-fashion-mnist "
                                  "(apt-get install dataset-fashion-mnist)"),
-    "mnist": DatasetSpec("mnist", tvd.MNIST, 1, 28, 10, (0.1307,), (0.3081,),
+    "mnist": DatasetSpec("mnist", "MNIST", 1, 28, 10, (0.1307,), (0.3081,),
                          "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) there"),
-    "cifar10": DatasetSpec("cifar10", tvd.CIFAR10, 3, 32, 10, (0.4914, 0.4822, 0.4465),
+    "cifar10": DatasetSpec("cifar10", "CIFAR10", 3, 32, 10, (0.4914, 0.4822, 0.4465),
                            (0.2471, 0.2435, 0.2616),
                            "put the extracted cifar-10-batches-py folder there"),
-    "cifar100": DatasetSpec("cifar100", tvd.CIFAR100, 3, 32, 100, (0.5071, 0.4865, 0.4409),
+    "cifar100": DatasetSpec("cifar100", "CIFAR100", 3, 32, 100, (0.5071, 0.4865, 0.4409),
                             (0.2673, 0.2564, 0.2762),
                             "put the extracted cifar-100-python folder there"),
 }
@@ -58,9 +58,10 @@ def _to_uint8_nchw(data: Any) -> torch.Tensor:
 
 
 def _from_torchvision(spec: DatasetSpec, root: Path, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    dataset_class = getattr(importlib.import_module("torchvision.datasets"), spec.torchvision_class)
     splits = {}
     for split, train in (("train", True), ("test", False)):
-        ds = spec.torchvision_class(str(root), train=train, download=download)
+        ds = dataset_class(str(root), train=train, download=download)
         images = _to_uint8_nchw(ds.data)
         splits[split] = (images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
     return splits
@@ -68,7 +69,7 @@ def _from_torchvision(spec: DatasetSpec, root: Path, download: bool) -> dict[str
 
 def _stage_idx_files(spec: DatasetSpec, mirror: Path, workdir: Path) -> Path:
     """Lay a folder of IDX files (.gz or not) out the way torchvision's MNIST classes read them."""
-    raw = workdir / spec.torchvision_class.__name__ / "raw"
+    raw = workdir / spec.torchvision_class / "raw"
     raw.mkdir(parents=True)
     for name in MNIST_FILES:
         plain, packed = mirror / name, mirror / f"{name}.gz"
