@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -114,27 +114,39 @@ class AttackCache:
     def __init__(self, folder: Path, model_key: str, seed: int) -> None:
         self.folder, self.model_key, self.seed = folder, model_key, seed
 
-    def run(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-            device: torch.device, batch_size: int, x_start: torch.Tensor | None = None) -> torch.Tensor:
-        key = fingerprint({"spec": asdict(spec), "model": self.model_key, "seed": self.seed, "x": sha256_tensor(x),
-                           "y": sha256_tensor(y), "start": None if x_start is None else sha256_tensor(x_start)})
+    def batches(self, name: str, settings: dict[str, Any], n: int, batch_size: int, desc: str,
+                compute: Callable[[int, slice, Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`compute(i, points, folder)` for every batch `i` of `n` points, each batch's tensors saved once it is
+        done and loaded instead of recomputed on a rerun; returns them concatenated over the batches.
+        `settings` (with the model and the seed) name the run: other settings never reuse a stored batch."""
+        key = fingerprint({**settings, "model": self.model_key, "seed": self.seed})
         folder = self.folder / f"{name}_{key[:16]}"
-        out = []
-        starts = range(0, len(x), batch_size)
-        desc = f"{name} ({spec.steps} steps x {spec.eot} EoT, eps {spec.eps:.4g})"
+        parts = []
+        starts = range(0, n, batch_size)
         for i, start in enumerate(tqdm(starts, desc=desc, unit="batch", mininterval=10)):
             path = folder / f"batch_{i:05d}.safetensors"
             if path.exists():
-                out.append(load_tensors(path)[0]["x_adv"])
+                parts.append(load_tensors(path)[0])
                 continue
             torch.manual_seed(int(key[:12], 16) + i)
-            sl = slice(start, start + batch_size)
-            xb = attack(model, x[sl].to(device), y[sl].to(device), spec,
-                        x_start=None if x_start is None else x_start[sl].to(device)).cpu()
-            save_tensors(path, {"x_adv": xb}, {"attack": name})
-            out.append(xb)
+            part = {k: v.cpu() for k, v in compute(i, slice(start, start + batch_size), folder).items()}
+            save_tensors(path, part, {"attack": name})
+            parts.append(part)
             log.info("%s: batch %d/%d done", name, i + 1, len(starts))
-        return torch.cat(out)
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+    def run(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+            device: torch.device, batch_size: int, x_start: torch.Tensor | None = None) -> torch.Tensor:
+        """`attack` (PGD, FGSM, with EoT) on `x`, batch by batch; returns the adversarial points."""
+        settings = {"spec": asdict(spec), "x": sha256_tensor(x), "y": sha256_tensor(y),
+                    "start": None if x_start is None else sha256_tensor(x_start)}
+
+        def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
+            return {"x_adv": attack(model, x[sl].to(device), y[sl].to(device), spec,
+                                    x_start=None if x_start is None else x_start[sl].to(device))}
+
+        desc = f"{name} ({spec.steps} steps x {spec.eot} EoT, eps {spec.eps:.4g})"
+        return self.batches(name, settings, len(x), batch_size, desc, one_batch)["x_adv"]
 
 
 MASKING_LIMITS = {"large_eps_max_accuracy": 0.10}
@@ -170,25 +182,44 @@ def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confid
     return found
 
 
+def seed_from(points: torch.Tensor) -> None:
+    """Seed the global RNG from `points`, so a randomised defence's verdict on them does not depend on what ran
+    before it: an evaluation resumed from stored batches gives the same verdicts as an uninterrupted one."""
+    torch.manual_seed(int(sha256_tensor(points)[:12], 16))
+
+
 class _Judge:
-    """Classifies final adversarial points `repeats` times (1 for a deterministic defence)."""
+    """Classifies final adversarial points `repeats` times (1 for a deterministic defence).
+
+    A randomised defence's verdict draws from a seed made of the points themselves (`seed_from`)."""
 
     def __init__(self, model: nn.Module, y: torch.Tensor, repeats: int, device: torch.device, batch_size: int) -> None:
         self.model, self.y, self.repeats, self.device, self.batch_size = model, y, repeats, device, batch_size
 
     def __call__(self, x_adv: torch.Tensor, labels: torch.Tensor | None = None) -> Verdict:
         labels = self.y[:len(x_adv)] if labels is None else labels
+        seed_from(x_adv)
         return repeated_verdict(self.model, x_adv, labels, self.repeats, self.device, self.batch_size)
 
 
 def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, cfg: dict[str, Any],
-                device: torch.device, bs: int, seed: int, work: Path, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
-    """AutoAttack's per-point verdict, combined with the repeated verdicts on its final points."""
-    key = fingerprint({"eps": eps, "n": len(y), "version": cfg["version"], "seed": seed,
-                       "labels": sha256_tensor(y), "model": model_digest(model)})
-    work.mkdir(parents=True, exist_ok=True)
-    flags, x_aa = run_autoattack(model, x, y, eps, cfg["version"], device, bs, seed,
-                                 work / f"autoattack_state_{key}.json")
+                device: torch.device, bs: int, seed: int, cache: AttackCache, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
+    """AutoAttack's per-point verdict, combined with the repeated verdicts on its final points.
+
+    One AutoAttack run per batch of `bs` points (seed `seed + i` for batch i), each kept by `cache` once
+    done, so an evaluation killed by a cluster's time limit loses at most one batch: AutoAttack's own state
+    (inside a batch) would restart an interrupted attack on every still-robust point of the whole set."""
+    settings = {"eps": eps, "version": cfg["version"], "labels": sha256_tensor(y), "x": sha256_tensor(x)}
+
+    def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
+        folder.mkdir(parents=True, exist_ok=True)
+        flags, x_adv = run_autoattack(model, x[sl], y[sl], eps, cfg["version"], device, bs, seed + i,
+                                      folder / f"batch_{i:05d}_autoattack_state.json")
+        return {"robust": flags, "x_adv": x_adv}
+
+    found = cache.batches("autoattack", settings, len(y), bs, f"AutoAttack {cfg['version']} (eps {eps:.4g})",
+                          one_batch)
+    flags, x_aa = found["robust"].bool(), found["x_adv"]
     verdict = judge(x_aa)
     return Verdict(flags & verdict.ok, torch.where(flags, verdict.share, 0.0)), x_aa
 
@@ -207,6 +238,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
     results: dict[str, Any] = {"eps": eps, "norm": "Linf", "precision": "fp32", **describe(device)}
     t0 = time.perf_counter()
+    seed_from(x)
     results["clean"] = summarise((predict(model, x, device, max(bs, 256)) == y).tolist(), conf)
     log.info("clean accuracy %.4f on %d points", results["clean"]["accuracy"], len(y))
     n = min(cfg["n_points"], len(y))
@@ -222,7 +254,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     verdicts["pgd"] = judge(adversarial["pgd"])
     if cfg["autoattack"]["enabled"]:
         verdicts["autoattack"], adversarial["autoattack"] = _autoattack(
-            model, xs, ys, eps, cfg["autoattack"], device, bs, seed, work_dir / "work", judge)
+            model, xs, ys, eps, cfg["autoattack"], device, bs, seed, cache, judge)
     verdicts["transfer"] = judge(x_transfer[:n])
     extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts},
              "autoattack": {"version": cfg["autoattack"]["version"]}}

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from carso.attacks import AttackSpec, pgd_single
-from carso.evaluation import AttackCache, Verdict, masking_checks, pgd_spec
+from carso.attacks import AttackSpec, pgd_single, predict
+from carso import evaluation
+from carso.evaluation import AttackCache, Verdict, _autoattack, _Judge, masking_checks, pgd_spec
 from carso.models import build_classifier
 from carso.report import comparison_sentence
 from carso.stats import paired_difference
@@ -38,6 +39,65 @@ def test_attack_cache_resumes_bit_identically(model: nn.Module, tmp_path: Path) 
     assert (first - x).abs().max() <= 0.1 + 1e-6
     other = AttackCache(tmp_path, "model-b", seed=0).run("pgd", model, x, y, spec, CPU, batch_size=4)
     assert len(list(tmp_path.glob("pgd_*"))) == 2 and other.shape == first.shape  # another model: fresh state
+
+
+def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> None:
+    x = torch.rand(10, 1, 28, 28)
+    y = predict(model, x, CPU, 10)  # every point starts correct, so AutoAttack attacks them all
+    run = lambda: _autoattack(model, x, y, 0.05, {"version": "standard"}, CPU, 4, 0,  # noqa: E731
+                              AttackCache(tmp_path, "model-a", seed=0), _Judge(model, y, 1, CPU, 4))
+    first, x_first = run()
+    files = sorted(tmp_path.glob("autoattack_*/batch_*"))
+    assert [f.name for f in files] == [f"batch_{i:05d}.safetensors" for i in range(3)]  # AutoAttack's state is gone
+    assert 0 < (x_first - x).abs().max() <= 0.05 + 1e-6 and not first.ok[predict(model, x_first, CPU, 10) != y].any()
+    kept = files[0].stat().st_mtime_ns
+    files[1].unlink()  # as if a cluster's time limit had killed the run during the second batch
+    torch.manual_seed(123)
+    resumed, x_resumed = run()
+    assert torch.equal(first.ok, resumed.ok) and torch.equal(x_first, x_resumed)
+    assert files[1].exists() and files[0].stat().st_mtime_ns == kept  # only the lost batch ran again
+
+
+class Noisy(nn.Module):
+    """A randomised defence: the classifier's logits plus fresh noise on every pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits + 3 * logits.std() * torch.randn_like(logits)
+
+
+def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    noisy = Noisy(model)
+    x, x_transfer = torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28)
+    y = predict(model, x, CPU, 12)
+    cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 3,
+           "pgd": {"steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1},
+           "autoattack": {"enabled": True, "version": "standard"},
+           "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
+    common = {"eps": 0.1, "confidence": 0.95}
+    run = lambda folder: evaluation.evaluate_defence(noisy, x, y, x_transfer, common, cfg, CPU, 0, folder)  # noqa: E731
+    uninterrupted, _, worst = run(tmp_path / "a")
+    real = evaluation.run_autoattack
+
+    def killed(*args, **kwargs):  # a cluster's time limit, after PGD and one AutoAttack batch
+        if list((tmp_path / "b").glob("work/autoattack_*/batch_*.safetensors")):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_autoattack", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(evaluation, "run_autoattack", real)
+    torch.manual_seed(99)  # whatever the global RNG holds when the rerun starts
+    resumed, _, worst_resumed = run(tmp_path / "b")
+    without_time = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert without_time(resumed) == without_time(uninterrupted) and torch.equal(worst, worst_resumed)
+    assert resumed["randomised"] and 0 < resumed["pgd"]["mean_accuracy"] < 1  # the verdicts really are random
 
 
 def test_pgd_continued_from_where_it_stopped_equals_a_longer_run(model: nn.Module) -> None:
