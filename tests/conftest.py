@@ -14,6 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PARAMS = REPO / "tests" / "tiny" / "params.yaml"
+LOCAL_CORES = os.cpu_count() or 1  # threads of the local reference run, as `dvc repro` uses them: all cores
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
@@ -61,3 +62,14 @@ def fm_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fm_subset")
     fetch_dataset("fashion_mnist", load_tiny()["data"], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny configuration through a local `snakemake --cores LOCAL_CORES`, once per session, with a hard
+    3-minute limit: the reference that the DVC run (test_workflow.py) and the Slurm run (test_slurm.py) must
+    reproduce bit for bit (the same thread count is what makes runs bit-identical)."""
+    project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())
+    result = run_tool(["snakemake", "--cores", str(LOCAL_CORES)], cwd=project, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return project

@@ -111,44 +111,34 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     assert not stages
 
 
-@pytest.fixture(scope="module")
-def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny configuration through `snakemake --cores 2`, with a hard 3-minute limit."""
-    project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())
-    # all cores, as `dvc repro` uses: the same thread count makes the two runs bit-identical
-    result = run_tool(["snakemake", "--cores", str(os.cpu_count())], cwd=project, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return project
-
-
-def test_snakemake_runs_the_whole_dag(snakemake_run: Path) -> None:
+def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
     for out in OUTPUTS:
-        assert (snakemake_run / out).exists(), out
+        assert (tiny_local_run / out).exists(), out
     for rule in ("train_classifier", "generate_adversarial", "train_purifier", "evaluate_at", "evaluate_carso"):
-        bench = (snakemake_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
+        bench = (tiny_local_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
-    assert "clean accuracy" in (snakemake_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
-    assert "AutoAttack (rand)" in (snakemake_run / "logs" / "fashion_mnist" / "evaluate_carso.log").read_text()
+    assert "clean accuracy" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
+    assert "AutoAttack (rand)" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_carso.log").read_text()
 
 
-def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(snakemake_run: Path) -> None:
-    assert snakemake_jobs(snakemake_run) == []  # nothing to do after a complete run
+def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_run: Path) -> None:
+    assert snakemake_jobs(tiny_local_run) == []  # nothing to do after a complete run
     params = load_tiny()
     params["evaluation"]["defences"]["at"]["n_points"] = 10
-    write_params(snakemake_run / "params.yaml", params)
+    write_params(tiny_local_run / "params.yaml", params)
     try:  # one defence's evaluation settings rerun that defence's evaluation and the report only
-        assert sorted(stage_name(j) for j in snakemake_jobs(snakemake_run)) == [
+        assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
             "evaluate_at@fashion_mnist", "report@fashion_mnist"]
         params["purifier"]["epochs"] = 3
-        write_params(snakemake_run / "params.yaml", params)
-        assert sorted(stage_name(j) for j in snakemake_jobs(snakemake_run)) == [
+        write_params(tiny_local_run / "params.yaml", params)
+        assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
             "evaluate_at@fashion_mnist", "evaluate_carso@fashion_mnist", "report@fashion_mnist",
             "train_purifier@fashion_mnist"]
         params["classifier"]["epochs"] = 3
-        write_params(snakemake_run / "params.yaml", params)
-        assert len(snakemake_jobs(snakemake_run)) == 6  # a training change reruns everything downstream
+        write_params(tiny_local_run / "params.yaml", params)
+        assert len(snakemake_jobs(tiny_local_run)) == 6  # a training change reruns everything downstream
     finally:
-        write_params(snakemake_run / "params.yaml", load_tiny())
+        write_params(tiny_local_run / "params.yaml", load_tiny())
 
 
 def _sh(cmd: str, cwd: Path, timeout: int = 240) -> str:
@@ -164,7 +154,7 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, snakemake_run: Path) -> None:
+def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, tiny_local_run: Path) -> None:
     project = make_project(tmp_path / "dvc", load_tiny())
     shutil.copy(REPO / ".gitignore", project / ".gitignore")  # data/ ignored by git, as in the repo
     _sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init",
@@ -176,12 +166,12 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     for name in ("eval/at/metrics.json", "eval/carso/metrics.json", "classifier/train_metrics.json",
                  "purifier/train_metrics.json"):  # the same artifacts as Snakemake's
         a = json.loads((project / D / name).read_text())
-        b = json.loads((snakemake_run / D / name).read_text())
+        b = json.loads((tiny_local_run / D / name).read_text())
         for key in ("clean", "pgd", "autoattack", "transfer", "robust_worst_case", "final_test_clean_acc",
                     "final_test_adv_acc", "final_loss"):
             assert a.get(key) == b.get(key), (name, key)
     for name in ("classifier/model.safetensors", "purifier/model.safetensors"):
-        assert (project / D / name).read_bytes() == (snakemake_run / D / name).read_bytes(), name
+        assert (project / D / name).read_bytes() == (tiny_local_run / D / name).read_bytes(), name
     _sh("git add -A && git commit -qm results", project)
 
     model = project / D / "classifier" / "model.safetensors"

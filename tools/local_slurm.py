@@ -10,6 +10,12 @@ Needs root (slurmd runs jobs as their users) and the Debian packages that `bash 
 their state, logs and pid files in $CARSO_SLURM_DIR (default /tmp/carso-slurm). The configuration has to
 be /etc/slurm/slurm.conf (the executor's inner `srun` does not keep SLURM_CONF); a configuration this
 script did not write is never touched: `start` refuses instead. Every command it runs has a time limit.
+
+The node advertises two placeholder GPUs (GRES `gpu`, type `placeholder`, backed by /dev/null and /dev/zero),
+so a job that asks for GPUs (`--gpus=1`, `--gpus=placeholder:1`) is scheduled as on a GPU cluster and a job
+that asks for a GPU model this node lacks is refused at submission. There is no GPU behind them: torch in
+such a job finds no CUDA device and `runtime.device: auto` runs on the CPU. Slurm sets no CUDA variables
+for them (`no_gpu_env`), so a job sees the GPUs of the environment it was submitted from.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Callable
 
 STATE = Path(os.environ.get("CARSO_SLURM_DIR", "/tmp/carso-slurm"))
 CONF = Path("/etc/slurm/slurm.conf")
+GRES_CONF = CONF.parent / "gres.conf"  # Slurm reads it beside slurm.conf
+GPU_TYPE, GPU_DEVICES = "placeholder", ("/dev/null", "/dev/zero")  # see the module docstring
 MARKER = "# Written by carso tools/local_slurm.py"
 MUNGE_USER = "munge"
 PACKAGES = {"munged": "munge", "mungekey": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd",
@@ -109,6 +117,8 @@ TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# start a submitted job at once (Slurm's default lets batch jobs wait up to 3 s, for clusters with many submissions)
+SchedulerParameters=batch_sched_delay=0
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -116,18 +126,30 @@ MpiDefault=none
 ReturnToService=2
 # finished jobs stay visible to squeue / scontrol for a day (there is no accounting database for sacct)
 MinJobAge=86400
-{node_line} State=UNKNOWN
+GresTypes=gpu
+{node_line} Gres=gpu:{GPU_TYPE}:{len(GPU_DEVICES)} State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def gres_conf() -> str:
+    """One placeholder GPU per device file (a GPU GRES needs a File; nothing ever opens it)."""
+    return f"{MARKER}\n" + "".join(f"Name=gpu Type={GPU_TYPE} File={dev} Flags=no_gpu_env\n" for dev in GPU_DEVICES)
+
+
+def ours(path: Path) -> bool:
+    return path.exists() and MARKER in path.read_text()
+
+
 def write_conf() -> None:
-    if CONF.exists() and MARKER not in CONF.read_text():
-        raise SlurmError(f"{CONF} exists and was not written by this script: this machine already has a Slurm "
-                         "configuration; use that cluster, or move the file away first")
+    for path in (CONF, GRES_CONF):
+        if path.exists() and not ours(path):
+            raise SlurmError(f"{path} exists and was not written by this script: this machine already has a Slurm "
+                             "configuration; use that cluster, or move the file away first")
     node_line = run([tool("slurmd"), "-C"]).stdout.splitlines()[0]  # NodeName=... CPUs=... RealMemory=...
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(slurm_conf(node_line))
+    GRES_CONF.write_text(gres_conf())
 
 
 def start_munge() -> None:
@@ -197,8 +219,8 @@ def stop_daemon(daemon: str) -> None:
 
 
 def stop(quiet: bool = False) -> None:
-    """Cancel this cluster's jobs, stop the daemons this script started, remove its slurm.conf."""
-    if running_pid("slurmctld") is not None and CONF.exists() and MARKER in CONF.read_text():
+    """Cancel this cluster's jobs, stop the daemons this script started, remove its slurm.conf and gres.conf."""
+    if running_pid("slurmctld") is not None and ours(CONF):
         jobs = run([tool("squeue"), "--noheader", "--format=%i", "--states=PENDING,RUNNING,SUSPENDED"],
                    check=False).stdout.split()
         if jobs:
@@ -208,8 +230,9 @@ def stop(quiet: bool = False) -> None:
                      STOP_TIMEOUT, f"jobs {', '.join(jobs)} were cancelled but did not end")
     for daemon in DAEMONS:
         stop_daemon(daemon)
-    if CONF.exists() and MARKER in CONF.read_text():
-        CONF.unlink()
+    for path in (CONF, GRES_CONF):
+        if ours(path):
+            path.unlink()
     if not quiet:
         print("local Slurm stopped")
 
