@@ -7,13 +7,16 @@ loaded with strict=True and compared tensor by tensor) and writes what training 
 `curve.csv` (the header, no epoch rows: nothing was trained) and `train_metrics.json` (where the weights came
 from, and their clean and PGD-10 accuracy on the first `monitor_points` test images, in fp32).
 
-`file: null` asks robustbench's model zoo for the weights (the `robustbench` package and internet); `file:
-PATH` reads a RobustBench .pt checkpoint from disk, with `torch.load(weights_only=True)`.
+`file: null` downloads the checkpoint named in robustbench's model zoo (the `robustbench` package and
+internet) to `<data.download_root>/robustbench/<dataset>/Linf/<name>.pt`, where a rerun finds it; `file: PATH`
+reads a RobustBench .pt checkpoint from disk. Either way the file is read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,23 +89,56 @@ def read_robustbench_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def fetch_from_zoo(name: str, dataset: str, model_dir: Path) -> dict[str, torch.Tensor]:
-    """The state dict of RobustBench's `name` for `dataset`, L-inf, through robustbench's own loader."""
-    target = model_dir / zoo_path(name, dataset).removeprefix("models/")
+def _robustbench_zoo() -> tuple[Any, Any, Any, Any]:
+    """robustbench's model registry, its dataset and threat-model enums, and its checkpoint downloader.
+
+    robustbench 1.1.1 declares pyautoattack as a dependency but imports it under the reference package's
+    name, `autoattack` (robustbench/eval.py, at package import). pyautoattack is that code packaged, with
+    the same modules, so where the reference package is absent the name is pointed at it."""
     try:
-        from robustbench.utils import load_model
+        import autoattack  # noqa: F401  (the reference package, where installed)
+    except ImportError:
+        import pyautoattack
+        import pyautoattack.state
+        sys.modules.setdefault("autoattack", pyautoattack)
+        sys.modules.setdefault("autoattack.state", pyautoattack.state)
+    with warnings.catch_warnings():  # robustbench's imports (timm, pkg_resources, torch.jit) are all deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+        from robustbench.utils import download_gdrive_new
+    return model_dicts, BenchmarkDataset, ThreatModel, download_gdrive_new
+
+
+def fetch_from_zoo(name: str, dataset: str, model_dir: Path) -> Path:
+    """The checkpoint of RobustBench's `name` for `dataset` (L-inf), downloaded with robustbench into
+    `model_dir/<dataset>/Linf/<name>.pt` (robustbench's own layout) unless it is already there."""
+    path = model_dir / zoo_path(name, dataset).removeprefix("models/")
+    if path.is_file():
+        return path
+    try:
+        model_dicts, benchmark_dataset, threat_model, download = _robustbench_zoo()
     except ImportError:
         raise UserError(f"'{KEY}.file' is null, so {name} must come from RobustBench's model zoo, but the "
-                        "robustbench package is not installed; either pip install 'carso[robustbench]' (the "
+                        "robustbench package is not installed; either pip install -e '.[robustbench]' (the "
                         f"download needs internet), or provide the checkpoint file {zoo_path(name, dataset)} "
                         f"and set '{KEY}.file' to its path.") from None
+    gdrive_id = model_dicts[benchmark_dataset(dataset)][threat_model.Linf][name]["gdrive_id"]
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model="Linf")
-    except Exception as err:  # no internet, a moved file on Google Drive, an unknown name...
-        raise UserError(f"robustbench could not load {name} for {dataset} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); download {target.name} on a machine "
+        download(gdrive_id, part)
+        if not part.is_file():
+            raise RuntimeError("the download wrote no file")
+    except Exception as err:  # no internet, a moved file on Google Drive, a full disk...
+        part.unlink(missing_ok=True)
+        raise UserError(f"robustbench could not download {name} for {dataset} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); download {path.name} on a machine "
                         f"with internet and set '{KEY}.file' to its path.") from None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    part.replace(path)  # whole or not at all: a killed download never leaves a truncated checkpoint behind
+    return path
 
 
 def load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -129,11 +165,8 @@ def import_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str
     t0 = time.perf_counter()
     arch, kwargs = check_pretrained(cfg, dataset)
     spec, name = cfg["pretrained"], cfg["pretrained"]["name"]
-    if spec["file"]:
-        path = Path(spec["file"])
-        state, source, digest = read_robustbench_checkpoint(path), str(path), sha256_file(path)
-    else:
-        state, source, digest = fetch_from_zoo(name, dataset, model_dir), f"RobustBench's {name}", None
+    path = Path(spec["file"]) if spec["file"] else fetch_from_zoo(name, dataset, model_dir)
+    state, source, digest = read_robustbench_checkpoint(path), str(path), sha256_file(path)
     ds = dataset_spec(dataset)
     model = build_classifier(arch, in_channels=ds.channels, num_classes=ds.num_classes, image_size=ds.side,
                              mean=ds.mean, std=ds.std, **kwargs)
@@ -148,7 +181,7 @@ def import_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str
              pgd, eps, len(y_mon))
     save_classifier(out_dir / "model.safetensors", model, dataset, arch, kwargs)
     write_text(out_dir / "curve.csv", ",".join(CURVE_COLUMNS) + "\n")
-    metrics = {"source": spec["source"], "name": name, "file": spec["file"], "file_sha256": digest, "epochs": 0,
+    metrics = {"source": spec["source"], "name": name, "file": str(path), "file_sha256": digest, "epochs": 0,
                "test_clean_acc": clean, "test_pgd10_acc": pgd, "pgd10_eps": eps, "monitor_points": len(y_mon),
                "parameters": sum(p.numel() for p in model.parameters()),
                "import_seconds": time.perf_counter() - t0, **describe(device)}

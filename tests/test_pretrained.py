@@ -24,6 +24,7 @@ from conftest import REPO
 
 C10 = dataset_spec("cifar10")
 TINY = "Tiny_DMWRN-10-1"  # a stand-in RobustBench entry, registered only inside these tests
+ZOO_NAME = "Cui2023Decoupled_WRN-28-10"
 
 
 def robustbench_layout(depth: int, width: int, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -77,16 +78,20 @@ def test_normalisation_is_inside_and_not_in_the_state_dict() -> None:
     assert model(x).shape == (2, 10)
 
 
-def test_matches_robustbench_class_bit_for_bit_when_installed() -> None:
-    dm = pytest.importorskip("robustbench.model_zoo.architectures.dm_wide_resnet")
-    theirs = dm.DMWideResNet(num_classes=10, depth=16, width=2, activation_fn=nn.SiLU, mean=dm.CIFAR10_MEAN,
-                             std=dm.CIFAR10_STD).eval()
-    ours = dm_wrn(depth=16, width=2).eval()
-    assert list(ours.state_dict()) == list(theirs.state_dict())
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_matches_robustbench_zoo_entry_bit_for_bit(dataset: str) -> None:
+    """robustbench's own Cui2023Decoupled_WRN-28-10 (its class, its constructor arguments, its normalisation)
+    and ours, built the way the import builds it, give identical outputs with the same random weights."""
+    model_dicts, benchmark_dataset, threat_model, _ = pretrained._robustbench_zoo()
+    theirs = model_dicts[benchmark_dataset(dataset)][threat_model.Linf][ZOO_NAME]["model"]().eval()
     randomise_batchnorm(theirs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.rand(4, 3, 32, 32)
-    assert torch.equal(ours(x), theirs(x))
+    spec = dataset_spec(dataset)
+    ours = build_classifier("dm_wide_resnet", in_channels=3, num_classes=spec.num_classes, image_size=32,
+                            mean=spec.mean, std=spec.std, depth=28, width=10).eval()
+    pretrained.load_exact(ours, theirs.state_dict(), "robustbench")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
 
 
 def randomise_batchnorm(model: nn.Module) -> None:
@@ -187,6 +192,51 @@ def test_missing_file_names_the_key_and_the_file(tmp_path: Path, cifar_dir: Path
     message = str(err.value)
     assert "'classifier.pretrained.file'" in message and "nowhere.pt" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture()
+def zoo_entry(tiny_entry: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path]]:
+    """TINY in robustbench's own registry, and its downloader replaced by one that records each call and
+    writes a RobustBench-format checkpoint of a random WRN-10-1 (the tests have no internet)."""
+    model_dicts, benchmark_dataset, threat_model, _ = pretrained._robustbench_zoo()
+    monkeypatch.setitem(model_dicts[benchmark_dataset("cifar10")][threat_model.Linf], TINY,
+                        {"model": lambda: dm_wrn(depth=10, width=1), "gdrive_id": "tiny-gdrive-id"})
+    calls: list[tuple[str, Path]] = []
+
+    def download(gdrive_id: str, path: Path) -> None:
+        calls.append((gdrive_id, Path(path)))
+        robustbench_file(Path(path), dm_wrn(depth=10, width=1))
+
+    monkeypatch.setattr("robustbench.utils.download_gdrive_new", download)
+    return calls
+
+
+def test_zoo_checkpoint_is_downloaded_once_with_robustbench(tiny_entry: dict[str, Any], zoo_entry: list,
+                                                             cifar_dir: Path, tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    first = pretrained.import_classifier("cifar10", cifar_dir, tmp_path / "a", tiny_entry, torch.device("cpu"), zoo)
+    target = zoo / "cifar10" / "Linf" / f"{TINY}.pt"  # where robustbench.utils.load_model keeps it too
+    assert zoo_entry == [("tiny-gdrive-id", target.with_name(target.name + ".part"))]
+    assert target.is_file() and first["file"] == str(target) and len(first["file_sha256"]) == 64
+    second = pretrained.import_classifier("cifar10", cifar_dir, tmp_path / "b", tiny_entry, torch.device("cpu"), zoo)
+    assert len(zoo_entry) == 1 and second["file_sha256"] == first["file_sha256"]  # a rerun reads the kept file
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_failed_download_names_the_key_and_leaves_no_file(tiny_entry: dict[str, Any], zoo_entry: list,
+                                                          cifar_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(gdrive_id: str, path: Path) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise ConnectionError("Max retries exceeded with url: /uc?id=tiny-gdrive-id")
+
+    monkeypatch.setattr("robustbench.utils.download_gdrive_new", offline)
+    with pytest.raises(UserError) as err:
+        pretrained.import_classifier("cifar10", cifar_dir, tmp_path / "out", tiny_entry, torch.device("cpu"),
+                                     tmp_path / "zoo")
+    message = str(err.value)
+    assert "'classifier.pretrained.file'" in message and f"{TINY}.pt" in message and "ConnectionError" in message
+    assert not list((tmp_path / "zoo").rglob("*.pt*")) and not (tmp_path / "out").exists()
 
 
 def test_missing_robustbench_names_the_key_and_the_file(tmp_path: Path, cifar_dir: Path,
