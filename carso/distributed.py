@@ -44,6 +44,12 @@ class Team:
     def distributed(self) -> bool:
         return self.size > 1
 
+    def covers(self, batch_len: int) -> bool:
+        """Whether a global batch of `batch_len` points gives every process at least two. The trainings skip
+        a last batch that does not: BatchNorm cannot train on a single point, and an empty shard's mean loss
+        is NaN, which DistributedDataParallel would average into every process's weights."""
+        return batch_len >= 2 * self.size
+
     def shard(self, items: Sequence | torch.Tensor) -> Sequence | torch.Tensor:
         """This process's share of a global batch: every `size`-th item, starting at `rank`."""
         return items[self.rank::self.size]

@@ -95,6 +95,8 @@ def _epoch(net: torch.nn.Module, extractor: RepresentationExtractor, opt: torch.
     batches = balanced_batches(n, cfg["batch_size"], cfg["attacks"], cfg["adversarial_fraction"], gen)
     for idx, sources in tqdm(list(batches), desc=desc, unit="batch", leave=False, mininterval=5,
                              disable=not team.is_main):
+        if not team.covers(len(idx)):
+            continue
         idx, sources = team.shard(idx), team.shard(sources)
         x_in = gather_inputs(data, idx, sources).to(device)
         target = data["clean"][idx].to(device)

@@ -82,6 +82,8 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
     batches = range(0, len(y), bs)
     for start in tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=5, disable=not team.is_main):
         idx = order[start:start + bs]
+        if not team.covers(len(idx)):
+            continue
         xb = team.shard(augment(x[idx].to(device), cfg["augment"], gen)).contiguous(memory_format=fmt)
         yb = team.shard(y[idx]).to(device)
         xb_adv = attack(model, xb, yb, spec, autocast(device, cfg["precision"]))

@@ -41,6 +41,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     params = load_tiny()
     params["classifier"]["epochs"] = params["purifier"]["epochs"] = EPOCHS
+    # 400 = 3 x 133 + 1 training images, 60 = 59 + 1 purifier points: each epoch ends with a batch of one point,
+    # which two processes cannot share (Team.covers): skipped, it must neither crash BatchNorm nor give NaN
+    params["classifier"]["batch_size"], params["purifier"]["batch_size"] = 133, 59
     write_params(root / "params.yaml", params)
     common = ["--dataset", "fashion_mnist", "--threads", "2"]
     for args, parallel in [
@@ -98,6 +101,8 @@ def test_shards_split_every_global_batch_exactly() -> None:
     assert sorted(torch.cat(shards).tolist()) == batch.tolist()
     assert [len(s) for s in shards] == [4, 4, 3]
     assert torch.equal(Team().shard(batch), batch)  # one process: the whole batch
+    assert Team(rank=0, size=3).covers(6) and not Team(rank=0, size=3).covers(5)  # two points or more per process
+    assert Team().covers(2) and not Team().covers(1)
 
 
 def test_other_stages_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
