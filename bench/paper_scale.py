@@ -16,7 +16,6 @@ Run: python bench/paper_scale.py [--config configs/cifar10.yaml configs/cifar100
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any, Callable
 
 import torch
@@ -30,6 +29,7 @@ from carso.device import autocast, configure_threads
 from carso.models import build_classifier
 from carso.params import load_params
 from carso.purifier import PurifierConfig, build_purifier, purifier_loss
+from defence_throughput import rate  # bench/, beside this script
 
 # One H100 SXM5 (NVIDIA's datasheet, dense, no sparsity). Every attack runs in fp32 and carso.device turns TF32
 # off, so the attacks get the CUDA-core fp32 rate; purifier training runs under bf16 autocast (tensor cores).
@@ -150,15 +150,6 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     return rows
 
 
-def cpu_rate(fn: Callable[[], None], images: int, iters: int = 2) -> float:
-    """Images per second of `fn` on this CPU (one warm-up call first)."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return iters * images / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=["configs/cifar10.yaml", "configs/cifar100.yaml"])
@@ -201,7 +192,7 @@ def main() -> None:
     speed = {}  # FLOP/s of each pass here
     for name, fn, n, per_image in timed:
         defence.purifier.train(name == "purifier training step")
-        r = cpu_rate(fn, n)
+        r = rate(fn, n, iters=2, warmup=1)
         speed[name] = r * per_image
         print(f"{name:<40} batch {n:>3}: {r:8.2f} img/s, {speed[name] / 1e9:7.1f} GFLOP/s")
     rate_of = {"train_purifier": speed["purifier training step"], "evaluate_carso": speed["CARSO attack pass (N samples)"]}

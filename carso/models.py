@@ -84,17 +84,20 @@ class PreActResNet18(nn.Module):
         return self.linear(out.flatten(1))
 
 
+def wrn_layout(arch: str, depth: int, width: int) -> tuple[int, list[int]]:
+    """Blocks per group and the channel widths (stem, then the three groups) of a WideResNet-depth-width."""
+    if (depth - 4) % 6 != 0:
+        raise UserError(f"classifier.arch_kwargs.depth must be 6n+4 for {arch} (got {depth}); use e.g. 16, 28, 34 or 70.")
+    return (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+
+
 class WideResNet(nn.Module):
     """WideResNet-depth-width (Zagoruyko & Komodakis 2016) for 32x32 inputs."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], depth: int = 28, width: int = 10) -> None:
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise UserError(f"classifier.depth must be 6n+4 for wide_resnet (got {depth}); "
-                            "use e.g. 16, 28 or 34.")
-        n = (depth - 4) // 6
-        widths = [16, 16 * width, 32 * width, 64 * width]
+        n, widths = wrn_layout("wide_resnet", depth, width)
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks, c_in = [], widths[0]
@@ -162,11 +165,7 @@ class DMWideResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], depth: int = 28, width: int = 10) -> None:
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise UserError(f"classifier.depth must be 6n+4 for dm_wide_resnet (got {depth}); "
-                            "use e.g. 16, 28, 34 or 70.")
-        n = (depth - 4) // 6
-        widths = [16, 16 * width, 32 * width, 64 * width]
+        n, widths = wrn_layout("dm_wide_resnet", depth, width)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.init_conv = nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=False)
