@@ -31,18 +31,18 @@ install_dataset() {
 }
 
 install_slurm() {
-    # Slurm and munge for a real single-node cluster (tools/local_slurm.py, tests/test_slurm.py).
+    # Slurm and munge for a real single-node cluster (tools/local_slurm.py, tests/test_workflow_slurm.py).
     local cmd missing=
     for cmd in slurmctld slurmd sinfo munged; do
         PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null || missing=1
     done
     if [ -z "$missing" ]; then return; fi
     if command -v sbatch >/dev/null; then  # a cluster's login node: use that cluster, install no daemons
-        echo "sbatch found without local Slurm daemons: not installing them (tests/test_slurm.py will be skipped)" >&2
+        echo "sbatch found without local Slurm daemons: not installing them (tests/test_workflow_slurm.py will be skipped)" >&2
         return
     fi
     if ! command -v apt-get >/dev/null; then
-        echo "Slurm is missing and apt-get is not available: tests/test_slurm.py will be skipped (fails under CI)" >&2
+        echo "Slurm is missing and apt-get is not available: tests/test_workflow_slurm.py will be skipped (fails under CI)" >&2
         return
     fi
     echo "==> installing slurmctld slurmd slurm-client munge (apt)"

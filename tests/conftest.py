@@ -67,7 +67,7 @@ def fm_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny configuration through a local `snakemake --cores LOCAL_CORES`, once per session, with a hard
-    3-minute limit: the reference that the DVC run (test_workflow.py) and the Slurm run (test_slurm.py) must
+    3-minute limit: the reference that the DVC run (test_workflow.py) and the Slurm run (test_workflow_slurm.py) must
     reproduce bit for bit (the same thread count is what makes runs bit-identical)."""
     project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())
     result = run_tool(["snakemake", "--cores", str(LOCAL_CORES)], cwd=project, timeout=180)
