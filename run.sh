@@ -45,6 +45,10 @@ install_slurm() {
         echo "Slurm is missing and apt-get is not available: tests/test_workflow_slurm.py will be skipped (fails under CI)" >&2
         return
     fi
+    if [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then  # optional: only that test needs it (and root)
+        echo "Slurm is missing and installing it needs root: tests/test_workflow_slurm.py will be skipped" >&2
+        return
+    fi
     echo "==> installing slurmctld slurmd slurm-client munge (apt)"
     apt_update_once
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \

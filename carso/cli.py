@@ -9,9 +9,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from carso.errors import UserError
+
+if TYPE_CHECKING:  # the stages import torch lazily, so that `--help` and bad params answer at once
+    import torch
+
+    from carso.distributed import Team
 
 log = logging.getLogger("carso")
 
@@ -26,10 +31,10 @@ def _setup_logging(log_file: str | None) -> None:
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack reports progress at DEBUG
 
 
-def _runtime(params: dict[str, Any], threads: int | None, data_parallel: bool = False):
-    """Threads, seeds and the device for a stage; `data_parallel` stages also join torchrun's team.
-
-    Returns the device, and for data-parallel stages (device, team)."""
+def _runtime(params: dict[str, Any], threads: int | None,
+             data_parallel: bool = False) -> tuple[torch.device, Team]:
+    """Threads, seeds, the device and the team of processes for a stage: torchrun's, for the `data_parallel`
+    stages (the others refuse a torchrun launch), else a single process."""
     import torch
 
     from carso.device import configure_threads, seed_everything, select_device
@@ -42,7 +47,7 @@ def _runtime(params: dict[str, Any], threads: int | None, data_parallel: bool = 
     seed_everything(params["runtime"]["seed"])
     device = select_device(params["runtime"]["device"], team.local_rank)
     log.info("device %s, %d threads per process", device, torch.get_num_threads())
-    return (device, join(team, device)) if data_parallel else device
+    return device, join(team, device)
 
 
 def cmd_fetch(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -73,7 +78,7 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
     from carso.advgen import generate_adversarial
     from carso.checkpoint import load_classifier
 
-    device = _runtime(params, args.threads)
+    device, _ = _runtime(params, args.threads)
     model = load_classifier(Path(args.model), args.dataset)
     generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device)
 
@@ -94,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.evaluation import evaluate_defence, example_tensors
     from carso.io import save_tensors, write_json
 
-    device = _runtime(params, args.threads)
+    device, _ = _runtime(params, args.threads)
     if args.defence not in params["evaluation"]["defences"]:
         raise UserError(f"defence '{args.defence}' has no section in evaluation.defences of {args.params}; "
                         f"add one (see the default params.yaml).")

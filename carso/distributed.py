@@ -63,10 +63,6 @@ class Team:
         dist.all_reduce(t)
         return t.cpu().tolist()
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def describe(self) -> dict[str, int | str]:
         """For the stage's metrics: how many processes trained, over which backend."""
         return {"processes": self.size, "backend": self.backend}
