@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
         p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-        p.add_argument("--log", default=None, help="also write the log to this file")
+        p.add_argument("--log-file", default=None, help="also write the log to this file")
         for flag, text in options:  # a trailing "?" marks an optional flag
             p.add_argument(flag.rstrip("?"), required=not flag.endswith("?"), help=text)
     return parser
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log)
+    _setup_logging(args.log_file)
     try:
         from carso.params import load_params
 

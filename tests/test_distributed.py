@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["train-purifier", "--model", f"{D}/classifier/model.safetensors", "--adversarial", f"{D}/adversarial",
           "--out", f"{D}/purifier"], True),
     ]:
-        argv = [args[0], *common, *args[1:]]
+        argv = [args[0], *common, "--log-file", f"logs/{args[0]}.log", *args[1:]]  # as the rules pass it
         result = torchrun(argv, root) if parallel else run_cli(argv, root)
         assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -70,6 +71,8 @@ def test_two_processes_train_and_the_loss_falls(trained: Path, stage: str, loss:
     curve = rows(trained / D / stage / "curve.csv")
     assert [r["epoch"] for r in curve] == list(range(1, EPOCHS + 1))
     assert curve[-1][loss] < curve[0][loss]
+    log = (trained / "logs" / f"train-{stage}.log").read_text()
+    assert [int(n) for n in re.findall(r"epoch (\d+): loss", log)] == list(range(1, EPOCHS + 1))  # rank 0 alone
 
 
 @pytest.mark.slow

@@ -218,6 +218,14 @@ def test_training_rules_go_data_parallel_when_given_several_gpus_or_processes(tm
     assert wide["train_classifier"].startswith(f"{torchrun} 2 -m carso train-classifier ")
     assert wide["train_purifier"].startswith(f"{torchrun} 4 -m carso train-purifier ")
     assert wide["generate_adversarial"].startswith("python -m carso generate-adversarial ")
+    # torchrun's own parser must hand every stage argument to carso untouched: it takes an abbreviation of
+    # one of its options (`--log` for `--log-dir`) anywhere on the line, even after the module name
+    from torch.distributed.run import get_args_parser
+
+    for rule in ("train_classifier", "train_purifier"):
+        launch = get_args_parser().parse_args(shlex.split(wide[rule])[3:])
+        assert launch.module and launch.training_script == "carso"
+        assert launch.training_script_args == shlex.split(plain[rule])[3:]
 
 
 def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:

@@ -24,4 +24,4 @@ rule generate_adversarial:
         **heavy_resources(mem_mb=8000),
     shell:
         "python -m carso generate-adversarial --params {params.params_file} --dataset {wildcards.dataset}"
-        " --model {input.model} --data {params.data} --out {params.out} --threads {threads} --log {log}"
+        " --model {input.model} --data {params.data} --out {params.out} --threads {threads} --log-file {log}"

@@ -25,4 +25,4 @@ rule train_classifier:
         **training_resources(mem_mb=8000),
     shell:
         "{params.launch} train-classifier --params {params.params_file} --dataset {wildcards.dataset}"
-        " --data {params.data} --out {params.out} --threads {threads} --log {log}"
+        " --data {params.data} --out {params.out} --threads {threads} --log-file {log}"

@@ -17,4 +17,4 @@ rule fetch:
         mem_mb=4000,
     shell:
         "python -m carso fetch --params {params.params_file} --dataset {wildcards.dataset}"
-        " --out {params.out} --log {log}"
+        " --out {params.out} --log-file {log}"

@@ -23,4 +23,4 @@ rule evaluate:
     shell:
         "python -m carso evaluate --params {params.params_file} --dataset {wildcards.dataset}"
         " --defence {wildcards.defence} --model {input.model}{params.purifier} --data {params.data}"
-        " --adversarial {params.adversarial} --out {params.out} --threads {threads} --log {log}"
+        " --adversarial {params.adversarial} --out {params.out} --threads {threads} --log-file {log}"

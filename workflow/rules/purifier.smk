@@ -26,4 +26,4 @@ rule train_purifier:
     shell:
         "{params.launch} train-purifier --params {params.params_file} --dataset {wildcards.dataset}"
         " --model {input.model} --adversarial {params.adversarial} --out {params.out}"
-        " --threads {threads} --log {log}"
+        " --threads {threads} --log-file {log}"

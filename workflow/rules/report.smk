@@ -28,4 +28,4 @@ rule report:
         mem_mb=2000,
     shell:
         "python -m carso report --params {params.params_file} --dataset {wildcards.dataset}"
-        " --root {params.root} --out {params.out} --log {log}"
+        " --root {params.root} --out {params.out} --log-file {log}"
