@@ -8,7 +8,6 @@ The cluster is tools/local_slurm.py (munged, slurmctld, slurmd started by hand, 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from carso.io import sha256_file
 from conftest import LOCAL_CORES, REPO, load_tiny, make_project, run_tool
 
 pytestmark = pytest.mark.slow
@@ -142,10 +142,6 @@ def curve(path: Path) -> list[dict[str, str]]:
         return [without_timings(row) for row in csv.DictReader(f)]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: None, tiny_local_run: Path,
                                                                tmp_path: Path) -> None:
     on_slurm = make_project(tmp_path / "slurm", load_tiny())  # runtime.device: auto, as in every params file
@@ -174,7 +170,7 @@ def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: No
     for path in sorted((local / D).rglob("*")):
         name = str(path.relative_to(local))
         if path.suffix == ".safetensors":  # dataset, both models, adversarial and evaluation examples
-            assert sha256(on_slurm / name) == sha256(path), name
+            assert sha256_file(on_slurm / name) == sha256_file(path), name
         elif path.suffix == ".json":
             assert without_timings(json.loads((on_slurm / name).read_text())) == without_timings(
                 json.loads(path.read_text())), name
