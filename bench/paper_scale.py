@@ -1,9 +1,10 @@
-"""Paper-scale cost of CARSO on CIFAR: FLOPs per image and per stage, CPU throughput here, H100 GPU-hours.
+"""Paper-scale cost of CARSO and AToP on CIFAR: FLOPs per image and per stage, CPU throughput here, H100 GPU-hours.
 
 1. Counts, with torch.utils.flop_counter.FlopCounterMode, the FLOPs per image of every pass the pipeline makes
    with a config's models (WRN-28-10 `dm_wide_resnet`, the CIFAR purifier on its 26 hooked layers): classifier
    forward and attack pass (forward + backward to the input), CARSO's representation, decoder and whole defence
-   (N reconstructions), and one purifier training step. The models are built on the meta device: shapes only,
+   (N reconstructions), one purifier training step, and AToP's defence (transform + inpainter + classifier) and its
+   pre-training and fine-tuning steps (inpainter + discriminator; FGSM + CE). The models are built on the meta device: shapes only,
    so counting takes a second. FlopCounterMode counts matrix products and convolutions (2 FLOPs per
    multiply-add); element-wise work (BatchNorm, activations) is left out.
 2. Multiplies them by the config's stage settings (adversarial examples for the training and test sets with its
@@ -24,11 +25,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from carso.data import dataset_spec
-from carso.defence import CarsoDefence
+from carso.methods.carso.defence import CarsoDefence
 from carso.device import autocast, configure_threads
 from carso.models import build_classifier
 from carso.params import load_params
-from carso.purifier import PurifierConfig, build_purifier, purifier_loss
+from carso.methods.atop.defence import AtopDefence, AtopPurifier
+from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
+from carso.methods.atop.training import Adversary, make_networks, train_step
+from carso.methods.atop.transforms import TransformConfig
+from carso.methods.carso.purifier import PurifierConfig, build_purifier, purifier_loss
 from defence_throughput import rate  # bench/, beside this script
 
 # One H100 SXM5 (NVIDIA's datasheet, dense, no sparsity). Every attack runs in fp32 and carso.device turns TF32
@@ -39,7 +44,9 @@ TRAIN_SET, TEST_SET = 50_000, 10_000  # CIFAR-10 and CIFAR-100 sizes
 # AutoAttack attacks a point with its next component only while the point is still robust. The first
 # component is charged for every point; the later ones for the published robust fraction (METHOD.md table).
 PUBLISHED_ROBUST = {("cifar10", "at"): 0.6773, ("cifar10", "carso"): 0.7613,
-                    ("cifar100", "at"): 0.3918, ("cifar100", "carso"): 0.6665}
+                    ("cifar100", "at"): 0.3918, ("cifar100", "carso"): 0.6665,
+                    ("cifar10", "atop_rt"): 0.5957, ("cifar10", "atop"): 0.7285,  # AToP's AutoAttack, RT2 + GAN
+                    ("cifar100", "atop_rt"): 0.3889, ("cifar100", "atop"): 0.4355}
 AA_ITERS = 100  # APGD / FAB iterations in AutoAttack; APGD makes one more gradient pass before its loop
 AA_TARGETS, SQUARE_QUERIES = 9, 5000  # standard: APGD-T and FAB-T on 9 target classes; Square's query budget
 
@@ -84,6 +91,25 @@ def training_step(defence: CarsoDefence, x: torch.Tensor, precision: str) -> Cal
     return run
 
 
+def build_atop(params: dict[str, Any], clf: nn.Module) -> AtopDefence:
+    atop = params["atop"]
+    inpainter = Inpainter(InpainterConfig.from_params(atop["inpainter"]), 3)
+    return AtopDefence(clf, AtopPurifier(TransformConfig.from_params(atop["transform"]), inpainter))
+
+
+def atop_training_step(params: dict[str, Any], clf: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       stage: str) -> Callable[[], None]:
+    """One AToP training step as carso.methods.atop.training runs it (discriminator, then generator; fine-tuning
+    adds FGSM against the classifier and the CE term on the purified FGSM images), in fp32 for the count."""
+    atop = params["atop"]
+    cfg = {**atop[stage], "precision": "fp32", "channels_last": False}
+    nets = make_networks(Inpainter(InpainterConfig.from_params(atop["inpainter"]), 3),
+                         PatchDiscriminator(3, atop["discriminator"]["channels"]),
+                         TransformConfig.from_params(atop["transform"]), cfg, x.device)
+    adversary = Adversary(clf, atop["finetune"]["adversary"]["eps"]) if stage == "finetune" else None
+    return lambda: train_step(nets, clf, x, y, cfg, adversary)
+
+
 def per_image_flops(params: dict[str, Any], dataset: str) -> dict[str, float]:
     """FLOPs per image of every pass, counted on the meta device."""
     b = 2  # BatchNorm1d in training mode needs more than one row
@@ -105,6 +131,14 @@ def per_image_flops(params: dict[str, Any], dataset: str) -> dict[str, float]:
         pur.eval()
         out["one-reconstruction check (monitor)"] = flops(
             lambda: clf(pur.decode(z, pur.condition(defence.extractor(x)))), b)
+        atop = build_atop(params, clf)
+        out["AToP inpainting (one transform, both stages)"] = flops(lambda: atop.purifier(x), b)
+        out["AToP defence forward"] = flops(lambda: atop(x), b)
+        out["AToP attack pass (fwd+bwd to input)"] = flops(attack_pass(atop, x, y), b)
+    for stage in ("pretrain", "finetune"):  # real tensors on the CPU (the optimizers step), a batch of 2
+        clf_cpu, _ = build(params, dataset)
+        xc, yc = torch.rand(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)
+        out[f"AToP {stage} step (G + D)"] = flops(atop_training_step(params, clf_cpu, xc, yc, stage), b)
     return out
 
 
@@ -126,9 +160,18 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     rows.append(("train_purifier", "monitor", "fp32",
                  pur["epochs"] * 2 * pur["monitor_points"] * f["one-reconstruction check (monitor)"],
                  f"{pur['monitor_points']} clean + {pur['monitor_points']} attacked test images per epoch"))
-    for name, fwd, att in (("at", clf_fwd, clf_att), ("carso", def_fwd, def_att)):
+    atop, atop_fwd, atop_att = params["atop"], f["AToP defence forward"], f["AToP attack pass (fwd+bwd to input)"]
+    for stage in ("pretrain", "finetune"):
+        cfg = atop[stage]
+        n = cfg["train_points"] or TRAIN_SET
+        rows.append((f"{stage}_inpainter", "training", "bf16", cfg["epochs"] * n * f[f"AToP {stage} step (G + D)"],
+                     f"{cfg['epochs']} epochs x {n:,} images (batch {cfg['batch_size']})"))
+        rows.append((f"{stage}_inpainter", "monitor", "fp32", cfg["epochs"] * 2 * cfg["monitor_points"] * atop_fwd,
+                     f"{cfg['monitor_points']} clean + {cfg['monitor_points']} attacked test images per epoch"))
+    for name, fwd, att in (("at", clf_fwd, clf_att), ("carso", def_fwd, def_att), ("atop_rt", atop_fwd, atop_att),
+                           ("atop", atop_fwd, atop_att)):
         cfg = ev["defences"][name]
-        n, reps, pgd, s = cfg["n_points"], cfg["verdict_repeats"] if name == "carso" else 1, cfg["pgd"], cfg["sanity"]
+        n, reps, pgd, s = cfg["n_points"], cfg["verdict_repeats"] if name != "at" else 1, cfg["pgd"], cfg["sanity"]
         stage = f"evaluate_{name}"
         rows.append((stage, f"PGD-{pgd['steps']} x EoT {pgd['eot']}", "fp32",
                      n * pgd["restarts"] * pgd["steps"] * pgd["eot"] * att, f"{n:,} points, {pgd['restarts']} restart(s)"))
@@ -196,6 +239,7 @@ def main() -> None:
         speed[name] = r * per_image
         print(f"{name:<40} batch {n:>3}: {r:8.2f} img/s, {speed[name] / 1e9:7.1f} GFLOP/s")
     rate_of = {"train_purifier": speed["purifier training step"], "evaluate_carso": speed["CARSO attack pass (N samples)"]}
+    rate_of["evaluate_atop_rt"] = rate_of["evaluate_atop"] = speed["classifier attack pass"]  # the WRN dominates
     days: dict[str, float] = {}
     for stage, _, _, value, _ in stage_flops(params, dataset, f):
         days[stage] = days.get(stage, 0.0) + value / rate_of.get(stage, speed["classifier attack pass"]) / 86400

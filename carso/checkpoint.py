@@ -37,3 +37,8 @@ def load_classifier(path: Path, dataset: str) -> nn.Module:
                         "train_classifier stage.") from None
     return model.eval()
 
+
+
+def load_classifier_defence(classifier_path: Path, artifacts: list[Path], dataset: str, params: dict[str, Any]) -> nn.Module:
+    """The `at` defence of the registry (carso.defences): the adversarially-trained classifier alone."""
+    return load_classifier(classifier_path, dataset)

@@ -1,5 +1,7 @@
 """Command-line entry points, one per stage: parse arguments, call one library function, write outputs.
 
+The shared stages are here; each method's training stages come from the registry (carso.defences).
+
 The same command runs from Snakemake, from DVC, by hand on a GPU box and from the tests:
     python -m carso fetch --dataset fashion_mnist --out data/fashion_mnist/dataset
 """
@@ -11,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from carso.defences import DEFENCES, resolve, training_stages
 from carso.errors import UserError
+from carso.methods import StageSpec
 
 if TYPE_CHECKING:  # the stages import torch lazily, so that `--help` and bad params answer at once
     import torch
@@ -83,35 +87,29 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
     generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device)
 
 
-def cmd_train_purifier(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from carso.distributed import leave
-    from carso.purifier_training import run_purifier_training
-
-    device, team = _runtime(params, args.threads, data_parallel=True)
-    run_purifier_training(args.dataset, Path(args.model), Path(args.adversarial), Path(args.out),
-                          params["purifier"], params["runtime"]["seed"], device, team)
-    leave(team)
-
-
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.data import load_adversarial, load_split
-    from carso.defence import load_defence
+    from carso.defences import defence, resolve
     from carso.evaluation import evaluate_defence, example_tensors
     from carso.io import save_tensors, write_json
 
     device, _ = _runtime(params, args.threads)
+    spec = defence(args.defence)
     if args.defence not in params["evaluation"]["defences"]:
         raise UserError(f"defence '{args.defence}' has no section in evaluation.defences of {args.params}; "
                         f"add one (see the default params.yaml).")
-    model = load_defence(args.defence, Path(args.model), Path(args.purifier) if args.purifier else None,
-                         args.dataset, params["carso"])
+    if len(args.artifacts) != len(spec.artifacts):
+        wanted = " ".join(f"data/{args.dataset}/{a}" for a in spec.artifacts) or "nothing"
+        raise UserError(f"defence '{args.defence}' loads {len(spec.artifacts)} trained file(s) but --artifacts gave "
+                        f"{len(args.artifacts)}; pass --artifacts {wanted} (the files its training stages write).")
+    model = resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, params)
     x, y = load_split(Path(args.data), "test")
     transfer = params["evaluation"]["transfer_attack"]
     stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
     out = Path(args.out)
     cfg = params["evaluation"]["defences"][args.defence]
     metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], params["evaluation"], cfg, device,
-                                            params["runtime"]["seed"], out)
+                                                    params["runtime"]["seed"], out)
     metrics["transfer"]["attack"] = transfer
     examples = example_tensors(model, x, adversarial["pgd"], y, device)
     save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},
@@ -126,39 +124,59 @@ def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
     write_report(args.dataset, Path(args.root), params, Path(args.out))
 
 
-Stage = tuple[Callable[[argparse.Namespace, dict[str, Any]], None], list[tuple[str, str]]]
-STAGES: dict[str, Stage] = {
-    "fetch": (cmd_fetch, [("--out", "folder for train/test tensors and manifest.json")]),
+def method_stage(stage: StageSpec) -> Callable[[argparse.Namespace, dict[str, Any]], None]:
+    """A method's training stage (from the registry) as a CLI command: the runtime, then the stage's function."""
+    def run(args: argparse.Namespace, params: dict[str, Any]) -> None:
+        from carso.distributed import leave
+
+        device, team = _runtime(params, args.threads, data_parallel=stage.data_parallel)
+        resolve(stage.run)(args, params, device, team)
+        leave(team)
+    return run
+
+
+Options = list[tuple[str, str]]
+Stage = tuple[Callable[[argparse.Namespace, dict[str, Any]], None], Options, str]
+SHARED_STAGES: dict[str, Stage] = {
+    "fetch": (cmd_fetch, [("--out", "folder for train/test tensors and manifest.json")], "fetch a dataset"),
     "train-classifier": (cmd_train_classifier, [("--data", "fetched dataset folder"),
-                                                ("--out", "folder for the model, checkpoint and curves")]),
+                                                ("--out", "folder for the model, checkpoint and curves")],
+                         "adversarially train (or import) the classifier"),
     "generate-adversarial": (cmd_generate_adversarial, [("--model", "classifier .safetensors"),
                                                         ("--data", "fetched dataset folder"),
-                                                        ("--out", "folder for the adversarial examples")]),
-    "train-purifier": (cmd_train_purifier, [("--model", "classifier .safetensors"),
-                                            ("--adversarial", "generate_adversarial's folder"),
-                                            ("--out", "folder for the purifier, checkpoint and curves")]),
-    "evaluate": (cmd_evaluate, [("--defence", "at (the classifier alone) or carso (classifier + purifier)"),
+                                                        ("--out", "folder for the adversarial examples")],
+                             "attack the classifier alone; store the examples"),
+}
+FINAL_STAGES: dict[str, Stage] = {
+    "evaluate": (cmd_evaluate, [("--defence", f"a defence: {', '.join(DEFENCES)}"),
                                 ("--model", "classifier .safetensors"),
-                                ("--purifier?", "purifier .safetensors (carso only)"),
+                                ("--artifacts*", "the defence's trained files, in the order of its registry entry"),
                                 ("--data", "fetched dataset folder"),
                                 ("--adversarial", "generate_adversarial's folder (transfer attack)"),
-                                ("--out", "folder for metrics.json and examples.safetensors")]),
+                                ("--out", "folder for metrics.json and examples.safetensors")],
+                 "evaluate one defence with the full protocol"),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
-                            ("--out", "folder for report.html and report.md")]),
+                            ("--out", "folder for report.html, report.md and figures/")], "write the report"),
 }
+STAGES: dict[str, Stage] = {**SHARED_STAGES,
+                            **{s.command: (method_stage(s), list(s.options), s.help) for s in training_stages().values()},
+                            **FINAL_STAGES}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carso", description="Hybrid adversarial defences: pipeline stages.")
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name, (_, options) in STAGES.items():
-        p = sub.add_parser(name)
+    for name, (_, options, text) in STAGES.items():
+        p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
         p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
         p.add_argument("--log-file", default=None, help="also write the log to this file")
-        for flag, text in options:  # a trailing "?" marks an optional flag
-            p.add_argument(flag.rstrip("?"), required=not flag.endswith("?"), help=text)
+        for flag, help_text in options:  # a trailing "*" marks an optional list of values
+            if flag.endswith("*"):
+                p.add_argument(flag.rstrip("*"), nargs="*", default=[], help=help_text)
+            else:
+                p.add_argument(flag, required=True, help=help_text)
     return parser
 
 

@@ -308,14 +308,15 @@ def _sanity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Ten
 @torch.no_grad()
 def example_tensors(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, device: torch.device,
                     k: int = 6) -> dict[str, torch.Tensor]:
-    """A few clean and adversarial points with the defence's predictions, and, for a defence that
-    reconstructs its input (CARSO), its reconstructions of both with the classifier's label for each."""
+    """A few clean and adversarial points with the defence's predictions and, for a defence that shows what it
+    makes of its input (a `stages(x) -> {name: (k, S, C, H, W) images}` method, e.g. CARSO's reconstructions),
+    each stage's images as `<stage>_clean` / `<stage>_adversarial` with the classifier's label for each."""
     x, x_adv, y = x[:k], x_adv[:k], y[:k]
     out = {"clean": x, "adversarial": x_adv, "labels": y, "pred_clean": predict(model, x, device, k),
            "pred_adversarial": predict(model, x_adv, device, k)}
-    if hasattr(model, "reconstructions"):
+    if hasattr(model, "stages"):
         for name, images in (("clean", x), ("adversarial", x_adv)):
-            recon = model.reconstructions(images.to(device))  # (k, N, C, H, W)
-            out[f"recon_{name}"] = recon.cpu()
-            out[f"recon_{name}_pred"] = model.classifier(recon.flatten(0, 1)).argmax(1).view(len(x), -1).cpu()
+            for stage, shown in model.stages(images.to(device)).items():  # (k, S, C, H, W)
+                out[f"{stage}_{name}"] = shown.cpu()
+                out[f"{stage}_{name}_pred"] = model.classifier(shown.flatten(0, 1)).argmax(1).view(len(x), -1).cpu()
     return out

@@ -1,4 +1,4 @@
-"""Loading and validating params.yaml against workflow/schemas/params.schema.yaml.
+"""Loading and validating params.yaml against workflow/schemas/params.schema.yaml and each method's schema.yaml.
 
 A bad value ends in one sentence that names the key and what is allowed (a `UserError`), never in a
 traceback from deep inside a stage.
@@ -11,13 +11,23 @@ from typing import Any
 import jsonschema
 import yaml
 
+from carso.defences import DEFENCES, METHODS, method_dir, resolve
 from carso.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The shared schema, completed from the registry: each method's sections (from its schema.yaml) and an
+    evaluation.defences.<defence> entry for every registered defence."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    for method in METHODS:
+        sections = yaml.safe_load((method_dir(method) / "schema.yaml").read_text())["sections"]
+        schema["properties"].update(sections)
+        schema["required"] += list(method.sections)
+    defences = schema["properties"]["evaluation"]["properties"]["defences"]["properties"]
+    defences.update({name: {"$ref": "#/$defs/defence_evaluation"} for name in DEFENCES})
+    return schema
 
 
 def _key(path: Any) -> str:
@@ -81,6 +91,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> dict[str, A
 
 
 def _check_relations(params: dict[str, Any], source: str) -> None:
+    """The shared cross-key rules, then each method's own (`MethodSpec.check_params`)."""
     for name, spec in params["adversarial"]["attacks"].items():
         if spec["method"] == "pgd" and "steps" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.steps' is missing; a pgd attack needs "
@@ -88,7 +99,10 @@ def _check_relations(params: dict[str, Any], source: str) -> None:
         if spec["method"] == "pgd" and "step_size" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.step_size' is missing; a pgd attack needs "
                             "a step_size > 0.")
-    _check_carso_relations(params, source)
+    _check_evaluation(params, source)
+    for method in METHODS:
+        if method.check_params:
+            resolve(method.check_params)(params, source)
     for name in params["datasets"]:
         mirror = params["data"]["mirror"]
         if params["data"]["source"] == "mirror" and not mirror.get(name):
@@ -96,24 +110,16 @@ def _check_relations(params: dict[str, Any], source: str) -> None:
                             "to the folder that holds the dataset, or set data.source to 'download'.")
 
 
-def _check_carso_relations(params: dict[str, Any], source: str) -> None:
-    """Names that must point at stored attacks, and sizes that must fit each other."""
+def _check_evaluation(params: dict[str, Any], source: str) -> None:
+    """The transfer attack must be a stored one inside the threat model; the sizes must fit each other."""
     attacks = params["adversarial"]["attacks"]
-    known = ", ".join(attacks)
-    named = [("purifier.attacks", a) for a in params["purifier"]["attacks"]]
-    named += [("purifier.monitor_attack", params["purifier"]["monitor_attack"]),
-              ("evaluation.transfer_attack", params["evaluation"]["transfer_attack"])]
-    for key, name in named:
-        if name not in attacks:
-            raise UserError(f"{source}: '{key}' names '{name}', which is not in adversarial.attacks ({known}); "
-                            "use one of those names or add the attack there.")
     transfer = params["evaluation"]["transfer_attack"]
+    if transfer not in attacks:
+        raise UserError(f"{source}: 'evaluation.transfer_attack' names '{transfer}', which is not in "
+                        f"adversarial.attacks ({', '.join(attacks)}); use one of those names or add the attack there.")
     if attacks[transfer]["eps"] > params["evaluation"]["eps"] + 1e-12:
         raise UserError(f"{source}: 'evaluation.transfer_attack' ({transfer}) has eps {attacks[transfer]['eps']}, "
                         f"larger than evaluation.eps {params['evaluation']['eps']}; pick an attack inside the threat model.")
-    if params["carso"]["aggregation"] == "count":
-        raise UserError(f"{source}: 'carso.aggregation' is 'count', a majority vote without gradients that no "
-                        "white-box attack can use; set it to peel, logit or prob.")
     test_points = params["adversarial"]["test_points"]
     for name, cfg in params["evaluation"]["defences"].items():
         if test_points is not None and test_points < cfg["n_points"]:

@@ -1,9 +1,10 @@
-"""The report: results per defence with confidence intervals, gradient-masking checks, the CARSO versus
-classifier-alone verdict, reconstructions, training curves, and the settings that produced them.
+"""The report: results per defence with confidence intervals, gradient-masking checks, paired comparisons of
+the defences on the same points, a figure of what each defence makes of a few inputs, the training curves,
+each method's own part (from the registry) and the settings that produced them.
 
-Writes `report.html` (self-contained: figures embedded) and `report.md` (+ the figures as PNG files).
-Every number comes from the files the pipeline wrote; the only arithmetic here is the paired comparison
-of the defences' per-point verdicts on the points both were attacked on.
+Writes `report.html` (self-contained: figures embedded), `report.md` and the figures as PNG files under
+`figures/`. Every number comes from the files the pipeline wrote; the only arithmetic here is the paired
+comparison of two defences' per-point verdicts on the points both were attacked on.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from carso.defences import DEFENCES, defence, methods_of, resolve
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.stats import paired_difference
 
-DEFENCE_NAMES = {"at": "adversarially-trained classifier alone", "carso": "classifier + CARSO purifier"}
-COLLAPSE_KL = 1.0  # nats per image: below this the latent carries almost no information
-PUBLISHED = ("The paper reports CARSO above its classifier alone on CIFAR-10 (AutoAttack rand 76.13% vs "
-             "67.73%, eps 8/255) and CIFAR-100 (66.65% vs 39.18%); it gives no FashionMNIST figure at eps 0.1.")
+# (title, kind, content): kind "list" (sentences), "table" (rows, the first is the header), "code" (text) or
+# "figure" (content: (file stem, PNG bytes))
+Section = tuple[str, str, Any]
+SHARED_SECTIONS = ("runtime", "data", "classifier", "adversarial", "evaluation")
 
 
 def _pct(entry: dict[str, Any] | None) -> str:
@@ -37,7 +39,7 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,21 +48,21 @@ def _pyplot():
     return plt
 
 
-def _png(fig: Any) -> bytes:
+def png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
 def curves_png(curve: list[dict[str, float]]) -> bytes:
     """Loss and accuracies per epoch, as a PNG (a note instead when the classifier was imported: no epochs)."""
-    plt = _pyplot()
+    plt = pyplot()
     if not curve:
         fig = plt.figure(figsize=(10, 1.2))
         fig.text(0.5, 0.5, "No training curve: the classifier was imported (classifier.pretrained), not trained.",
                  ha="center", va="center")
-        return _png(fig)
+        return png(fig)
     epochs = [r["epoch"] for r in curve]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(epochs, [r["train_loss"] for r in curve], marker="o")
@@ -71,50 +73,46 @@ def curves_png(curve: list[dict[str, float]]) -> bytes:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy per epoch")
     ax_acc.legend()
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
-def purifier_curves_png(curve: list[dict[str, float]]) -> bytes:
-    """The purifier's loss terms and the accuracy on one reconstruction per monitor point, per epoch."""
-    plt = _pyplot()
-    epochs = [r["epoch"] for r in curve]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("loss", "loss (BCE + beta KL)"), ("bce", "BCE (summed per image)"), ("kl", "KL")):
-        ax_loss.plot(epochs, [r[key] for r in curve], marker="o", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="per image", title="Purifier loss", yscale="log")
-    ax_loss.legend()
-    for key, label in (("recon_clean_acc", "clean test"), ("recon_adv_acc", "adversarial test (transfer)")):
-        ax_acc.plot(epochs, [100 * r[key] for r in curve], marker="o", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Classifier on one reconstruction")
-    ax_acc.legend()
-    fig.tight_layout()
-    return _png(fig)
+def example_columns(ex: dict[str, Any], per_stage: int = 3) -> list[tuple[str, str | None, int | None]]:
+    """The figure's columns: (tensor key, stage, sample): the clean input and up to `per_stage` images of each
+    stage of the defence, then the same for the adversarial input."""
+    stages = sorted({k[:-len("_clean")] for k in ex if k.endswith("_clean") and k != "pred_clean"})
+    cols: list[tuple[str, str | None, int | None]] = []
+    for which in ("clean", "adversarial"):
+        cols.append((which, None, None))
+        for stage in stages:
+            cols += [(f"{stage}_{which}", stage, i) for i in range(min(per_stage, ex[f"{stage}_{which}"].shape[1]))]
+    return cols
 
 
-def reconstructions_png(ex: dict[str, Any], samples: int = 3) -> bytes:
-    """Per example: the clean image and reconstructions of it, the adversarial image and reconstructions
-    of it, each titled with the true label (y) or the prediction (p) of the defence / the classifier."""
-    plt = _pyplot()
-    k, n = ex["clean"].shape[0], min(samples, ex["recon_clean"].shape[1])
-    cols = [("clean", None), *[("recon_clean", i) for i in range(n)],
-            ("adversarial", None), *[("recon_adversarial", i) for i in range(n)]]
+def examples_png(ex: dict[str, Any], label: str) -> bytes:
+    """Per example (a row): the clean image and what the defence made of it (each stage's images), then the
+    evaluation's PGD adversarial image and what the defence made of that; titled with the true label (y), the
+    defence's prediction (p) and, under each stage image, the classifier's prediction on it."""
+    plt = pyplot()
+    cols = example_columns(ex)
+    k = ex["clean"].shape[0]
     fig, axes = plt.subplots(k, len(cols), figsize=(1.3 * len(cols), 1.45 * k), squeeze=False)
     for row in range(k):
-        for col, (name, i) in enumerate(cols):
-            img = ex[name][row] if i is None else ex[name][row, i]
+        for col, (key, stage, i) in enumerate(cols):
+            img = ex[key][row] if i is None else ex[key][row, i]
             ax = axes[row, col]
-            ax.imshow(img.permute(1, 2, 0).squeeze(-1).float().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).float().clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            if i is None:
-                title = f"{name[:5]} y{int(ex['labels'][row])} p{int(ex['pred_' + name][row])}"
+            if stage is None:
+                title = f"{key[:5]} y{int(ex['labels'][row])} p{int(ex['pred_' + key][row])}"
             else:
-                title = f"recon p{int(ex[name + '_pred'][row, i])}"
+                title = f"{stage} p{int(ex[key + '_pred'][row, i])}"
             ax.set_title(title, fontsize=7)
-    fig.suptitle("clean | reconstructions of clean | adversarial (PGD-EoT on CARSO) | reconstructions of it",
+    stages = ", ".join(sorted({s for _, s, _ in cols if s})) or "none"
+    fig.suptitle(f"{label}: clean, then its stages ({stages}); the evaluation's PGD adversarial, then its stages",
                  fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def results_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -123,7 +121,8 @@ def results_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = [header]
     for name, m in evals.items():
         aa, pgd, tr = m.get("autoattack"), m["pgd"], m.get("transfer")
-        rows.append([f"`{name}` ({DEFENCE_NAMES.get(name, name)})", _pct(m["clean"]), _pct(m["clean_subset"]),
+        title = DEFENCES[name].title if name in DEFENCES else name
+        rows.append([f"`{name}` ({title})", _pct(m["clean"]), _pct(m["clean_subset"]),
                      f"{_pct(pgd)}, {pgd['steps']} steps x {pgd.get('eot', 1)} EoT x {pgd['restarts']} restarts",
                      f"{_pct(aa)}, {aa['version']}" if aa else "not run",
                      f"{_pct(tr)}, {tr.get('attack', '')} from the classifier alone" if tr else "not run",
@@ -178,7 +177,7 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
                  if repeats > 1 and "mean_accuracy" in rc else "")
         out.append(f"`{name}`: clean accuracy {100 * m['clean']['accuracy']:.2f}% on {m['clean']['n']} test "
                    f"images; robust accuracy (a point counts only if it survives every attack) "
-                   f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {int(100 * rc['confidence'])}% CI "
+                   f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {_level(rc['confidence'])} CI "
                    f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], L-inf eps {m['eps']:.4g}, fp32; "
                    f"AutoAttack's randomness check found the model "
                    f"{'randomised' if m.get('randomised') else 'deterministic'}.{noisy}")
@@ -188,101 +187,102 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def comparison_sentence(evals: dict[str, dict[str, Any]], robust: dict[str, Any]) -> str | None:
-    """Did CARSO beat the classifier alone? Paired on the points both defences were attacked on."""
-    if not {"at", "carso"} <= set(evals) or not {"at", "carso"} <= set(robust):
+def _level(confidence: float) -> str:
+    return f"{100 * confidence:g}%"
+
+
+def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]],
+                        robust: dict[str, list[bool]]) -> str | None:
+    """Did defence `first` beat `second`? Paired on the first points both were attacked on (None if either is
+    missing)."""
+    if not {first, second} <= set(evals) or not {first, second} <= set(robust):
         return None
-    n = min(len(robust["at"]), len(robust["carso"]))
-    conf = evals["carso"]["robust_worst_case"]["confidence"]
-    d = paired_difference(robust["carso"][:n], robust["at"][:n], conf)
-    acc_c, acc_a = sum(robust["carso"][:n]) / n, sum(robust["at"][:n]) / n
-    ci = f"{int(100 * conf)}% CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points"
+    a, b = defence(first).label, defence(second).label
+    n = min(len(robust[first]), len(robust[second]))
+    conf = evals[first]["robust_worst_case"]["confidence"]
+    d = paired_difference(robust[first][:n], robust[second][:n], conf)
+    acc_a, acc_b = sum(robust[first][:n]) / n, sum(robust[second][:n]) / n
+    ci = f"{_level(conf)} CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points"
     if d["ci_low"] > 0:
-        verdict = f"CARSO beat the classifier alone on this run, by {100 * d['difference']:+.1f} points ({ci})"
+        verdict = f"{a} beat {b} on this run, by {100 * d['difference']:+.1f} points ({ci})"
     elif d["ci_high"] < 0:
-        verdict = (f"CARSO did worse than the classifier alone on this run, by {100 * d['difference']:+.1f} points "
-                   f"({ci}): on this setting the defence is weaker than the paper's CIFAR results suggest")
+        verdict = f"{a} did worse than {b} on this run, by {100 * d['difference']:+.1f} points ({ci})"
     else:
-        verdict = (f"CARSO did not measurably beat the classifier alone on this run: difference "
-                   f"{100 * d['difference']:+.1f} points ({ci}, which includes 0)")
-    return (f"{verdict}. Worst-case robust accuracy on the same first {n} test points: CARSO {100 * acc_c:.2f}%, "
-            f"classifier alone {100 * acc_a:.2f}% ({d['only_first']} points survived only with CARSO, "
-            f"{d['only_second']} only without it). {PUBLISHED}")
+        verdict = (f"{a} did not measurably beat {b} on this run: difference {100 * d['difference']:+.1f} points "
+                   f"({ci}, which includes 0)")
+    return (f"{verdict}. Worst-case robust accuracy on the same first {n} test points: {a} {100 * acc_a:.2f}%, "
+            f"{b} {100 * acc_b:.2f}% ({d['only_first']} points survived only with {a}, {d['only_second']} only "
+            f"with {b}).")
 
 
-def gather(root: Path) -> dict[str, Any]:
-    """Read every metrics file of one dataset's results folder."""
-    evals = {p.parent.name: read_json(p) for p in sorted((root / "eval").glob("*/metrics.json"))}
-    robust, examples = {}, None
+def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]]) -> list[str]:
+    """Each defence against the ones its registry entry names (`compare_with`), then what its paper reports."""
+    out = []
     for name in evals:
-        path = root / "eval" / name / "examples.safetensors"
-        if path.exists():
-            tensors, _ = load_tensors(path)
-            robust[name] = tensors["robust_worst_case"].bool().tolist()
-            if "recon_clean" in tensors:
-                examples = tensors
-    facts = {"manifest": read_json(root / "dataset" / "manifest.json"),
-             "train": read_json(root / "classifier" / "train_metrics.json"),
-             "curve": read_curve(root / "classifier" / "curve.csv"),
-             "adversarial": read_json(root / "adversarial" / "summary.json"), "evals": evals,
-             "robust": robust, "examples": examples, "purifier": None, "purifier_curve": None}
-    if (root / "purifier" / "train_metrics.json").exists():
-        facts["purifier"] = read_json(root / "purifier" / "train_metrics.json")
-        facts["purifier_curve"] = read_curve(root / "purifier" / "curve.csv")
-    return facts
+        spec = DEFENCES.get(name)
+        if spec is None:
+            continue
+        found = [s for other in spec.compare_with if (s := comparison_sentence(name, other, evals, robust))]
+        out += found
+        if found and spec.published:
+            out.append(spec.published)
+    return out
+
+
+def gather(root: Path, defences: list[str]) -> dict[str, Any]:
+    """Read the shared results of one dataset's folder and every evaluated defence's metrics and examples."""
+    evals, robust, examples = {}, {}, {}
+    for name in defences:
+        evals[name] = read_json(root / "eval" / name / "metrics.json")
+        tensors, _ = load_tensors(root / "eval" / name / "examples.safetensors")
+        robust[name] = tensors.pop("robust_worst_case").bool().tolist()
+        examples[name] = tensors
+    return {"manifest": read_json(root / "dataset" / "manifest.json"),
+            "train": read_json(root / "classifier" / "train_metrics.json"),
+            "curve": read_curve(root / "classifier" / "curve.csv"),
+            "adversarial": read_json(root / "adversarial" / "summary.json"), "evals": evals,
+            "robust": robust, "examples": examples}
 
 
 def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path) -> None:
-    facts = gather(root)
-    figures = {"training_curves": curves_png(facts["curve"])}
-    if facts["purifier_curve"]:
-        figures["purifier_curves"] = purifier_curves_png(facts["purifier_curve"])
-    if facts["examples"] is not None:
-        figures["reconstructions"] = reconstructions_png(facts["examples"])
-    sections = _sections(dataset, facts, params)
-    md = [f"# {params['report']['title']} ({dataset})"]
-    body = [f"<h1>{html.escape(params['report']['title'])} ({dataset})</h1>"]
-    for title, kind, content in sections:
-        if kind == "figure" and content not in figures:
-            continue
-        md.append(f"\n## {title}\n")
-        body.append(f"<h2>{html.escape(title)}</h2>")
+    """Write report.html, report.md and figures/*.png for the defences of evaluation.defences."""
+    defences = list(params["evaluation"]["defences"])
+    sections = _sections(dataset, gather(root, defences), params)
+    for method in methods_of(defences):
+        sections[-2:-2] = resolve(method.report)(root, params) if method.report else []
+    _render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
+
+
+def _render(title: str, dataset: str, sections: list[Section], out_dir: Path) -> None:
+    md, body = [f"# {title}"], [f"<h1>{html.escape(title)}</h1>"]
+    figures: dict[str, bytes] = {}
+    for heading, kind, content in sections:
+        md.append(f"\n## {heading}\n")
+        body.append(f"<h2>{html.escape(heading)}</h2>")
         if kind == "table":
             md.append(_md_table(content))
             body.append(_html_table(content))
         elif kind == "figure":
-            md.append(f"![{content}]({content}.png)")
-            data = base64.b64encode(figures[content]).decode()
-            body.append(f'<img alt="{content}" style="max-width:100%" src="data:image/png;base64,{data}">')
+            name, data = content
+            figures[name] = data
+            md.append(f"![{name}](figures/{name}.png)")
+            encoded = base64.b64encode(data).decode()
+            body.append(f'<img alt="{name}" style="max-width:100%" src="data:image/png;base64,{encoded}">')
         elif kind == "code":
             md.append(f"```yaml\n{content}```")
             body.append(f"<pre>{html.escape(content)}</pre>")
         else:
             md.append("\n".join(f"- {s}" for s in content))
             body.append("<ul>" + "".join(f"<li>{html.escape(s.replace('`', ''))}</li>" for s in content) + "</ul>")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, png in figures.items():
-        with atomic_path(out_dir / f"{name}.png") as tmp:
-            tmp.write_bytes(png)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for name, data in figures.items():
+        with atomic_path(out_dir / "figures" / f"{name}.png") as tmp:
+            tmp.write_bytes(data)
     write_text(out_dir / "report.md", "\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:80em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #999;padding:.3em .6em}pre{background:#f4f4f4;padding:1em}")
     write_text(out_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
                f"{html.escape(dataset)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def _purifier_lines(pur: dict[str, Any] | None) -> list[str]:
-    if not pur:
-        return ["not trained"]
-    return [f"{pur['epochs']} epochs on {pur['train_points']} training points in {pur['train_seconds']:.0f} s on "
-            f"{pur['device']} ({pur['threads']} threads), precision {pur['precision']}; {pur['parameters']:,} "
-            f"parameters; representation from layers {', '.join(pur['layers'])}.",
-            f"Last epoch: loss {pur['final_loss']:.2f} (BCE {pur['final_bce']:.2f}, KL {pur['final_kl']:.2f}); the "
-            f"classifier on one reconstruction: {100 * pur['final_recon_clean_acc']:.2f}% of {pur['monitor_points']} "
-            f"clean test images, {100 * pur['final_recon_adv_acc']:.2f}% of their {pur['monitor_attack']} versions.",
-            *([f"The KL term ended at {pur['final_kl']:.3f} nats per image: the decoder nearly ignores z (posterior "
-               "collapse), so CARSO's N samples are close to one reconstruction determined by the representation, "
-               "and the defence is only weakly random."] if pur["final_kl"] < COLLAPSE_KL else [])]
 
 
 def _imported_lines(train: dict[str, Any]) -> list[str]:
@@ -293,7 +293,8 @@ def _imported_lines(train: dict[str, Any]) -> list[str]:
             f"{train['monitor_points']} test images, in fp32 on {train['device']}."]
 
 
-def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> list[tuple[str, str, Any]]:
+def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> list[Section]:
+    """The shared sections; write_report puts each method's part before the last two."""
     train, man = facts["train"], facts["manifest"]["splits"]
     data_lines = [f"{split}: {info['count']} images of shape {info['shape']}, sha256 {info['sha256_images'][:16]}..."
                   for split, info in man.items()]
@@ -302,20 +303,20 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
                    f"{train['channels_last']}; last epoch: clean {100 * train['final_test_clean_acc']:.2f}% and "
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
                    ] if "source" not in train else _imported_lines(train)
-    summary = summary_sentences(facts["evals"])
-    if sentence := comparison_sentence(facts["evals"], facts["robust"]):
-        summary.insert(0, sentence)
-    keys = ("runtime", "data", "classifier", "adversarial", "purifier", "carso", "evaluation")
+    summary = comparisons(facts["evals"], facts["robust"]) + summary_sentences(facts["evals"])
+    keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"])) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
+    level = _level(params["evaluation"]["confidence"])
+    examples = [(f"What `{name}` makes of a few test points", "figure",
+                 (f"examples_{name}", examples_png(ex, f"{name} ({defence(name).title})")))
+                for name, ex in facts["examples"].items()]
     return [("Summary", "list", summary),
-            ("Robust accuracy (95% Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"])),
+            (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"])),
             ("Gradient-masking checks (on the first points of the attacked ones)", "table", sanity_rows(facts["evals"])),
-            ("CARSO reconstructions", "figure", "reconstructions"),
+            *examples,
             ("Data", "list", data_lines),
             ("Adversarial training of the classifier", "list", train_lines),
-            ("Classifier training curves", "figure", "training_curves"),
-            ("Purifier training", "list", _purifier_lines(facts["purifier"])),
-            ("Purifier training curves", "figure", "purifier_curves"),
+            ("Classifier training curves", "figure", ("training_curves", curves_png(facts["curve"]))),
             ("Adversarial examples against the classifier (success rate over the clean-correct points)", "table",
              adversarial_rows(facts["adversarial"])),
             ("Settings (params.yaml)", "code", yaml.safe_dump(settings, sort_keys=False))]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from carso.io import fingerprint, load_checkpoint, save_checkpoint
 
@@ -34,14 +33,17 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
 
 class EpochCheckpoint:
     """`path` holds the state after the last finished epoch, tagged with `key` (a fingerprint of the
-    settings, data and code). A state with another key is ignored, so a changed run starts afresh."""
+    settings, data and code). A state with another key is ignored, so a changed run starts afresh.
+
+    The state is that of named parts (models, optimizers, schedulers: anything with `state_dict` and
+    `load_state_dict`), e.g. {"model": ..., "optimizer": ..., "scheduler": ...}."""
 
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = Path(path), key
 
-    def restore(self, model: nn.Module, optimizer: Any, scheduler: Any) -> list[dict[str, float]]:
-        """Load a matching state into the model, optimizer and scheduler; return its per-epoch curve
-        (empty when there is nothing to resume, so training starts at epoch len(curve) + 1)."""
+    def restore(self, parts: dict[str, Any]) -> list[dict[str, float]]:
+        """Load a matching state into `parts`; return its per-epoch curve (empty when there is nothing to
+        resume, so training starts at epoch len(curve) + 1)."""
         if not self.path.exists():
             return []
         state = load_checkpoint(self.path)
@@ -50,13 +52,11 @@ class EpochCheckpoint:
                      self.path)
             return []
         log.info("resuming from %s after epoch %d", self.path, state["epoch"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
         return state["curve"]
 
-    def save(self, model: nn.Module, optimizer: Any, scheduler: Any, curve: list[dict[str, float]]) -> None:
-        """Record the state after epoch len(curve)."""
-        save_checkpoint(self.path, {"fingerprint": self.key, "epoch": len(curve), "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "curve": curve})
+    def save(self, parts: dict[str, Any], curve: list[dict[str, float]]) -> None:
+        """Record the state of `parts` after epoch len(curve)."""
+        save_checkpoint(self.path, {"fingerprint": self.key, "epoch": len(curve), "curve": curve,
+                                    **{name: part.state_dict() for name, part in parts.items()}})

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
 from carso.checkpoint import save_classifier
 from carso.data import dataset_spec, load_split
-from carso.device import autocast, describe, eval_mode, memory_format
+from carso.device import autocast, describe, eval_mode, memory_format, with_precision
 from carso.distributed import Team, parallel
 from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
@@ -123,6 +123,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
 
     Under torchrun, `team`'s processes train one model data-parallel and rank 0 alone monitors and
     writes; the others return an empty dict."""
+    cfg = with_precision(cfg, device)
     spec_ds = dataset_spec(dataset)
     x_train, y_train = load_split(data_dir, "train")
     x_mon, y_mon = load_split(data_dir, "test", limit=cfg["monitor_points"])
@@ -135,7 +136,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"],
                        "code": code_digest(TRAINING_MODULES)})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
-    curve = checkpoint.restore(model, opt, sched)
+    curve = checkpoint.restore({"model": model, "optimizer": opt, "scheduler": sched})
     net = parallel(model, team, device)
     spec = training_attack(cfg)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
@@ -151,7 +152,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         curve.append(row)
         log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
                  epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
-        checkpoint.save(model, opt, sched, curve)
+        checkpoint.save({"model": model, "optimizer": opt, "scheduler": sched}, curve)
     return _finish(model, dataset, cfg, curve, out_dir, device, team) if team.is_main else {}
 
 

@@ -27,10 +27,11 @@ def tiny_params() -> dict[str, Any]:
     return copy.deepcopy(load_tiny())
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m carso ARGS` the way Snakemake and DVC do."""
-    return subprocess.run([sys.executable, "-m", "carso", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(args: list[str], cwd: Path, timeout: int = 300,
+            python_flags: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m carso ARGS` the way Snakemake and DVC do (`python_flags`: e.g. -X importtime)."""
+    return subprocess.run([sys.executable, *(python_flags or []), "-m", "carso", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_tool(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,6 +49,16 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     write_params(dest / "params.yaml", params)
     return dest
+
+
+def without_timings(value: Any) -> Any:
+    """A metrics file or curve row without its wall-clock figures (`seconds`, `train_seconds`,
+    `images_per_second`, ...), which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if "second" not in k}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 def write_params(path: Path, params: dict[str, Any]) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from carso.aggregation import aggregate_count, aggregate_logit, aggregate_peel, aggregate_prob, get_aggregation
+from carso.methods.carso.aggregation import aggregate_count, aggregate_logit, aggregate_peel, aggregate_prob, get_aggregation
 from carso.data import load_split
-from carso.defence import CarsoDefence
+from carso.methods.carso.defence import CarsoDefence
 from carso.errors import UserError
 from carso.models import build_classifier
-from carso.purifier import Purifier, PurifierConfig, beta_schedule, purifier_loss
-from carso.representation import RepresentationExtractor
+from carso.methods.carso.purifier import Purifier, PurifierConfig, beta_schedule, purifier_loss
+from carso.methods.carso.representation import RepresentationExtractor
 
 # two images, two samples, three classes
 LOGITS = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]],
@@ -142,7 +142,7 @@ def test_gradients_reach_the_input_through_the_whole_defence(parts) -> None:
 
 
 def test_balanced_batches_mix_sources_as_configured() -> None:
-    from carso.purifier_training import balanced_batches, gather_inputs
+    from carso.methods.carso.training import balanced_batches, gather_inputs
 
     gen = torch.Generator().manual_seed(0)
     batches = list(balanced_batches(20, 10, ["fgsm", "pgd"], 0.4, gen))
@@ -156,7 +156,7 @@ def test_balanced_batches_mix_sources_as_configured() -> None:
 
 def test_train_purifier_lowers_reconstruction_loss_and_resumes(parts, tmp_path: Path) -> None:
     from carso.attacks import AttackSpec, attack_dataset
-    from carso.purifier_training import train_purifier
+    from carso.methods.carso.training import train_purifier
 
     clf, extractor, _, x, y = parts
     torch.manual_seed(0)

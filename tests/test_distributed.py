@@ -17,7 +17,7 @@ from carso.distributed import Team, require_single
 from carso.errors import UserError
 from carso.data import load_split
 from carso.io import sha256_file
-from carso.purifier import load_purifier
+from carso.methods.carso.purifier import load_purifier
 from conftest import load_tiny, run_cli, write_params
 
 D = "data/fashion_mnist"

@@ -12,7 +12,7 @@ from carso.attacks import AttackSpec, pgd_single, predict
 from carso import evaluation
 from carso.evaluation import AttackCache, Verdict, _autoattack, _Judge, masking_checks, pgd_spec
 from carso.models import build_classifier
-from carso.report import comparison_sentence
+from carso.report import comparison_sentence, comparisons
 from carso.stats import paired_difference
 
 CPU = torch.device("cpu")
@@ -175,5 +175,19 @@ def _evals() -> dict:
 ])
 def test_report_states_plainly_whether_carso_beat_the_classifier(carso_robust: list[bool], words: str) -> None:
     at = [True] * 30 + [False] * 70
-    sentence = comparison_sentence(_evals(), {"at": at + [True] * 400, "carso": carso_robust})
+    sentence = comparison_sentence("carso", "at", _evals(), {"at": at + [True] * 400, "carso": carso_robust})
     assert words in sentence and "same first 100 test points" in sentence
+    assert comparison_sentence("carso", "atop", _evals(), {"at": at, "carso": carso_robust}) is None  # not evaluated
+
+
+def test_report_compares_each_defence_with_those_its_registry_entry_names() -> None:
+    evals = {name: {"robust_worst_case": {"confidence": 0.9}} for name in ("at", "carso", "atop_rt", "atop")}
+    robust = {"at": [True] * 50 + [False] * 50, "carso": [False] * 100, "atop_rt": [True] * 50 + [False] * 50,
+              "atop": [True] * 90 + [False] * 10}
+    lines = comparisons(evals, robust)
+    assert any(line.startswith("AToP beat the classifier alone on this run, by +40.0 points (90% CI") for line in lines)
+    assert any(line.startswith("AToP beat AToP without fine-tuning") for line in lines)
+    assert any(line.startswith("AToP beat CARSO") for line in lines)
+    assert any(line.startswith("CARSO did worse than the classifier alone") for line in lines)
+    assert any(line.startswith("AToP without fine-tuning did not measurably beat the classifier alone") for line in lines)
+    assert sum("AToP paper reports" in line for line in lines) == 1 and sum("CARSO paper" in line for line in lines) == 1

@@ -15,13 +15,13 @@ from carso.data import dataset_spec
 from carso.models import build_classifier
 from carso.params import load_params
 from carso.pretrained import check_pretrained
-from carso.purifier import PurifierConfig, build_purifier
+from carso.methods.carso.purifier import PurifierConfig, build_purifier
 from conftest import REPO, load_tiny, make_project, run_tool
 
 CONFIGS = {"cifar10": 0.5, "cifar100": 0.15}  # dataset -> published adversarial fraction of the purifier's batches
 EPS, HALF_EPS = 8 / 255, 4 / 255
-STAGE_JOBS = {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1, "train_purifier": 1, "evaluate": 2,
-              "report": 1}  # 7 jobs (plus the `all` target)
+STAGE_JOBS = {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1, "train_purifier": 1,
+              "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 4, "report": 1}  # 11 jobs (plus `all`)
 
 
 def key_tree(node: Any) -> Any:
@@ -65,6 +65,15 @@ def test_published_settings(config: tuple[str, dict[str, Any]]) -> None:
     assert at["autoattack"] == {"enabled": True, "version": "standard"} and at["n_points"] == 10000
     assert carso["autoattack"] == {"enabled": True, "version": "rand"} and carso["n_points"] == 10000
     assert carso["pgd"] == {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1}
+    atop = p["atop"]  # the paper's AToP: RT2, 25% of 4 x 4 px blocks, width 48, lambda 0.05, FGSM at 8/255
+    assert atop["transform"]["kind"] == "rt2" and atop["transform"]["grid"] == 8
+    assert (atop["transform"]["missing_share"], atop["transform"]["noise_sigma"]) == (0.25, 0.25)
+    assert atop["inpainter"]["width"] == atop["inpainter"]["refine_width"] == 48
+    assert atop["finetune"]["ce_weight"] == 0.05 and atop["finetune"]["adversary"] == {"target": "classifier", "eps": EPS}
+    for name in ("atop_rt", "atop"):  # the paper's 512 points, attacked end to end as CARSO is
+        ev_atop = ev["defences"][name]
+        assert ev_atop["n_points"] == 512 and ev_atop["autoattack"]["version"] == "rand"
+        assert ev_atop["pgd"] == carso["pgd"]
 
 
 def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, dict[str, Any]]) -> None:
@@ -86,7 +95,7 @@ def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, d
 
 
 @pytest.mark.parametrize("dataset", sorted(CONFIGS))
-def test_snakemake_dry_run_lists_the_seven_stages(dataset: str, tmp_path: Path) -> None:
+def test_snakemake_dry_run_lists_the_eleven_jobs(dataset: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project", load_tiny())
     shutil.copytree(REPO / "configs", project / "configs")
     result = run_tool(["snakemake", "-n", "--cores", "1", "--config", f"params_file=configs/{dataset}.yaml"],
@@ -94,8 +103,8 @@ def test_snakemake_dry_run_lists_the_seven_stages(dataset: str, tmp_path: Path) 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
-    assert {k: int(v) for k, v in table.items()} == {**STAGE_JOBS, "all": 1, "total": 8}
+    assert {k: int(v) for k, v in table.items()} == {**STAGE_JOBS, "all": 1, "total": 12}
     commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
-    assert len(commands) == 7
+    assert len(commands) == 11
     assert all(f"--params configs/{dataset}.yaml --dataset {dataset} " in c for c in commands), commands
     assert not (project / "data").exists()

@@ -40,6 +40,22 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
                           ["'adversarial.attacks.pgd_weak.steps'"]),
     "mirror_unset": (lambda p: p["data"]["mirror"].__setitem__("fashion_mnist", None),
                      ["'data.mirror.fashion_mnist'", "download"]),
+    "unknown_defence": (lambda p: p["evaluation"]["defences"].__setitem__("bpda", p["evaluation"]["defences"]["at"]),
+                        ["unknown key 'evaluation.defences.bpda'", "at, atop, atop_rt, carso"]),
+    "atop_grid": (lambda p: p["atop"]["transform"].__setitem__("grid", 5),
+                  ["'atop.transform.grid' (5)", "28-pixel side", "2, 4, 7, 14, 28"]),
+    "atop_missing_share": (lambda p: p["atop"]["transform"].__setitem__("missing_share", 1.5),
+                           ["'atop.transform.missing_share'", "> 0 and < 1", "1.5"]),
+    "atop_no_block_missing": (lambda p: p["atop"]["transform"].__setitem__("missing_share", 0.01),
+                              ["'atop.transform.missing_share' (0.01)", "0 of the 49 blocks"]),
+    "atop_rt3_masks": (lambda p: p["atop"]["transform"].__setitem__("rt3_masks", 1),
+                       ["'atop.transform.rt3_masks'", ">= 2", "(got 1)"]),
+    "atop_adversary_eps": (lambda p: p["atop"]["finetune"]["adversary"].__setitem__("eps", 0.2),
+                           ["'atop.finetune.adversary.eps' (0.2)", "evaluation.eps (0.1)", "threat model"]),
+    "atop_adversary_target": (lambda p: p["atop"]["finetune"]["adversary"].__setitem__("target", "purifier"),
+                              ["'atop.finetune.adversary.target'", "'classifier', 'pipeline'"]),
+    "atop_monitor_attack": (lambda p: p["atop"]["pretrain"].__setitem__("monitor_attack", "cw"),
+                            ["'atop.pretrain.monitor_attack'", "'cw'", "adversarial.attacks"]),
 }
 
 

@@ -2,38 +2,63 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from carso.codedeps import stage_modules
 from carso.io import load_tensors
 from conftest import load_tiny, run_cli, write_params
+
+D = "data/fashion_mnist"
+CLF = f"{D}/classifier/model.safetensors"
+DEFENCES = {"at": [], "carso": [f"{D}/purifier/model.safetensors"],
+            "atop_rt": [f"{D}/atop/pretrain/inpainter.safetensors"], "atop": [f"{D}/atop/finetune/inpainter.safetensors"]}
+STEPS = [["fetch", "--out", f"{D}/dataset"],
+         ["train-classifier", "--data", f"{D}/dataset", "--out", f"{D}/classifier"],
+         ["generate-adversarial", "--model", CLF, "--data", f"{D}/dataset", "--out", f"{D}/adversarial"],
+         ["train-purifier", "--model", CLF, "--adversarial", f"{D}/adversarial", "--out", f"{D}/purifier"],
+         ["pretrain-inpainter", "--model", CLF, "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial",
+          "--out", f"{D}/atop/pretrain"],
+         ["finetune-inpainter", "--model", CLF, "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial",
+          "--pretrained", f"{D}/atop/pretrain", "--out", f"{D}/atop/finetune"],
+         *(["evaluate", "--defence", name, "--model", CLF, *(["--artifacts", *files] if files else []),
+            "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--out", f"{D}/eval/{name}"]
+           for name, files in DEFENCES.items()),
+         ["report", "--root", D, "--out", f"{D}/report"]]
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fetch -> train-classifier -> generate-adversarial -> train-purifier -> evaluate (at, carso) -> report."""
+    """fetch -> train-classifier -> generate-adversarial -> train-purifier -> pretrain-inpainter ->
+    finetune-inpainter -> evaluate (at, carso, atop_rt, atop) -> report, each run with `python -X importtime`:
+    imports.json records the carso modules every stage really imported."""
     root = tmp_path_factory.mktemp("chain")
     write_params(root / "params.yaml", load_tiny())
-    d = "data/fashion_mnist"
-    steps = [["fetch", "--out", f"{d}/dataset"],
-             ["train-classifier", "--data", f"{d}/dataset", "--out", f"{d}/classifier"],
-             ["generate-adversarial", "--model", f"{d}/classifier/model.safetensors", "--data", f"{d}/dataset",
-              "--out", f"{d}/adversarial"],
-             ["train-purifier", "--model", f"{d}/classifier/model.safetensors", "--adversarial", f"{d}/adversarial",
-              "--out", f"{d}/purifier"],
-             ["evaluate", "--defence", "at", "--model", f"{d}/classifier/model.safetensors",
-              "--data", f"{d}/dataset", "--adversarial", f"{d}/adversarial", "--out", f"{d}/eval/at"],
-             ["evaluate", "--defence", "carso", "--model", f"{d}/classifier/model.safetensors",
-              "--purifier", f"{d}/purifier/model.safetensors", "--data", f"{d}/dataset",
-              "--adversarial", f"{d}/adversarial", "--out", f"{d}/eval/carso"],
-             ["report", "--root", d, "--out", f"{d}/report"]]
-    for args in steps:
-        result = run_cli([args[0], "--dataset", "fashion_mnist", "--threads", "2", *args[1:]], cwd=root)
+    imported = []
+    for args in STEPS:
+        result = run_cli([args[0], "--dataset", "fashion_mnist", "--threads", "2", *args[1:]], cwd=root,
+                         python_flags=["-X", "importtime"])
         assert result.returncode == 0, result.stderr[-3000:]
-    return root / d
+        imported.append([args, sorted(set(re.findall(r"^import time:.*\|\s+(carso(?:\.\w+)*)$", result.stderr,
+                                                     flags=re.M)))])
+    (root / "imports.json").write_text(json.dumps(imported))
+    return root / D
+
+
+def test_every_module_a_stage_imports_is_declared_as_its_code(chain: Path) -> None:
+    """`python -X importtime` lists what each stage really imported: all of it must be in the stage's declared
+    code (carso.codedeps, hence the Snakemake inputs and DVC deps), the registry's by-name imports included."""
+    runs = json.loads((chain.parent.parent / "imports.json").read_text())
+    assert len(runs) == len(STEPS)
+    for args, modules in runs:
+        stage = args[0].replace("-", "_")
+        defences = [args[args.index("--defence") + 1]] if stage == "evaluate" else list(DEFENCES)
+        assert "carso.cli" in modules and "carso.params" in modules, stage
+        assert set(modules) <= stage_modules(stage, defences), (stage, set(modules) - stage_modules(stage, defences))
 
 
 def test_fetch_writes_tensors_and_manifest(chain: Path) -> None:
@@ -65,7 +90,7 @@ def test_adversarial_examples_respect_eps_and_keep_labels(chain: Path) -> None:
     assert len(train["labels"]) == load_tiny()["adversarial"]["train_points"]
 
 
-@pytest.mark.parametrize("defence", ["at", "carso"])
+@pytest.mark.parametrize("defence", list(DEFENCES))
 def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: str) -> None:
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
@@ -81,14 +106,15 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert not (chain / "eval" / defence / "work").exists()  # resumable state is cleared once complete
 
 
-def test_carso_is_randomised_and_attacked_with_eot(chain: Path) -> None:
+@pytest.mark.parametrize("defence", ["carso", "atop_rt", "atop"])
+def test_purifier_defences_are_randomised_and_attacked_with_eot(chain: Path, defence: str) -> None:
     at = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
-    carso = json.loads((chain / "eval" / "carso" / "metrics.json").read_text())
-    cfg = load_tiny()["evaluation"]["defences"]["carso"]
+    m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
+    cfg = load_tiny()["evaluation"]["defences"][defence]
     assert at["randomised"] is False and at["verdict_repeats"] == 1 and at["autoattack"]["version"] == "standard"
-    assert carso["randomised"] is True and carso["verdict_repeats"] == cfg["verdict_repeats"]
-    assert carso["autoattack"]["version"] == "rand" and carso["pgd"]["eot"] == cfg["pgd"]["eot"]
-    assert carso["pgd"]["step_size"] == pytest.approx(0.007 * 0.1 / (8 / 255))
+    assert m["randomised"] is True and m["verdict_repeats"] == cfg["verdict_repeats"]
+    assert m["autoattack"]["version"] == "rand" and m["pgd"]["eot"] == cfg["pgd"]["eot"]
+    assert m["pgd"]["step_size"] == pytest.approx(0.007 * 0.1 / (8 / 255))
 
 
 def test_examples_hold_reconstructions_and_per_point_verdicts(chain: Path) -> None:
@@ -99,6 +125,12 @@ def test_examples_hold_reconstructions_and_per_point_verdicts(chain: Path) -> No
     assert len(tensors["robust_worst_case"]) == load_tiny()["evaluation"]["defences"]["carso"]["n_points"]
     at, _ = load_tensors(chain / "eval" / "at" / "examples.safetensors")
     assert "recon_clean" not in at and len(at["robust_worst_case"]) == 20
+    for name in ("atop_rt", "atop"):  # the transformed inputs and the purified image, with the classifier's labels
+        atop, _ = load_tensors(chain / "eval" / name / "examples.safetensors")
+        k = len(atop["labels"])
+        assert atop["transformed_adversarial"].shape == (k, 1, 1, 28, 28)
+        assert atop["purified_clean"].shape == (k, 1, 1, 28, 28) and atop["purified_clean_pred"].shape == (k, 1)
+        assert (atop["transformed_clean"] == 0.5).float().mean() >= 12 / 49  # mid-grey masked blocks
 
 
 def test_purifier_stage_writes_model_curve_and_metrics(chain: Path) -> None:
@@ -110,6 +142,21 @@ def test_purifier_stage_writes_model_curve_and_metrics(chain: Path) -> None:
     assert 0.0 <= metrics["final_recon_adv_acc"] <= 1.0
 
 
+def test_atop_stages_write_inpainters_curves_and_metrics(chain: Path) -> None:
+    tiny = load_tiny()["atop"]
+    for stage in ("pretrain", "finetune"):
+        curve = (chain / "atop" / stage / "curve.csv").read_text().splitlines()
+        assert curve[0].startswith("epoch,l1_coarse,l1_refined,d_loss,g_loss,ce,") and len(curve) == 1 + tiny[stage]["epochs"]
+        metrics = json.loads((chain / "atop" / stage / "train_metrics.json").read_text())
+        assert metrics["epochs"] == tiny[stage]["epochs"] and metrics["train_points"] == tiny[stage]["train_points"]
+        assert metrics["precision"] in ("fp32", "bf16") and metrics["final_images_per_second"] > 0
+    ce = [float(line.split(",")[5]) for line in (chain / "atop" / "finetune" / "curve.csv").read_text().splitlines()[1:]]
+    assert ce[0] == 0 and ce[1] > 0  # the CE term starts at ce_from_epoch (2 in the tiny config)
+    assert (chain / "atop" / "pretrain" / "discriminator.safetensors").exists()
+    _, meta = load_tensors(chain / "atop" / "finetune" / "inpainter.safetensors")
+    assert meta["stage"] == "finetune_inpainter" and meta["transform"]["kind"] == "rt2" and meta["classifier_sha256"]
+
+
 def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> None:
     html = (chain / "report" / "report.html").read_text()
     m = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
@@ -117,10 +164,15 @@ def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> Non
     assert f"{100 * m['clean']['accuracy']:.2f}%" in html
     assert f"(n={m['autoattack']['n']})" in html
     md = (chain / "report" / "report.md").read_text()
-    assert "| defence |" in md and (chain / "report" / "training_curves.png").stat().st_size > 1000
-    for figure in ("purifier_curves.png", "reconstructions.png"):
-        assert (chain / "report" / figure).stat().st_size > 1000 and figure in md
-    assert "`carso` (classifier + CARSO purifier)" in md and "classifier alone on this run" in md
+    assert "| defence |" in md and (chain / "report" / "figures" / "training_curves.png").stat().st_size > 1000
+    figures = ["purifier_curves", "inpainter_curves", *(f"examples_{name}" for name in DEFENCES)]
+    for figure in figures:
+        assert (chain / "report" / "figures" / f"{figure}.png").stat().st_size > 1000 and f"figures/{figure}.png" in md
+    assert "`carso` (classifier + CARSO purifier)" in md and "the classifier alone on this run" in md
+    for name in DEFENCES:
+        assert f"| `{name}` (" in md
+    for pair in (("AToP", "the classifier alone"), ("AToP", "AToP without fine-tuning"), ("AToP", "CARSO")):
+        assert re.search(rf"{pair[0]} (beat|did worse than|did not measurably beat) {pair[1]} on this run", md), pair
 
 
 def test_report_fails_clearly_without_inputs(tmp_path: Path) -> None:
@@ -134,10 +186,11 @@ def test_evaluation_uses_fp32_even_if_training_used_bf16(chain: Path) -> None:
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
-def test_carso_evaluation_without_a_purifier_says_what_to_pass(chain: Path) -> None:
+@pytest.mark.parametrize("defence", ["carso", "atop"])
+def test_evaluation_without_the_trained_files_says_what_to_pass(chain: Path, defence: str) -> None:
     root = chain.parent.parent
-    result = run_cli(["evaluate", "--dataset", "fashion_mnist", "--defence", "carso", "--model",
-                      "data/fashion_mnist/classifier/model.safetensors", "--data", "data/fashion_mnist/dataset",
-                      "--adversarial", "data/fashion_mnist/adversarial", "--out", "elsewhere"], cwd=root)
-    assert result.returncode == 2 and "--purifier" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(["evaluate", "--dataset", "fashion_mnist", "--defence", defence, "--model", CLF,
+                      "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--out", "elsewhere"], cwd=root)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--artifacts {DEFENCES[defence][0]}" in result.stderr
     assert not (root / "elsewhere" / "metrics.json").exists()

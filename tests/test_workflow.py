@@ -13,16 +13,21 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, load_tiny, make_project, run_tool, write_params
+from conftest import REPO, load_tiny, make_project, run_tool, without_timings, write_params
 
 pytestmark = pytest.mark.slow
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 D = "data/fashion_mnist"
+DEFENCES = ["at", "carso", "atop_rt", "atop"]
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
            f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
-           f"{D}/eval/at/metrics.json", f"{D}/eval/carso/metrics.json", f"{D}/eval/carso/examples.safetensors",
-           f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/reconstructions.png"]
+           f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
+           f"{D}/atop/finetune/inpainter.safetensors", f"{D}/atop/finetune/curve.csv",
+           *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "examples.safetensors")),
+           f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
+           f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
+TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter"]
 # evaluate's settings depend on the defence wildcard (workflow/rules/evaluate.smk, evaluate_settings)
 EVALUATE_SETTINGS = ["evaluation.confidence", "evaluation.eps", "evaluation.transfer_attack", "runtime.seed"]
 
@@ -75,11 +80,16 @@ def stage_name(job: dict[str, Any]) -> str:
 
 
 def expected_settings(job: dict[str, Any], settings: dict[str, list[str]]) -> list[str]:
-    if job["rule"] != "evaluate":
-        return settings[job["rule"]]
-    defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
-    extra = ["carso"] if defence == "carso" else []
-    return sorted(EVALUATE_SETTINGS + [f"evaluation.defences.{defence}"] + extra)
+    """What each rule declares: literally (settings(...)), or per defence (evaluate), or per method (report)."""
+    from carso.defences import METHODS, defence as defence_spec
+
+    if job["rule"] == "evaluate":
+        defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
+        return sorted(EVALUATE_SETTINGS + [f"evaluation.defences.{defence}", *defence_spec(defence).settings])
+    if job["rule"] == "report":
+        return sorted(["runtime", "data", "classifier", "adversarial", "evaluation", "report",
+                       *(s for m in METHODS for s in m.sections)])
+    return settings[job["rule"]]
 
 
 def snakemake_settings() -> dict[str, list[str]]:
@@ -100,7 +110,7 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
     settings = snakemake_settings()
-    assert len(jobs) == len(stages) == 14
+    assert len(jobs) == len(stages) == 22  # 11 per dataset: 5 trainings, 4 evaluations, fetch, report
     for job in jobs:
         name = stage_name(job)
         stage = stages.pop(name)
@@ -114,11 +124,12 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
 def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
     for out in OUTPUTS:
         assert (tiny_local_run / out).exists(), out
-    for rule in ("train_classifier", "generate_adversarial", "train_purifier", "evaluate_at", "evaluate_carso"):
+    for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES)):
         bench = (tiny_local_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
     assert "clean accuracy" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
-    assert "AutoAttack (rand)" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_carso.log").read_text()
+    for name in ("carso", "atop_rt", "atop"):
+        assert "AutoAttack (rand)" in (tiny_local_run / "logs" / "fashion_mnist" / f"evaluate_{name}.log").read_text()
 
 
 def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_run: Path) -> None:
@@ -134,9 +145,18 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
             "evaluate_at@fashion_mnist", "evaluate_carso@fashion_mnist", "report@fashion_mnist",
             "train_purifier@fashion_mnist"]
+        params["atop"]["finetune"]["ce_weight"] = 0.1  # AToP's fine-tuning: its stage and its defence only
+        write_params(tiny_local_run / "params.yaml", params)
+        assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
+            "evaluate_at@fashion_mnist", "evaluate_atop@fashion_mnist", "evaluate_carso@fashion_mnist",
+            "finetune_inpainter@fashion_mnist", "report@fashion_mnist", "train_purifier@fashion_mnist"]
+        params["atop"]["transform"]["missing_share"] = 0.5  # the transform: both AToP trainings and defences
+        write_params(tiny_local_run / "params.yaml", params)
+        assert {"pretrain_inpainter@fashion_mnist", "evaluate_atop_rt@fashion_mnist"} <= {
+            stage_name(j) for j in snakemake_jobs(tiny_local_run)}
         params["classifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
-        assert len(snakemake_jobs(tiny_local_run)) == 6  # a training change reruns everything downstream
+        assert len(snakemake_jobs(tiny_local_run)) == 10  # a classifier change reruns everything downstream
     finally:
         write_params(tiny_local_run / "params.yaml", load_tiny())
 
@@ -161,17 +181,14 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
         project)
     first = _sh("dvc repro", project)
     assert {s.split("@")[0] for s in ran_stages(first)} == {
-        "fetch", "train_classifier", "generate_adversarial", "train_purifier", "evaluate_at", "evaluate_carso",
-        "report"}
-    for name in ("eval/at/metrics.json", "eval/carso/metrics.json", "classifier/train_metrics.json",
-                 "purifier/train_metrics.json"):  # the same artifacts as Snakemake's
-        a = json.loads((project / D / name).read_text())
-        b = json.loads((tiny_local_run / D / name).read_text())
-        for key in ("clean", "pgd", "autoattack", "transfer", "robust_worst_case", "final_test_clean_acc",
-                    "final_test_adv_acc", "final_loss"):
-            assert a.get(key) == b.get(key), (name, key)
-    for name in ("classifier/model.safetensors", "purifier/model.safetensors"):
-        assert (project / D / name).read_bytes() == (tiny_local_run / D / name).read_bytes(), name
+        "fetch", *TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), "report"}
+    for path in sorted((tiny_local_run / D).rglob("*")):  # the same artifacts as Snakemake's, bit for bit
+        name = path.relative_to(tiny_local_run)
+        if path.suffix == ".safetensors":
+            assert (project / name).read_bytes() == path.read_bytes(), name
+        elif path.suffix == ".json":
+            assert without_timings(json.loads((project / name).read_text())) == without_timings(
+                json.loads(path.read_text())), name
     _sh("git add -A && git commit -qm results", project)
 
     model = project / D / "classifier" / "model.safetensors"
@@ -232,4 +249,4 @@ def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", load_tiny())
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 7 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 11 and all("--params other.yaml" in j["shell"] for j in jobs)

@@ -21,14 +21,15 @@ import pytest
 import yaml
 
 from carso.io import sha256_file
-from conftest import LOCAL_CORES, REPO, load_tiny, make_project, run_tool
+from conftest import LOCAL_CORES, REPO, load_tiny, make_project, run_tool, without_timings
 
 pytestmark = pytest.mark.slow
 LOCAL_SLURM = REPO / "tools" / "local_slurm.py"
 SLURM_COMMANDS = ["munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "scontrol"]
 D = "data/fashion_mnist"
 PROFILE = Path("workflow") / "profiles" / "slurm" / "config.yaml"
-MODEL_RULES = ("train_classifier", "generate_adversarial", "train_purifier", "evaluate")
+MODEL_RULES = ("train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
+               "evaluate")
 GPU_MODEL = "placeholder"  # the GPU type tools/local_slurm.py advertises
 
 
@@ -126,15 +127,6 @@ def asked(resources: dict[str, str]) -> dict[str, Any]:
     return {"cpus": int(resources["cpus_per_task"]), "minutes": int(resources["runtime"]),
             "mem_mb": int(resources["mem_mb"]),
             "gpus": (f"gres:gpu:{model}:{gpus}" if model else f"gres:gpu:{gpus}") if gpus else None}
-
-
-def without_timings(value: Any) -> Any:
-    """A metrics file without its wall-clock times (`seconds`, `train_seconds`, ...), which differ run to run."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 def curve(path: Path) -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
 rule generate_adversarial:
     input:
-        code=CODE["generate_adversarial"],
+        code=code("generate_adversarial"),
         model="data/{dataset}/classifier/model.safetensors",
         train="data/{dataset}/dataset/train.safetensors",
         test="data/{dataset}/dataset/test.safetensors",

@@ -1,6 +1,6 @@
 rule train_classifier:
     input:
-        code=CODE["train_classifier"],
+        code=code("train_classifier"),
         train="data/{dataset}/dataset/train.safetensors",
         test="data/{dataset}/dataset/test.safetensors",
         manifest="data/{dataset}/dataset/manifest.json",

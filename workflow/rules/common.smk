@@ -1,35 +1,27 @@
-# Validation of params.yaml and the small helpers shared by all stages.
+# Validation of params.yaml and the small helpers shared by all stages. The defences, the methods behind them
+# and the code each stage runs come from the library's registry (carso.defences) and carso.codedeps.
 import sys
 from pathlib import Path
 
+from carso.codedeps import stage_code
+from carso.defences import defence as defence_spec, methods_of
 from carso.errors import UserError
 from carso.params import validate as validate_params
 
-try:
+try:  # the shared schema, every method's schema fragment and the cross-key rules, in one sentence on failure
     validate_params({k: v for k, v in config.items() if k != "params_file"}, PARAMS_FILE)
 except UserError as err:
     sys.exit(f"error: {err}")
-validate(config, "../schemas/params.schema.yaml")
 
 DATASETS = config["datasets"]
-DEFENCES = ["at", "carso"]  # at: the adversarially-trained classifier alone; carso: classifier + purifier
+DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: evaluation.defences, in its order
+METHODS = methods_of(DEFENCES)  # the methods behind them: only their training stages are built
 
-# The library modules each stage runs: they are inputs, so editing one reruns exactly the stages it affects
-# (the same lists are `deps` in dvc.yaml).
-BASE_CODE = ["carso/cli.py", "carso/params.py", "carso/io.py", "carso/errors.py"]
-MODEL_CODE = ["carso/attacks.py", "carso/checkpoint.py", "carso/data.py", "carso/device.py", "carso/distributed.py",
-              "carso/models.py"]
-PURIFIER_CODE = ["carso/purifier.py", "carso/representation.py"]
-CODE = {
-    "fetch": BASE_CODE + ["carso/data.py"],
-    "train_classifier": BASE_CODE + MODEL_CODE + ["carso/training.py", "carso/resume.py", "carso/pretrained.py"],
-    "generate_adversarial": BASE_CODE + MODEL_CODE + ["carso/advgen.py"],
-    "train_purifier": BASE_CODE + [m for m in MODEL_CODE if m != "carso/attacks.py"] + PURIFIER_CODE
-    + ["carso/purifier_training.py", "carso/resume.py"],
-    "evaluate": BASE_CODE + MODEL_CODE + PURIFIER_CODE + ["carso/defence.py", "carso/aggregation.py",
-                                                          "carso/evaluation.py", "carso/stats.py"],
-    "report": BASE_CODE + ["carso/report.py", "carso/stats.py"],
-}
+
+def code(stage, defences=()):
+    """The library files `stage` runs (carso.codedeps): inputs, so editing one reruns exactly the stages it affects
+    (the same lists are `deps` in dvc.yaml)."""
+    return stage_code(stage, defences)
 
 
 def all_targets():
@@ -53,8 +45,8 @@ def heavy_resources(mem_mb):
 
 
 def training_resources(mem_mb):
-    """The two training rules also take `processes`: more than one GPU or process makes them data-parallel
-    (e.g. `--set-resources train_purifier:gpu=4`, or `train_classifier:processes=2` on CPUs)."""
+    """The data-parallel training rules also take `processes`: more than one GPU or process makes them
+    data-parallel (e.g. `--set-resources train_purifier:gpu=4`, or `train_classifier:processes=2` on CPUs)."""
     return {**heavy_resources(mem_mb), "processes": 1}
 
 
@@ -67,20 +59,32 @@ def launcher(wildcards, resources):
 
 
 def evaluate_inputs(wildcards):
-    """Both defences need the classifier, the test set and the stored transfer examples; carso its purifier."""
-    inputs = {
-        "code": CODE["evaluate"],
-        "model": f"data/{wildcards.dataset}/classifier/model.safetensors",
-        "test": f"data/{wildcards.dataset}/dataset/test.safetensors",
-        "adversarial": f"data/{wildcards.dataset}/adversarial/test.safetensors",
-    }
-    if wildcards.defence == "carso":
-        inputs["purifier"] = f"data/{wildcards.dataset}/purifier/model.safetensors"
-    return inputs
+    """Every defence needs the classifier, the test set and the stored transfer examples, plus the trained files
+    its registry entry names (`DefenceSpec.artifacts`)."""
+    d = f"data/{wildcards.dataset}"
+    inputs = {"code": code("evaluate", [wildcards.defence]), "model": f"{d}/classifier/model.safetensors",
+              "test": f"{d}/dataset/test.safetensors", "adversarial": f"{d}/adversarial/test.safetensors"}
+    artifacts = [f"{d}/{a}" for a in defence_spec(wildcards.defence).artifacts]
+    return {**inputs, "artifacts": artifacts} if artifacts else inputs
 
 
 def evaluate_settings(wildcards):
-    """The keys one defence's evaluation depends on: a change to the other defence's section leaves it be."""
+    """The keys one defence's evaluation depends on: a change to another defence's section leaves it be."""
     keys = ["evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
             f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
-    return settings(*keys, *(["carso"] if wildcards.defence == "carso" else []))
+    return settings(*keys, *defence_spec(wildcards.defence).settings)
+
+
+def report_inputs(wildcards):
+    """The shared results, every evaluated defence's metrics and examples, and each method's report files."""
+    d = f"data/{wildcards.dataset}"
+    inputs = {"code": code("report", DEFENCES), "manifest": f"{d}/dataset/manifest.json",
+              "curve": f"{d}/classifier/curve.csv", "train": f"{d}/classifier/train_metrics.json",
+              "adversarial": f"{d}/adversarial/summary.json",
+              "evals": [f"{d}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "examples.safetensors")]}
+    return {**inputs, "methods": [f"{d}/{f}" for m in METHODS for f in m.report_files]}
+
+
+def report_settings():
+    sections = ["runtime", "data", "classifier", "adversarial", *(s for m in METHODS for s in m.sections)]
+    return settings(*sections, "evaluation", "report")

@@ -1,6 +1,6 @@
 rule fetch:
     input:
-        code=CODE["fetch"],
+        code=code("fetch"),
     output:
         train="data/{dataset}/dataset/train.safetensors",
         test="data/{dataset}/dataset/test.safetensors",

@@ -7,7 +7,9 @@ rule evaluate:
     params:
         settings=evaluate_settings,
         params_file=PARAMS_FILE,
-        purifier=lambda wildcards, input: f" --purifier {input.purifier}" if "purifier" in input.keys() else "",
+        artifacts=lambda wildcards, input: (
+            f" --artifacts {' '.join(input.artifacts)}" if "artifacts" in input.keys() else ""
+        ),
         data=lambda wildcards, input: str(Path(input.test).parent),
         adversarial=lambda wildcards, input: str(Path(input.adversarial).parent),
         out=subpath(output.metrics, parent=True),
@@ -22,5 +24,5 @@ rule evaluate:
         **heavy_resources(mem_mb=8000),
     shell:
         "python -m carso evaluate --params {params.params_file} --dataset {wildcards.dataset}"
-        " --defence {wildcards.defence} --model {input.model}{params.purifier} --data {params.data}"
+        " --defence {wildcards.defence} --model {input.model}{params.artifacts} --data {params.data}"
         " --adversarial {params.adversarial} --out {params.out} --threads {threads} --log-file {log}"

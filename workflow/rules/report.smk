@@ -1,22 +1,12 @@
 rule report:
     input:
-        code=CODE["report"],
-        manifest="data/{dataset}/dataset/manifest.json",
-        curve="data/{dataset}/classifier/curve.csv",
-        train="data/{dataset}/classifier/train_metrics.json",
-        adversarial="data/{dataset}/adversarial/summary.json",
-        purifier_curve="data/{dataset}/purifier/curve.csv",
-        purifier="data/{dataset}/purifier/train_metrics.json",
-        evals=expand("data/{{dataset}}/eval/{defence}/metrics.json", defence=DEFENCES),
-        examples="data/{dataset}/eval/carso/examples.safetensors",
+        unpack(report_inputs),
     output:
         html="data/{dataset}/report/report.html",
         md="data/{dataset}/report/report.md",
-        figure="data/{dataset}/report/training_curves.png",
-        purifier_figure="data/{dataset}/report/purifier_curves.png",
-        reconstructions="data/{dataset}/report/reconstructions.png",
+        figures=directory("data/{dataset}/report/figures"),
     params:
-        settings=settings("runtime", "data", "classifier", "adversarial", "purifier", "carso", "evaluation", "report"),
+        settings=report_settings(),
         params_file=PARAMS_FILE,
         root=lambda wildcards, input: str(Path(input.manifest).parent.parent),
         out=subpath(output.html, parent=True),

@@ -1,6 +1,6 @@
 rule train_purifier:
     input:
-        code=CODE["train_purifier"],
+        code=code("train_purifier"),
         model="data/{dataset}/classifier/model.safetensors",
         train="data/{dataset}/adversarial/train.safetensors",
         test="data/{dataset}/adversarial/test.safetensors",

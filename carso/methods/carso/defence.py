@@ -7,14 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso.aggregation import get_aggregation
 from carso.checkpoint import load_classifier
-from carso.errors import UserError
 from carso.io import sha256_file
-from carso.purifier import Purifier, load_purifier
-from carso.representation import RepresentationExtractor
-
-DEFENCES = ("at", "carso")  # at: the adversarially-trained classifier alone; carso: classifier + purifier
+from carso.methods.carso.aggregation import get_aggregation
+from carso.methods.carso.purifier import Purifier, load_purifier
+from carso.methods.carso.representation import RepresentationExtractor
 
 
 class CarsoDefence(nn.Module):
@@ -52,6 +49,10 @@ class CarsoDefence(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aggregate(self.sample_logits(x))
 
+    def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the defence makes of `x`, for the report's figure: its N reconstructions (B, N, C, H, W)."""
+        return {"recon": self.reconstructions(x)}
+
     def train(self, mode: bool = True) -> "CarsoDefence":
         """The classifier always stays in eval mode; the purifier follows `mode`."""
         super().train(mode)
@@ -59,15 +60,8 @@ class CarsoDefence(nn.Module):
         return self
 
 
-def load_defence(name: str, classifier_path: Path, purifier_path: Path | None, dataset: str,
-                 carso_cfg: dict[str, Any]) -> nn.Module:
-    """The model a defence name stands for: `at` the classifier alone, `carso` classifier + purifier."""
+def load(classifier_path: Path, artifacts: list[Path], dataset: str, params: dict[str, Any]) -> CarsoDefence:
+    """The `carso` defence: the classifier, the train_purifier stage's purifier (artifacts[0]) and `carso`."""
     classifier = load_classifier(classifier_path, dataset)
-    if name == "at":
-        return classifier
-    if name != "carso":
-        raise UserError(f"unknown defence '{name}'; the defences are: {', '.join(DEFENCES)}.")
-    if purifier_path is None:
-        raise UserError("the carso defence needs --purifier (the train_purifier stage's model.safetensors).")
-    purifier, extractor = load_purifier(purifier_path, classifier, dataset, sha256_file(classifier_path))
-    return CarsoDefence(classifier, purifier, extractor, carso_cfg["n_samples"], carso_cfg["aggregation"])
+    purifier, extractor = load_purifier(artifacts[0], classifier, dataset, sha256_file(classifier_path))
+    return CarsoDefence(classifier, purifier, extractor, params["carso"]["n_samples"], params["carso"]["aggregation"])

@@ -1,21 +1,22 @@
-"""Training CARSO's purifier on adversarially-balanced batches, with the classifier frozen."""
+"""The train_purifier stage: CARSO's purifier trained on adversarially-balanced batches, the classifier frozen."""
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+from argparse import Namespace
 from typing import Any, Iterable
 
 import torch
 from tqdm import tqdm
 
 from carso.checkpoint import load_classifier
-from carso.device import autocast, describe, memory_format
+from carso.device import autocast, describe, memory_format, with_precision
 from carso.data import load_adversarial
 from carso.distributed import Team, parallel
 from carso.io import fingerprint, sha256_file, write_json, write_text
-from carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
-from carso.representation import RepresentationExtractor
+from carso.methods.carso.purifier import Purifier, PurifierConfig, beta_schedule, build_purifier, purifier_loss, save_purifier
+from carso.methods.carso.representation import RepresentationExtractor
 from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
     opt: torch.optim.Optimizer = Lookahead(inner) if cfg["lookahead"] else inner
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, steps))
     checkpoint = EpochCheckpoint(checkpoint_path, fingerprint({"cfg": cfg, "seed": seed, "data": data_key}))
-    curve = checkpoint.restore(purifier, opt, sched)
+    curve = checkpoint.restore({"model": purifier, "optimizer": opt, "scheduler": sched})
     net = parallel(purifier, team, device)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
@@ -167,12 +168,12 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         log.info("epoch %d: loss %.2f (BCE %.2f, KL %.2f, beta %.3f), reconstruction accuracy clean %.4f / "
                  "adversarial %.4f, %.1f s", epoch, row["loss"], row["bce"], row["kl"], beta,
                  row.get("recon_clean_acc", float("nan")), row.get("recon_adv_acc", float("nan")), row["seconds"])
-        checkpoint.save(purifier, opt, sched, curve)
+        checkpoint.save({"model": purifier, "optimizer": opt, "scheduler": sched}, curve)
     return curve
 
 
-PURIFIER_TRAINING_MODULES = ("purifier_training", "purifier", "representation", "models", "checkpoint", "data",
-                             "device", "resume", "distributed")
+PURIFIER_TRAINING_MODULES = ("methods/carso/training", "methods/carso/purifier", "methods/carso/representation",
+                             "models", "checkpoint", "data", "device", "resume", "distributed")
 CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
 
 
@@ -180,6 +181,7 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                           cfg: dict[str, Any], seed: int, device: torch.device, team: Team = Team()) -> dict[str, Any]:
     """The train_purifier stage: build, train (resumably) and save the purifier, its curve and metrics
     (rank 0 alone writes under torchrun; the other processes return an empty dict)."""
+    cfg = with_precision(cfg, device)
     classifier = load_classifier(classifier_path, dataset).to(device, memory_format=memory_format(cfg["channels_last"]))
     purifier, extractor = build_purifier(classifier, dataset, PurifierConfig.from_params(cfg), cfg["layers"])
     purifier = purifier.to(device, memory_format=memory_format(cfg["channels_last"]))
@@ -207,3 +209,9 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)
     return metrics
+
+
+def stage(args: Namespace, params: dict[str, Any], device: torch.device, team: Team) -> None:
+    """`python -m carso train-purifier`: the classifier (--model) and generate_adversarial's folder in, --out out."""
+    run_purifier_training(args.dataset, Path(args.model), Path(args.adversarial), Path(args.out), params["purifier"],
+                          params["runtime"]["seed"], device, team)

@@ -19,7 +19,7 @@ from carso.data import dataset_spec
 from carso.errors import UserError
 from carso.io import load_tensors, save_tensors
 from carso.models import Normalize
-from carso.representation import RepresentationExtractor
+from carso.methods.carso.representation import RepresentationExtractor
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,54 @@
+"""The registry of defences: one place that maps a defence name to its method (what that method trains, its
+params sections, its report part) and to how the defence loads as one nn.Module from [0, 1] images to logits.
+
+The CLI, the params validation, the evaluation, the report and the Snakemake rules ask this module; none of
+them imports a method by name. A new method is a subpackage of `carso.methods` plus one entry in `METHODS`.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from carso.errors import UserError
+from carso.methods import DefenceSpec, MethodSpec, StageSpec
+from carso.methods.atop import METHOD as ATOP
+from carso.methods.carso import METHOD as CARSO
+
+
+AT = DefenceSpec("at", "adversarially-trained classifier alone", "the classifier alone",
+                 "carso.checkpoint:load_classifier_defence")
+METHODS: tuple[MethodSpec, ...] = (CARSO, ATOP)  # a new method: one more entry here
+DEFENCES: dict[str, DefenceSpec] = {AT.name: AT, **{d.name: d for m in METHODS for d in m.defences}}
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """The function a "module:function" path names, imported on demand."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def defence(name: str) -> DefenceSpec:
+    if name not in DEFENCES:
+        raise UserError(f"unknown defence '{name}'; the defences are: {', '.join(DEFENCES)}.")
+    return DEFENCES[name]
+
+
+def method_of(name: str) -> MethodSpec | None:
+    """The method a defence belongs to (None for `at`, the classifier alone)."""
+    return next((m for m in METHODS if any(d.name == name for d in m.defences)), None)
+
+
+def methods_of(defences: list[str]) -> list[MethodSpec]:
+    """The methods behind `defences`, in registry order."""
+    wanted = {m.name for m in map(method_of, defences) if m is not None}
+    return [m for m in METHODS if m.name in wanted]
+
+
+def training_stages() -> dict[str, StageSpec]:
+    """Every method's training stages, by name."""
+    return {s.name: s for m in METHODS for s in m.stages}
+
+
+def method_dir(method: MethodSpec) -> Path:
+    return Path(__file__).resolve().parent / "methods" / method.name

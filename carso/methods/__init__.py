@@ -1,0 +1,53 @@
+"""What a method is: its training stages, its defences, its params sections and its part of the report.
+
+Each method is a subpackage (`carso/methods/<name>/`) whose `__init__.py` defines `METHOD`, a `MethodSpec`,
+and whose `schema.yaml` holds the JSON schema of its params.yaml sections. `carso.defences` registers it.
+Functions are named by import path ("module:function") and imported only when a stage calls them, so reading
+a record imports neither torch nor the method's code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A training stage of a method: a Snakemake rule and a DVC stage `name`, CLI subcommand `command`."""
+
+    name: str                                # e.g. train_purifier (rule and DVC stage); CLI: train-purifier
+    run: str                                 # "module:function", called as f(args, params, device, team)
+    options: tuple[tuple[str, str], ...]     # CLI flags beyond --params/--dataset/--threads/--log-file, with help
+    data_parallel: bool = False              # may run under torchrun (every other stage refuses it)
+    help: str = ""
+
+    @property
+    def command(self) -> str:
+        return self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class DefenceSpec:
+    """A defence: how to load it as one nn.Module from [0, 1] images to logits, and how the report names it."""
+
+    name: str                                # the `defence` wildcard, evaluation.defences.<name>, eval/<name>/
+    title: str                               # the report's description, e.g. "classifier + CARSO purifier"
+    label: str                               # its name in a sentence, e.g. "CARSO", "the classifier alone"
+    load: str                                # "module:function", f(classifier_path, artifacts, dataset, params)
+    artifacts: tuple[str, ...] = ()          # trained files it loads, relative to the dataset's folder, in order
+    settings: tuple[str, ...] = ()           # params.yaml keys the loaded defence reads (beyond its weights)
+    compare_with: tuple[str, ...] = ()       # defences the report compares it with, on the same points
+    published: str = ""                      # what its paper reports, for the report's comparisons
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: the params sections it owns, its training stages, its defences and its report part."""
+
+    name: str                                # its subpackage, carso/methods/<name>/
+    title: str                               # e.g. "CARSO (arXiv 2306.06081)"
+    sections: tuple[str, ...]                # top-level params.yaml sections (schema: <name>/schema.yaml)
+    stages: tuple[StageSpec, ...]
+    defences: tuple[DefenceSpec, ...]
+    check_params: str | None = None          # "module:function", f(params, source): cross-key checks (UserError)
+    report: str | None = None                # "module:function", f(root, params) -> the report's sections
+    report_files: tuple[str, ...] = ()       # files, relative to the dataset's folder, that its report part reads

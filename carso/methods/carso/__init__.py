@@ -1,0 +1,28 @@
+"""CARSO (arXiv 2306.06081; ../shared/docs/METHOD.md, section 1): a conditional VAE maps the classifier's internal
+representation of a (possibly attacked) input to clean reconstructions; N of them are classified and aggregated.
+
+Modules: representation (forward hooks), purifier (the conditional VAE), training (the train_purifier stage),
+aggregation, defence (CarsoDefence and its loader), params (cross-key checks), report (its report part).
+Params sections: `purifier` (training) and `carso` (inference); schema in schema.yaml.
+"""
+from carso.methods import DefenceSpec, MethodSpec, StageSpec
+
+PUBLISHED = ("The CARSO paper reports CARSO above its classifier alone on CIFAR-10 (AutoAttack rand 76.13% vs 67.73%, "
+             "eps 8/255) and CIFAR-100 (66.65% vs 39.18%); it gives no FashionMNIST figure at eps 0.1.")
+
+METHOD = MethodSpec(
+    name="carso",
+    title="CARSO (arXiv 2306.06081)",
+    sections=("purifier", "carso"),
+    stages=(StageSpec("train_purifier", "carso.methods.carso.training:stage",
+                      (("--model", "classifier .safetensors"),
+                       ("--adversarial", "generate_adversarial's folder"),
+                       ("--out", "folder for the purifier, checkpoint and curves")),
+                      data_parallel=True, help="train CARSO's purifier (the classifier frozen)"),),
+    defences=(DefenceSpec("carso", "classifier + CARSO purifier", "CARSO", "carso.methods.carso.defence:load",
+                          artifacts=("purifier/model.safetensors",), settings=("carso",), compare_with=("at",),
+                          published=PUBLISHED),),
+    check_params="carso.methods.carso.params:check",
+    report="carso.methods.carso.report:sections",
+    report_files=("purifier/curve.csv", "purifier/train_metrics.json"),
+)

@@ -1,0 +1,72 @@
+# AToP (carso/methods/atop): the inpainter is pre-trained behind the random transform, then fine-tuned
+# adversarially against the frozen classifier; evaluate's `atop_rt` and `atop` defences load the two.
+
+
+rule pretrain_inpainter:
+    input:
+        code=code("pretrain_inpainter"),
+        model="data/{dataset}/classifier/model.safetensors",
+        train="data/{dataset}/dataset/train.safetensors",
+        test="data/{dataset}/adversarial/test.safetensors",
+    output:
+        model="data/{dataset}/atop/pretrain/inpainter.safetensors",
+        discriminator="data/{dataset}/atop/pretrain/discriminator.safetensors",
+        curve="data/{dataset}/atop/pretrain/curve.csv",
+        metrics="data/{dataset}/atop/pretrain/train_metrics.json",
+    params:
+        settings=settings(
+            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.pretrain", "runtime.seed"
+        ),
+        params_file=PARAMS_FILE,
+        data=subpath(input.train, parent=True),
+        adversarial=subpath(input.test, parent=True),
+        out=subpath(output.model, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        "logs/{dataset}/pretrain_inpainter.log",
+    benchmark:
+        "benchmarks/{dataset}/pretrain_inpainter.tsv"
+    threads: workflow.cores
+    resources:
+        **heavy_resources(mem_mb=8000),
+    shell:
+        "python -m carso pretrain-inpainter --params {params.params_file} --dataset {wildcards.dataset}"
+        " --model {input.model} --data {params.data} --adversarial {params.adversarial} --out {params.out}"
+        " --threads {threads} --log-file {log}"
+
+
+rule finetune_inpainter:
+    input:
+        code=code("finetune_inpainter"),
+        model="data/{dataset}/classifier/model.safetensors",
+        train="data/{dataset}/dataset/train.safetensors",
+        test="data/{dataset}/adversarial/test.safetensors",
+        inpainter="data/{dataset}/atop/pretrain/inpainter.safetensors",
+        discriminator="data/{dataset}/atop/pretrain/discriminator.safetensors",
+    output:
+        model="data/{dataset}/atop/finetune/inpainter.safetensors",
+        curve="data/{dataset}/atop/finetune/curve.csv",
+        metrics="data/{dataset}/atop/finetune/train_metrics.json",
+    params:
+        settings=settings(
+            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune", "runtime.seed"
+        ),
+        params_file=PARAMS_FILE,
+        data=subpath(input.train, parent=True),
+        adversarial=subpath(input.test, parent=True),
+        pretrained=subpath(input.inpainter, parent=True),
+        out=subpath(output.model, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        "logs/{dataset}/finetune_inpainter.log",
+    benchmark:
+        "benchmarks/{dataset}/finetune_inpainter.tsv"
+    threads: workflow.cores
+    resources:
+        **heavy_resources(mem_mb=8000),
+    shell:
+        "python -m carso finetune-inpainter --params {params.params_file} --dataset {wildcards.dataset}"
+        " --model {input.model} --data {params.data} --adversarial {params.adversarial}"
+        " --pretrained {params.pretrained} --out {params.out} --threads {threads} --log-file {log}"
