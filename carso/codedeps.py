@@ -2,9 +2,11 @@
 exactly the stages that run it.
 
 A stage's code is the import closure (every `carso` import, those inside functions included, and the packages
-they live in) of: cli.py's top-level imports and those of its `main`, the imports of the CLI function that runs
-the stage (and of `_runtime`, where it calls it), and the registry functions it calls by name: a method's stage function, the
-evaluated defence's loader, the report part of each evaluated method.
+they live in) of: carso/__main__.py, cli.py's top-level imports and those of its `main`, the imports of the CLI
+function that runs the stage (and of `_runtime`, where it calls it), and the registry functions it calls by name:
+every method's params checks (the validation runs in every stage), a method's stage function, the evaluated
+defence's loader, the report part of each evaluated method. tests/test_stages.py checks the result against
+what each stage really imports.
 """
 from __future__ import annotations
 
@@ -78,10 +80,11 @@ def _module_of(function_path: str) -> str:
 
 def stage_modules(stage: str, defences: Sequence[str] = ()) -> set[str]:
     """The modules stage `stage` runs; `defences`: the defence it evaluates (evaluate) or reports on (report)."""
-    from carso.defences import DEFENCES, methods_of, training_stages
+    from carso.defences import DEFENCES, METHODS, methods_of, training_stages
 
     method_stages = training_stages()
     entry = cli_function_imports("main")  # every stage starts there: logging, params, the stage's function
+    entry |= {_module_of(m.check_params) for m in METHODS if m.check_params}  # the params validation calls them
     if stage in method_stages:
         entry |= cli_function_imports("method_stage") | {_module_of(method_stages[stage].run)}
     else:

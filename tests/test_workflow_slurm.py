@@ -145,7 +145,8 @@ def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: No
         assert int(resources.get("gpu", 0)) == (0 if name.startswith(("rule_fetch_", "rule_report_")) else 1), name
 
     before = set(slurm_jobs())
-    result = run_tool(["snakemake", "--profile", str(PROFILE)], cwd=on_slurm, timeout=300)
+    # the tiny DAG as 11 Slurm jobs, one at a time on the 2-CPU node: 4 to 8 min here (conftest: tiny_local_run)
+    result = run_tool(["snakemake", "--profile", str(PROFILE)], cwd=on_slurm, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     ran = {jobid: job for jobid, job in slurm_jobs().items() if jobid not in before}
     # one Slurm job per DAG job, all finished, all from this run (the plugin names them by its run id)

@@ -87,42 +87,57 @@ def _requires_grad(net: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def train_step(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
-               adversary: Adversary | None) -> dict[str, torch.Tensor]:
-    """One batch: a discriminator step, then a generator step (L1 of both stages on the clean half, the GAN term,
-    and the CE term on the adversarial half when `adversary` is given). Returns the batch's loss terms (0-d)."""
-    device, b = x.device, x.shape[0]
-    d = draw(nets.purifier.transform, x)  # one draw of masks and noise for the clean and the adversarial half
-    inputs = x
-    if adversary is not None:
-        inputs, d = torch.cat([x, adversary(x, y, cfg["precision"])]), d.repeat(2)
-    mask = d.masks[:b].amax(dim=1)  # (B, 1, H, W): every pixel some mask hides (all of them for rt3)
-    with autocast(device, cfg["precision"]):
-        _, coarse, refined = nets.purifier.outputs(inputs, d)
-    coarse, refined = coarse.float(), refined.float()
-    with autocast(device, cfg["precision"]):
-        scores = nets.discriminator(torch.cat([x, refined[:b].detach()]), torch.cat([mask, mask]))
-    d_loss = hinge_d_loss(*scores.float().chunk(2))
+def discriminator_step(nets: Networks, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor,
+                       precision: str) -> torch.Tensor:
+    """One hinge step of the discriminator on clean images against (detached) purified ones."""
+    with autocast(real.device, precision):
+        scores = nets.discriminator(torch.cat([real, fake.detach()]), torch.cat([mask, mask]))
+    loss = hinge_d_loss(*scores.float().chunk(2))
     nets.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    loss.backward()
     nets.opt_d.step()
+    return loss.detach()
 
-    _requires_grad(nets.discriminator, False)  # the generator's GAN term moves the generator only
-    with autocast(device, cfg["precision"]):
+
+def generator_step(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, coarse: torch.Tensor,
+                   refined: torch.Tensor, mask: torch.Tensor, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One step of the inpainter: L1 of both stages on the clean half, the GAN term on the refined output (through
+    the discriminator, whose weights it leaves alone), and, when the batch has an adversarial half, the
+    classifier's CE on it."""
+    b = x.shape[0]
+    _requires_grad(nets.discriminator, False)
+    with autocast(x.device, cfg["precision"]):
         g_loss = hinge_g_loss(nets.discriminator(refined[:b], mask).float())
     _requires_grad(nets.discriminator, True)
     l1_coarse, l1_refined = (coarse[:b] - x).abs().mean(), (refined[:b] - x).abs().mean()
     loss = l1_coarse + l1_refined + cfg["gan_weight"] * g_loss
-    ce = torch.zeros((), device=device)
-    if adversary is not None:
-        with autocast(device, cfg["precision"]):
+    ce = torch.zeros((), device=x.device)
+    if len(refined) > b:
+        with autocast(x.device, cfg["precision"]):
             ce = F.cross_entropy(classifier(refined[b:]).float(), y)
         loss = loss + cfg["ce_weight"] * ce
     nets.opt_g.zero_grad(set_to_none=True)
     loss.backward()
     nets.opt_g.step()
-    return {"l1_coarse": l1_coarse.detach(), "l1_refined": l1_refined.detach(), "d_loss": d_loss.detach(),
-            "g_loss": g_loss.detach(), "ce": ce.detach()}
+    return {"l1_coarse": l1_coarse.detach(), "l1_refined": l1_refined.detach(), "g_loss": g_loss.detach(),
+            "ce": ce.detach()}
+
+
+def train_step(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
+               adversary: Adversary | None) -> dict[str, torch.Tensor]:
+    """One batch: the clean images and, with an `adversary`, their FGSM versions go through the purifier under
+    the same draw of masks and noise; then a discriminator step and a generator step. Returns the loss terms."""
+    b = x.shape[0]
+    d = draw(nets.purifier.transform, x)
+    inputs = x
+    if adversary is not None:
+        inputs, d = torch.cat([x, adversary(x, y, cfg["precision"])]), d.repeat(2)
+    with autocast(x.device, cfg["precision"]):
+        _, coarse, refined = nets.purifier.outputs(inputs, d)
+    coarse, refined = coarse.float(), refined.float()
+    mask = d.masks[:b].amax(dim=1)  # (B, 1, H, W): every pixel some mask hides (all of them for rt3)
+    d_loss = discriminator_step(nets, x, refined[:b], mask, cfg["precision"])
+    return {**generator_step(nets, classifier, x, y, coarse, refined, mask, cfg), "d_loss": d_loss}
 
 
 def train_epoch(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
