@@ -31,8 +31,10 @@ def test_a_method_reaches_only_its_own_stages_and_defences() -> None:
     assert {"carso.methods.atop.training", "carso.methods.atop.inpainter", "carso.methods.atop.transforms"} <= atop
     assert "carso.methods.atop.training" not in stage_modules("evaluate", ["atop"])  # a defence loads, never trains
     assert "carso.methods.atop.defence" in stage_modules("evaluate", ["atop"])
+    # every stage validates params.yaml, hence runs each method's params checks; nothing else of another method
     for stage, defences in (("evaluate", ["at"]), ("evaluate", ["carso"]), ("train_purifier", []), ("fetch", [])):
         modules = stage_modules(stage, defences)
-        assert not any(m.startswith("carso.methods.atop.") for m in modules), (stage, defences)
-    assert not any(m.startswith("carso.methods.carso.") for m in stage_modules("evaluate", ["atop"]))
+        assert {m for m in modules if m.startswith("carso.methods.atop.")} == {"carso.methods.atop.params"}, stage
+    carso = {m for m in stage_modules("evaluate", ["atop"]) if m.startswith("carso.methods.carso.")}
+    assert carso == {"carso.methods.carso.params"}
     assert "carso.models" not in stage_modules("fetch") and "carso.params" in stage_modules("fetch")

@@ -108,3 +108,23 @@ def test_snakemake_dry_run_lists_the_eleven_jobs(dataset: str, tmp_path: Path) -
     assert len(commands) == 11
     assert all(f"--params configs/{dataset}.yaml --dataset {dataset} " in c for c in commands), commands
     assert not (project / "data").exists()
+
+
+def test_the_atop_defence_builds_at_paper_size(config: tuple[str, dict[str, Any]]) -> None:
+    """AToP's inpainter (width 48, contextual attention) and discriminator on 3 x 32 x 32 images, on the meta
+    device: the defence maps a batch to the WRN's logits, the purified image keeps the input's shape."""
+    from carso.methods.atop.defence import AtopDefence, AtopPurifier
+    from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
+    from carso.methods.atop.transforms import TransformConfig
+
+    dataset, p = config
+    spec = dataset_spec(dataset)
+    with torch.device("meta"):
+        clf = build_classifier(p["classifier"]["arch"], in_channels=3, num_classes=spec.num_classes, image_size=32,
+                               mean=spec.mean, std=spec.std, **p["classifier"]["arch_kwargs"]).eval()
+        inpainter = Inpainter(InpainterConfig.from_params(p["atop"]["inpainter"]), 3)
+        defence = AtopDefence(clf, AtopPurifier(TransformConfig.from_params(p["atop"]["transform"]), inpainter))
+        x = torch.rand(2, 3, 32, 32)
+        assert defence.purifier(x).shape == (2, 3, 32, 32) and defence(x).shape == (2, spec.num_classes)
+        assert PatchDiscriminator(3, p["atop"]["discriminator"]["channels"])(x, x[:, :1]).shape == (2, 256 * 2 * 2)
+    assert inpainter.refine.attention is not None
