@@ -79,7 +79,7 @@ def attack_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
 
 
 def training_step(defence: CarsoDefence, x: torch.Tensor, precision: str) -> Callable[[], None]:
-    """One purifier step as carso.purifier_training runs it: frozen representation, then the CVAE, backward."""
+    """One purifier step as carso.methods.carso.training runs it: frozen representation, then the CVAE, backward."""
     device = x.device if x.device.type != "meta" else torch.device("cpu")
 
     def run() -> None:

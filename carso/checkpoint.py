@@ -38,7 +38,7 @@ def load_classifier(path: Path, dataset: str) -> nn.Module:
     return model.eval()
 
 
-
-def load_classifier_defence(classifier_path: Path, artifacts: list[Path], dataset: str, params: dict[str, Any]) -> nn.Module:
+def load_classifier_defence(classifier_path: Path, artifacts: list[Path], dataset: str,
+                            params: dict[str, Any]) -> nn.Module:
     """The `at` defence of the registry (carso.defences): the adversarially-trained classifier alone."""
     return load_classifier(classifier_path, dataset)

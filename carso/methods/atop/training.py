@@ -178,7 +178,7 @@ def train_inpainter(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: t
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         gen = seed_epoch(seed, epoch)
-        active = adversary if adversary is not None and epoch >= cfg.get("ce_from_epoch", 1) else None
+        active = adversary if adversary is not None and epoch >= cfg["ce_from_epoch"] else None
         row = train_epoch(nets, classifier, x, y, cfg, active, device, gen, f"epoch {epoch}/{cfg['epochs']}")
         row = {"epoch": epoch, **row, "images_per_second": len(y) / (time.perf_counter() - t0)}
         row["purified_clean_acc"] = purified_accuracy(nets.purifier, classifier, monitor["clean"], monitor["labels"],
@@ -207,38 +207,48 @@ def _write_outputs(out_dir: Path, curve: list[dict[str, float]], metrics: dict[s
     write_json(out_dir / "train_metrics.json", metrics)
 
 
+def _start(stage: str, args: Namespace, atop: dict[str, Any],
+           seed: int) -> tuple[Inpainter, PatchDiscriminator, dict[str, str]]:
+    """The networks a stage starts from: fresh ones (pre-training, seeded) or the pre-trained inpainter and
+    discriminator of --pretrained (fine-tuning), and what identifies them in the checkpoint's key."""
+    channels = dataset_spec(args.dataset).channels
+    if stage == "pretrain_inpainter":
+        torch.manual_seed(seed)
+        return (Inpainter(InpainterConfig.from_params(atop["inpainter"]), channels),
+                PatchDiscriminator(channels, atop["discriminator"]["channels"]), {})
+    pretrained = Path(args.pretrained)
+    return (load_inpainter(pretrained / "inpainter.safetensors", args.dataset),
+            load_discriminator(pretrained / "discriminator.safetensors", args.dataset),
+            {"pretrained": sha256_file(pretrained / "inpainter.safetensors")})
+
+
+def _adversary(stage: str, cfg: dict[str, Any], classifier: nn.Module, nets: Networks) -> Adversary | None:
+    """Fine-tuning's FGSM, against the classifier alone or the whole purified pipeline; none for pre-training."""
+    if stage == "pretrain_inpainter":
+        return None
+    target = classifier if cfg["adversary"]["target"] == "classifier" else AtopDefence(classifier, nets.purifier)
+    return Adversary(target, cfg["adversary"]["eps"])
+
+
 def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """pretrain_inpainter (fresh networks, no CE term) or finetune_inpainter (from --pretrained, with the CE
     term): train, then write the inpainter (and, after pre-training, the discriminator), curve and metrics."""
     atop, seed = params["atop"], params["runtime"]["seed"]
     cfg = with_precision(atop[stage.split("_")[0]], device)
-    channels = dataset_spec(args.dataset).channels
     transform = TransformConfig.from_params(atop["transform"])
     classifier_path, out_dir = Path(args.model), Path(args.out)
     classifier = _frozen_classifier(classifier_path, args.dataset, device, cfg["channels_last"])
-    key: dict[str, Any] = {"cfg": cfg, "atop": {k: atop[k] for k in ("transform", "inpainter", "discriminator")},
-                           "seed": seed, "data": read_json(Path(args.data) / "manifest.json")["splits"]["train"],
-                           "classifier": sha256_file(classifier_path), "code": code_digest(TRAINING_MODULES)}
-    if stage == "pretrain_inpainter":
-        torch.manual_seed(seed)
-        inpainter = Inpainter(InpainterConfig.from_params(atop["inpainter"]), channels)
-        discriminator = PatchDiscriminator(channels, atop["discriminator"]["channels"])
-        adversary = None
-    else:
-        pretrained = Path(args.pretrained)
-        inpainter = load_inpainter(pretrained / "inpainter.safetensors", args.dataset)
-        discriminator = load_discriminator(pretrained / "discriminator.safetensors", args.dataset)
-        key["pretrained"] = sha256_file(pretrained / "inpainter.safetensors")
+    inpainter, discriminator, start = _start(stage, args, atop, seed)
     nets = make_networks(inpainter, discriminator, transform, cfg, device)
-    if stage == "finetune_inpainter":
-        target = classifier if cfg["adversary"]["target"] == "classifier" else AtopDefence(classifier, nets.purifier)
-        adversary = Adversary(target, cfg["adversary"]["eps"])
     x, y = load_split(Path(args.data), "train", limit=cfg["train_points"])
     monitor = load_adversarial(Path(args.adversarial) / "test.safetensors", [cfg["monitor_attack"]],
                                cfg["monitor_points"])
+    key = {"cfg": cfg, "atop": {k: atop[k] for k in ("transform", "inpainter", "discriminator")}, "seed": seed,
+           "data": read_json(Path(args.data) / "manifest.json")["splits"]["train"],
+           "classifier": sha256_file(classifier_path), "code": code_digest(TRAINING_MODULES), **start}
     log.info("%s: %d training images, %s transform, %d epochs", stage, len(y), transform.kind, cfg["epochs"])
-    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, adversary, seed, device,
-                            EpochCheckpoint(out_dir / "checkpoint.pt", fingerprint(key)))
+    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, _adversary(stage, cfg, classifier, nets), seed,
+                            device, EpochCheckpoint(out_dir / "checkpoint.pt", fingerprint(key)))
     return _finish(stage, nets, curve, args.dataset, transform, cfg, len(y), len(monitor["labels"]),
                    sha256_file(classifier_path), out_dir, device)
 
