@@ -140,10 +140,12 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
     try:  # one defence's evaluation settings rerun that defence's evaluation and the report only
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
             "evaluate_at@fashion_mnist", "report@fashion_mnist"]
-        params["evaluation"]["defences"]["atop"]["verdict_repeats"] = 3  # nothing of AToP's retrains
+        atop_eval = params["evaluation"]["defences"]["atop"]
+        repeats, atop_eval["verdict_repeats"] = atop_eval["verdict_repeats"], 3  # nothing of AToP's retrains
         write_params(tiny_local_run / "params.yaml", params)
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
             "evaluate_at@fashion_mnist", "evaluate_atop@fashion_mnist", "report@fashion_mnist"]
+        atop_eval["verdict_repeats"] = repeats  # (back, so that each step below checks one change)
         params["purifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
