@@ -35,14 +35,6 @@ class Verdict:
     def head(self, m: int) -> "Verdict":
         return Verdict(self.ok[:m], self.share[:m])
 
-    def and_head(self, other: "Verdict") -> "Verdict":
-        """Combine with a verdict on the first len(other) points only (the rest unchanged)."""
-        ok, share = self.ok.clone(), self.share.clone()
-        m = len(other.ok)
-        ok[:m] &= other.ok
-        share[:m] = torch.minimum(share[:m], other.share)
-        return Verdict(ok, share)
-
     def entry(self, confidence: float, **extra: Any) -> dict[str, Any]:
         """Accuracy (a point counts when all repeats are correct) with its CI, and the mean single-verdict accuracy."""
         return {**summarise(self.ok.tolist(), confidence), "mean_accuracy": self.share.double().mean().item(), **extra}
@@ -193,11 +185,10 @@ class _Judge:
 
     A randomised defence's verdict draws from a seed made of the points themselves (`seed_from`)."""
 
-    def __init__(self, model: nn.Module, y: torch.Tensor, repeats: int, device: torch.device, batch_size: int) -> None:
-        self.model, self.y, self.repeats, self.device, self.batch_size = model, y, repeats, device, batch_size
+    def __init__(self, model: nn.Module, repeats: int, device: torch.device, batch_size: int) -> None:
+        self.model, self.repeats, self.device, self.batch_size = model, repeats, device, batch_size
 
-    def __call__(self, x_adv: torch.Tensor, labels: torch.Tensor | None = None) -> Verdict:
-        labels = self.y[:len(x_adv)] if labels is None else labels
+    def __call__(self, x_adv: torch.Tensor, labels: torch.Tensor) -> Verdict:
         seed_from(x_adv)
         return repeated_verdict(self.model, x_adv, labels, self.repeats, self.device, self.batch_size)
 
@@ -220,14 +211,72 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     found = cache.batches("autoattack", settings, len(y), bs, f"AutoAttack {cfg['version']} (eps {eps:.4g})",
                           one_batch)
     flags, x_aa = found["robust"].bool(), found["x_adv"]
-    verdict = judge(x_aa)
+    verdict = judge(x_aa, y)
     return Verdict(flags & verdict.ok, torch.where(flags, verdict.share, 0.0)), x_aa
+
+
+class Cascade:
+    """The attacked points of one defence and what the attacks so far left of them.
+
+    The first `m` points (the standalone subset, `sanity.n_points`) get every attack, so each attack's own
+    figure and the gradient-masking checks that compare attacks stand on the same points. The other points get
+    an attack only while every earlier one left them correct (AutoAttack's own practice): the per-point worst
+    case is the same, and the expensive attacks run on the survivors only. A point the defence misclassifies
+    clean is attacked by nothing and counts as broken by every attack."""
+
+    def __init__(self, clean: Verdict, m: int, confidence: float) -> None:
+        self.clean, self.worst, self.confidence = clean, clean, confidence
+        self.subset = torch.arange(len(clean.ok)) < m
+        self.steps: list[dict[str, Any]] = []
+
+    def targets(self, subset_only: bool = False) -> torch.Tensor:
+        """Indices of the points the next attack runs on: correct clean, and in the subset or still unbroken."""
+        wanted = self.subset if subset_only else self.subset | self.worst.ok
+        return (self.clean.ok & wanted).nonzero().squeeze(1)
+
+    def record(self, name: str, verdict: Verdict, attacked: int, seconds: float) -> None:
+        """Fold an attack's verdict (neutral on the points it did not run on) into the worst case."""
+        self.worst = self.worst & verdict
+        self.steps.append({"attack": name, "attacked_points": attacked, "seconds": round(seconds, 1),
+                           **self.worst.entry(self.confidence)})
+        log.info("cascade: after %s (%d points attacked, %.0f s) %.4f of %d points left", name, attacked, seconds,
+                 self.worst.ok.float().mean().item(), len(self.worst.ok))
+
+    def standalone(self, verdict: Verdict) -> Verdict:
+        """An attack's own verdict on the subset (correct clean and after this attack)."""
+        return (verdict & self.clean).head(int(self.subset.sum()))
+
+
+def _neutral(n: int) -> Verdict:
+    return Verdict(torch.ones(n, dtype=torch.bool), torch.ones(n))
+
+
+def _scatter(verdict: Verdict, idx: torch.Tensor, n: int) -> Verdict:
+    """A verdict on the points `idx` as one on all `n` points, neutral (correct) on the others."""
+    full = _neutral(n)
+    full.ok[idx], full.share[idx] = verdict.ok, verdict.share
+    return full
+
+
+def _run_on(idx: torch.Tensor, x: torch.Tensor, run: Callable[[torch.Tensor], tuple[Verdict, torch.Tensor]]
+            ) -> tuple[Verdict, torch.Tensor]:
+    """`run(idx)`, or nothing when no point is left to attack."""
+    if len(idx):
+        return run(idx)
+    return Verdict(torch.ones(0, dtype=torch.bool), torch.ones(0)), x[idx]
+
+
+def _place(x: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[idx] = part
+    return out
 
 
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
-    """Every attack of the protocol on the first `n_points` test points of one defence, in fp32.
+    """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
+    (`Cascade`): transfer, then AutoAttack, then PGD (EoT), then the gradient-masking checks.
 
     `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier
     alone. The headline is the per-point worst case over all attacks (and all repeated verdicts of a
@@ -245,64 +294,85 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     xs, ys = x[:n], y[:n]
     results["randomised"] = is_randomised(model, xs[:bs].to(device), ys[:bs].to(device))
     results["verdict_repeats"] = cfg["verdict_repeats"] if results["randomised"] else 1
-    judge = _Judge(model, ys, results["verdict_repeats"], device, bs)
+    judge = _Judge(model, results["verdict_repeats"], device, bs)
     cache = AttackCache(work_dir / "work", model_digest(model), seed)
-
-    verdicts = {"clean_subset": judge(xs)}
     spec = pgd_spec(eps, cfg["pgd"])
-    adversarial = {"clean": xs, "pgd": cache.run("pgd", model, xs, ys, spec, device, bs)}
-    verdicts["pgd"] = judge(adversarial["pgd"])
+    cascade = Cascade(judge(xs, ys), min(cfg["sanity"]["n_points"], n), conf)
+    results["clean_subset"] = cascade.clean.entry(conf)
+    verdicts: dict[str, Verdict] = {}
+    adversarial = {"clean": xs}
+
+    def step(name: str, idx: torch.Tensor, run: Callable[[torch.Tensor], tuple[Verdict, torch.Tensor]]) -> None:
+        start = time.perf_counter()
+        part, x_adv = _run_on(idx, xs, run)
+        verdicts[name], adversarial[name] = _scatter(part, idx, n), _place(xs, idx, x_adv)
+        cascade.record(name, verdicts[name], len(idx), time.perf_counter() - start)
+
+    step("transfer", cascade.targets(), lambda idx: (judge(x_transfer[:n][idx], ys[idx]), x_transfer[:n][idx]))
     if cfg["autoattack"]["enabled"]:
-        verdicts["autoattack"], adversarial["autoattack"] = _autoattack(
-            model, xs, ys, eps, cfg["autoattack"], device, bs, seed, cache, judge)
-    verdicts["transfer"] = judge(x_transfer[:n])
+        step("autoattack", cascade.targets(),
+             lambda idx: _autoattack(model, xs[idx], ys[idx], eps, cfg["autoattack"], device, bs, seed, cache, judge))
+
+    def pgd(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
+        x_adv = cache.run("pgd", model, xs[idx], ys[idx], spec, device, bs)
+        return judge(x_adv, ys[idx]), x_adv
+
+    step("pgd", cascade.targets(), pgd)
     extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts},
              "autoattack": {"version": cfg["autoattack"]["version"]}}
-    titles = {"clean_subset": "clean", "pgd": f"PGD-{spec.steps} (EoT {spec.eot})",
-              "autoattack": f"AutoAttack ({cfg['autoattack']['version']})", "transfer": "transfer"}
     for name, verdict in verdicts.items():
-        results[name] = verdict.entry(conf, **extra.get(name, {}))
-        log.info("%s accuracy %.4f on %d attacked points", titles[name], results[name]["accuracy"], n)
-    worst = verdicts["clean_subset"]
-    for name in ("pgd", "autoattack", "transfer"):
-        if name in verdicts:
-            worst = worst & verdicts[name]
-    m = cfg["sanity"]["n_points"]
-    if m > 0:
-        base = verdicts["pgd"].head(m)
-        results["sanity"], more = _sanity(model, xs[:m], ys[:m], adversarial["pgd"][:m], base, spec,
-                                          cfg["sanity"], cache, device, bs, conf, judge)
-        verdicts.update(base_steps=base, more_steps=more)
-        worst = worst.and_head(more)
-    results["robust_worst_case"] = worst.entry(conf)
-    results["gradient_masking"] = masking_checks(results, verdicts, conf)
+        results[name] = cascade.standalone(verdict).entry(conf, scope="standalone", **extra.get(name, {}))
+        log.info("%s alone: accuracy %.4f on the first %d points", name, results[name]["accuracy"],
+                 results[name]["n"])
+    results["sanity"] = _sanity(model, cascade, verdicts, step, xs, ys, adversarial["pgd"], spec, cfg["sanity"],
+                                cache, device, bs, conf, judge)
+    results["cascade"] = cascade.steps
+    results["robust_worst_case"] = cascade.worst.entry(conf, scope="cumulative")
+    standalone = {name: cascade.standalone(v) for name, v in verdicts.items()}
+    results["gradient_masking"] = masking_checks(results, standalone, conf)
     for line in results["gradient_masking"]:
         log.warning("possible gradient masking: %s", line)
     results["seconds"] = time.perf_counter() - t0
     shutil.rmtree(work_dir / "work", ignore_errors=True)
-    return results, adversarial, worst.ok
+    return results, adversarial, cascade.worst.ok
 
 
-def _sanity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, base: Verdict,
-            spec: AttackSpec, cfg: dict[str, Any], cache: AttackCache, device: torch.device, bs: int,
-            conf: float, judge: _Judge) -> tuple[dict[str, Any], Verdict]:
-    """Gradient-masking checks: PGD continued to `more_steps_factor` x its steps (from where it stopped),
-    and PGD at a very large eps. Returns their entries and the continued run's verdict."""
-    out: dict[str, Any] = {"base_steps": base.entry(conf, steps=spec.steps)}
+def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[..., None],
+            x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
+            cache: AttackCache, device: torch.device, bs: int, conf: float, judge: _Judge) -> dict[str, Any]:
+    """Gradient-masking checks on the standalone subset: PGD continued to `more_steps_factor` x its steps (from
+    where it stopped, on the points it left correct: the others keep its verdict), and PGD at a very large eps.
+    Both join the worst case; `verdicts` gains `base_steps`, `more_steps` and `large_eps`."""
+    base = verdicts["pgd"]
+    out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps)}
     more = base
     if cfg["more_steps_factor"] > 1:
         extra = AttackSpec("pgd", eps=spec.eps, steps=(cfg["more_steps_factor"] - 1) * spec.steps,
                            step_size=spec.alpha, random_start=False, eot=spec.eot)
-        x_more = cache.run("pgd_more_steps", model, x, y, extra, device, bs, x_start=x_pgd)
-        more = judge(x_more, y)
-    out["more_steps"] = more.entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
+        survivors = (cascade.subset & cascade.clean.ok & base.ok).nonzero().squeeze(1)
+
+        def continued(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
+            x_more = cache.run("pgd_more_steps", model, x[idx], y[idx], extra, device, bs, x_start=x_pgd[idx])
+            return judge(x_more, y[idx]), x_more
+
+        step("more_steps", survivors, continued)
+        more = verdicts["more_steps"] & base
+    verdicts.update(base_steps=base, more_steps=more)
+    out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
     large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot)
-    x_large = cache.run("pgd_large_eps", model, x, y, large, device, bs)
-    out["large_eps"] = judge(x_large, y).entry(conf, eps=cfg["large_eps"], steps=cfg["large_eps_steps"])
-    log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", len(y), spec.steps,
-             out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"], out["more_steps"]["mean_accuracy"],
-             cfg["large_eps"], out["large_eps"]["mean_accuracy"])
-    return out, more
+
+    def large_eps(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
+        x_large = cache.run("pgd_large_eps", model, x[idx], y[idx], large, device, bs)
+        return judge(x_large, y[idx]), x_large
+
+    idx = cascade.targets(subset_only=True)  # another threat model: not part of the worst case
+    verdicts["large_eps"] = _scatter(_run_on(idx, x, large_eps)[0], idx, len(x))
+    out["large_eps"] = cascade.standalone(verdicts["large_eps"]).entry(conf, eps=cfg["large_eps"],
+                                                                        steps=cfg["large_eps_steps"])
+    log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", out["base_steps"]["n"],
+             spec.steps, out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"],
+             out["more_steps"]["mean_accuracy"], cfg["large_eps"], out["large_eps"]["mean_accuracy"])
+    return out
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> 
     x = torch.rand(10, 1, 28, 28)
     y = predict(model, x, CPU, 10)  # every point starts correct, so AutoAttack attacks them all
     run = lambda: _autoattack(model, x, y, 0.05, {"version": "standard"}, CPU, 4, 0,  # noqa: E731
-                              AttackCache(tmp_path, "model-a", seed=0), _Judge(model, y, 1, CPU, 4))
+                              AttackCache(tmp_path, "model-a", seed=0), _Judge(model, 1, CPU, 4))
     first, x_first = run()
     files = sorted(tmp_path.glob("autoattack_*/batch_*"))
     assert [f.name for f in files] == [f"batch_{i:05d}.safetensors" for i in range(3)]  # AutoAttack's state is gone
@@ -61,18 +61,18 @@ def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> 
 class Noisy(nn.Module):
     """A randomised defence: the classifier's logits plus fresh noise on every pass."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, scale: float = 3.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.scale = model, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
-        return logits + 3 * logits.std() * torch.randn_like(logits)
+        return logits + self.scale * logits.std() * torch.randn_like(logits)
 
 
 def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    noisy = Noisy(model)
+    noisy = Noisy(model, scale=0.02)  # small: an untrained model's margins are small
     x, x_transfer = torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28)
     y = predict(model, x, CPU, 12)
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 3,
@@ -84,7 +84,7 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
     uninterrupted, _, worst = run(tmp_path / "a")
     real = evaluation.run_autoattack
 
-    def killed(*args, **kwargs):  # a cluster's time limit, after PGD and one AutoAttack batch
+    def killed(*args, **kwargs):  # a cluster's time limit, after one AutoAttack batch
         if list((tmp_path / "b").glob("work/autoattack_*/batch_*.safetensors")):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -95,9 +95,62 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
     monkeypatch.setattr(evaluation, "run_autoattack", real)
     torch.manual_seed(99)  # whatever the global RNG holds when the rerun starts
     resumed, _, worst_resumed = run(tmp_path / "b")
-    without_time = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    def without_time(r: dict) -> dict:
+        cascade = [{k: v for k, v in step.items() if k != "seconds"} for step in r["cascade"]]
+        return {**{k: v for k, v in r.items() if k != "seconds"}, "cascade": cascade}
+
     assert without_time(resumed) == without_time(uninterrupted) and torch.equal(worst, worst_resumed)
-    assert resumed["randomised"] and 0 < resumed["pgd"]["mean_accuracy"] < 1  # the verdicts really are random
+    clean = resumed["clean_subset"]  # a point with mixed repeats: the verdicts really are random
+    assert resumed["randomised"] and clean["accuracy"] < clean["mean_accuracy"]
+    assert resumed["cascade"][1]["attack"] == "autoattack" and resumed["cascade"][1]["attacked_points"] > 4
+
+
+def _rows(x: torch.Tensor, part: torch.Tensor) -> list[int]:
+    """Which rows of `x` the batch `part` holds."""
+    return sorted(i for i in range(len(x)) if any(torch.equal(x[i], p) for p in part))
+
+
+def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
+        model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(12, 1, 28, 28)
+    pred = predict(model, x, CPU, 12)
+    y = pred.clone()
+    y[[2, 7]] = (pred[[2, 7]] + 1) % 10  # misclassified clean: attacked by nothing
+    x_transfer = x.clone()
+    other = [next(j for j in range(12) if pred[j] != pred[i]) for i in (8, 9)]
+    x_transfer[[8, 9]] = x[other]  # the transfer attack breaks points 8 and 9
+    calls: dict[str, list[int]] = {}
+    real_run, real_aa = AttackCache.run, evaluation.run_autoattack
+
+    def spy_run(self, name, model_, xs, *args, **kwargs):
+        calls.setdefault(name, []).extend(_rows(x, xs))
+        return real_run(self, name, model_, xs, *args, **kwargs)
+
+    def spy_aa(model_, xs, *args, **kwargs):
+        calls.setdefault("autoattack", []).extend(_rows(x, xs))
+        return real_aa(model_, xs, *args, **kwargs)
+
+    monkeypatch.setattr(AttackCache, "run", spy_run)
+    monkeypatch.setattr(evaluation, "run_autoattack", spy_aa)
+    cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 1,
+           "pgd": {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1},
+           "autoattack": {"enabled": True, "version": "standard"},
+           "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
+    m, adversarial, worst = evaluation.evaluate_defence(model, x, y, x_transfer, {"eps": 0.01, "confidence": 0.95},
+                                                        cfg, CPU, 0, tmp_path)
+    subset, correct = [0, 1, 3], [i for i in range(12) if i not in (2, 7)]
+    assert calls["autoattack"] == [i for i in correct if i < 4 or i not in (8, 9)]
+    aa_left = [i for i in calls["autoattack"] if predict(model, adversarial["autoattack"][i:i + 1], CPU, 1) == y[i]]
+    assert 0 < len(aa_left) < len(calls["autoattack"])  # eps 0.01 breaks some points, not all
+    assert calls["pgd"] == sorted(set(subset) | {i for i in aa_left if i >= 4})
+    assert calls["pgd_large_eps"] == subset  # the checks run on the subset alone
+    assert not set(calls["pgd_more_steps"]) - set(subset)
+    assert m["pgd"]["n"] == m["autoattack"]["n"] == m["transfer"]["n"] == m["sanity"]["large_eps"]["n"] == 4
+    assert [s["attack"] for s in m["cascade"]] == ["transfer", "autoattack", "pgd", "more_steps"]
+    assert m["robust_worst_case"]["n"] == 12 and m["robust_worst_case"]["correct"] == int(worst.sum())
+    assert m["cascade"][-1]["correct"] == int(worst.sum())  # eps 0.95 is another threat model: not in the worst case
+    assert not worst[[2, 7, 8, 9]].any() and worst.sum() <= len(aa_left)
 
 
 def test_pgd_continued_from_where_it_stopped_equals_a_longer_run(model: nn.Module) -> None:
@@ -119,12 +172,13 @@ def test_pgd_spec_scales_lee_and_kim_step_only_when_asked() -> None:
 
 def test_verdicts_combine_per_point() -> None:
     a = Verdict(torch.tensor([True, True, False, True]), torch.tensor([1.0, 1.0, 0.5, 1.0]))
-    b = Verdict(torch.tensor([True, False]), torch.tensor([1.0, 0.6]))
-    c = a.and_head(b)
+    b = evaluation._scatter(Verdict(torch.tensor([True, False]), torch.tensor([0.9, 0.6])), torch.tensor([0, 1]), 4)
+    c = a & b  # b ran on the first two points only: neutral on the others
     assert c.ok.tolist() == [True, False, False, True]
-    assert c.share.tolist() == pytest.approx([1.0, 0.6, 0.5, 1.0])
+    assert c.share.tolist() == pytest.approx([0.9, 0.6, 0.5, 1.0])
     entry = c.entry(0.95)
-    assert entry["n"] == 4 and entry["accuracy"] == 0.5 and entry["mean_accuracy"] == pytest.approx(0.775)
+    assert entry["n"] == 4 and entry["accuracy"] == 0.5 and entry["mean_accuracy"] == pytest.approx(0.75)
+    assert c.head(2).entry(0.95)["n"] == 2
 
 
 def _verdict(correct: int, n: int = 100) -> Verdict:

@@ -111,11 +111,17 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
     attacks = ["pgd", "transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else [])]
+    alone = cfg["sanity"]["n_points"]  # each attack's own figure: on the subset that gets every attack
     for key in (*attacks, "robust_worst_case", "clean_subset"):
-        assert m[key]["n"] == cfg["n_points"] and m[key]["ci_low"] <= m[key]["accuracy"] <= m[key]["ci_high"]
+        assert m[key]["n"] == (alone if key in attacks else cfg["n_points"])
+        assert m[key]["ci_low"] <= m[key]["accuracy"] <= m[key]["ci_high"]
         assert m[key]["accuracy"] <= m[key]["mean_accuracy"] + 1e-9  # all repeats correct <= the mean verdict
     assert m["clean"]["n"] == 100 and m["precision"] == "fp32"
-    assert m["robust_worst_case"]["accuracy"] <= min(m[k]["accuracy"] for k in attacks)
+    robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
+    worst = robust["robust_worst_case"].bool()
+    assert worst.sum().item() == m["robust_worst_case"]["correct"] == m["cascade"][-1]["correct"]
+    assert worst[:alone].float().mean().item() <= min(m[k]["accuracy"] for k in attacks) + 1e-9
+    assert [s["attack"] for s in m["cascade"]][:2] == ["transfer", "autoattack" if "autoattack" in attacks else "pgd"]
     for check in ("base_steps", "more_steps", "large_eps"):
         assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"]
     assert m["sanity"]["more_steps"]["steps"] == cfg["sanity"]["more_steps_factor"] * cfg["pgd"]["steps"]
