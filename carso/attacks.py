@@ -27,6 +27,8 @@ class AttackSpec:
     restarts: int = 1          # PGD restarts; a point counts as broken if any restart breaks it
     eot: int = 1               # Expectation over Transformation: gradients averaged over this many
                                # forward/backward passes per step (for randomised defences)
+    zero_grad_patience: int | None = None  # PGD stops on a point after this many steps in a row whose (EoT)
+                               # input gradient was exactly zero: it learns nothing there (None: never stop)
 
     @property
     def alpha(self) -> float:
@@ -65,10 +67,30 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
         x_adv = _project(x_start.clone(), x, spec.eps)
     else:
         x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
+    if spec.zero_grad_patience is not None:
+        return _pgd_with_patience(model, x, y, x_adv, spec, autocast)
     for _ in range(spec.steps):
         grad = _input_gradient(model, x_adv, y, autocast, spec.eot)
         x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
     return x_adv.detach()
+
+
+def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, spec: AttackSpec,
+                       autocast: contextlib.AbstractContextManager | None) -> torch.Tensor:
+    """PGD steps on the points still active: a point whose gradient was exactly zero for `zero_grad_patience`
+    steps in a row (a saturated loss: its sign step does not move it) leaves the batch where it stands."""
+    x_adv = x_adv.detach().clone()
+    active = torch.arange(len(x), device=x.device)
+    zero_run = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    for _ in range(spec.steps):
+        if len(active) == 0:
+            break
+        grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot)
+        x_adv[active] = _project(x_adv[active] + spec.alpha * grad.sign(), x[active], spec.eps)
+        zero = grad.flatten(1).abs().amax(dim=1) == 0
+        zero_run[active] = torch.where(zero, zero_run[active] + 1, 0)
+        active = active[zero_run[active] < spec.zero_grad_patience]
+    return x_adv
 
 
 @torch.no_grad()
@@ -107,6 +129,39 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int) -> float:
     return (predict(model, x, device, batch_size) == y).float().mean().item()
+
+
+def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, device: torch.device,
+                         batch_size: int) -> dict[str, float | int]:
+    """How usable the cross-entropy's input gradient is on `x` (averaged over `eot` passes, as the attacks see it):
+    the shares of points whose gradient is exactly zero, whose loss is exactly 0 on every pass, and whose
+    outputs or gradient are not finite, and the median L1 norm of the gradient (the dual of L-inf: eps times it
+    is a sign step's first-order gain). A saturated loss (exactly 0, zero gradient) blinds every attack on it."""
+    zero_grad, zero_loss, nonfinite, norms = [], [], [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device).requires_grad_(True)
+        yb = y[i:i + batch_size].to(device)
+        grad, loss_max, bad = torch.zeros_like(xb), torch.zeros(len(xb), device=device), torch.zeros(
+            len(xb), dtype=torch.bool, device=device)
+        for _ in range(eot):
+            with torch.enable_grad():
+                logits = model(xb).float()
+                loss = F.cross_entropy(logits, yb, reduction="none")
+                (g,) = torch.autograd.grad(loss.sum(), xb)
+            grad += g / eot
+            loss_max = torch.maximum(loss_max, loss.detach())
+            bad |= ~torch.isfinite(logits.detach()).all(dim=1)
+        flat = grad.flatten(1)
+        bad |= ~torch.isfinite(flat).all(dim=1)
+        zero_grad.append((flat.abs().amax(dim=1) == 0).cpu())
+        zero_loss.append((loss_max == 0).cpu())
+        nonfinite.append(bad.cpu())
+        norms.append(flat.abs().sum(dim=1).cpu())
+    if not norms:
+        return {"points": 0}
+    share = lambda parts: torch.cat(parts).float().mean().item()  # noqa: E731
+    return {"points": len(x), "zero_gradient_share": share(zero_grad), "zero_loss_share": share(zero_loss),
+            "nonfinite_share": share(nonfinite), "median_gradient_l1": torch.cat(norms).median().item()}
 
 
 def attack_dataset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,

@@ -14,7 +14,7 @@ from torch import nn
 
 from tqdm import tqdm
 
-from carso.attacks import AttackSpec, attack, predict
+from carso.attacks import AttackSpec, attack, gradient_diagnostics, predict
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
 from carso.stats import paired_difference, summarise
@@ -83,7 +83,8 @@ def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: fl
 def pgd_spec(eps: float, cfg: dict[str, Any]) -> AttackSpec:
     """`evaluation.defences.<name>.pgd` as an AttackSpec; step_size null means Lee & Kim's scaled step."""
     step = pgd_eot_spec(eps).alpha if cfg["step_size"] is None else cfg["step_size"]
-    return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=step, eot=cfg["eot"], restarts=cfg["restarts"])
+    return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=step, eot=cfg["eot"], restarts=cfg["restarts"],
+                      zero_grad_patience=cfg["zero_grad_patience"])
 
 
 def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
@@ -318,12 +319,15 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         return judge(x_adv, ys[idx]), x_adv
 
     step("pgd", cascade.targets(), pgd)
-    extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts},
+    extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts,
+                     "zero_grad_patience": spec.zero_grad_patience},
              "autoattack": {"version": cfg["autoattack"]["version"]}}
     for name, verdict in verdicts.items():
         results[name] = cascade.standalone(verdict).entry(conf, scope="standalone", **extra.get(name, {}))
         log.info("%s alone: accuracy %.4f on the first %d points", name, results[name]["accuracy"],
                  results[name]["n"])
+    results["gradients"] = _gradients(model, xs, ys, adversarial["pgd"], cascade.targets(subset_only=True), spec.eot,
+                                      device, bs)
     results["sanity"] = _sanity(model, cascade, verdicts, step, xs, ys, adversarial["pgd"], spec, cfg["sanity"],
                                 cache, device, bs, conf, judge)
     results["cascade"] = cascade.steps
@@ -337,6 +341,18 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     return results, adversarial, cascade.worst.ok
 
 
+def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, idx: torch.Tensor, eot: int,
+               device: torch.device, bs: int) -> dict[str, Any]:
+    """The cross-entropy gradient's diagnostics on the subset's clean-correct points, clean and after PGD."""
+    seed_from(x[idx])
+    out = {"loss": "ce", "clean": gradient_diagnostics(model, x[idx], y[idx], eot, device, bs),
+           "pgd_final": gradient_diagnostics(model, x_pgd[idx], y[idx], eot, device, bs)}
+    zero = [100 * out[k].get("zero_gradient_share", 0) for k in ("clean", "pgd_final")]
+    log.info("cross-entropy gradient exactly zero on %.0f%% of %d clean points, %.0f%% after PGD", zero[0], len(idx),
+             zero[1])
+    return out
+
+
 def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[..., None],
             x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
             cache: AttackCache, device: torch.device, bs: int, conf: float, judge: _Judge) -> dict[str, Any]:
@@ -348,7 +364,8 @@ def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], st
     more = base
     if cfg["more_steps_factor"] > 1:
         extra = AttackSpec("pgd", eps=spec.eps, steps=(cfg["more_steps_factor"] - 1) * spec.steps,
-                           step_size=spec.alpha, random_start=False, eot=spec.eot)
+                           step_size=spec.alpha, random_start=False, eot=spec.eot,
+                           zero_grad_patience=spec.zero_grad_patience)
         survivors = (cascade.subset & cascade.clean.ok & base.ok).nonzero().squeeze(1)
 
         def continued(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
@@ -359,7 +376,8 @@ def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], st
         more = verdicts["more_steps"] & base
     verdicts.update(base_steps=base, more_steps=more)
     out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
-    large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot)
+    large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot,
+                       zero_grad_patience=spec.zero_grad_patience)
 
     def large_eps(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
         x_large = cache.run("pgd_large_eps", model, x[idx], y[idx], large, device, bs)

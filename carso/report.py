@@ -152,6 +152,21 @@ def cascade_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def gradient_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The cross-entropy input gradient's health per defence, on clean points and on PGD's final points."""
+    rows = [["defence", "points", "gradient exactly 0: clean / after PGD", "loss exactly 0: clean / after PGD",
+             "median gradient L1: clean / after PGD", "non-finite: clean / after PGD"]]
+    for name, m in evals.items():
+        g = m.get("gradients")
+        if not g or not g["clean"].get("points"):
+            continue
+        c, a = g["clean"], g["pgd_final"]
+        pair = lambda key: f"{100 * c[key]:.0f}% / {100 * a[key]:.0f}%"  # noqa: E731
+        rows.append([f"`{name}`", str(c["points"]), pair("zero_gradient_share"), pair("zero_loss_share"),
+                     f"{c['median_gradient_l1']:.3g} / {a['median_gradient_l1']:.3g}", pair("nonfinite_share")])
+    return rows
+
+
 def sanity_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = [["defence", "PGD, base steps", "PGD, more steps (continued)", "PGD at a very large eps",
              "signs of gradient masking"]]
@@ -337,6 +352,9 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),
             ("Gradient-masking checks (alone, on the same first points)", "table", sanity_rows(facts["evals"])),
+            ("Cross-entropy input gradient (averaged over the EoT samples, on the same first points correct clean): a "
+             "loss that is exactly 0 has no gradient, and blinds every cross-entropy attack", "table",
+             gradient_rows(facts["evals"])),
             *examples,
             ("Data", "list", data_lines),
             ("Adversarial training of the classifier", "list", train_lines),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carso.attacks import AttackSpec, attack
+from carso.attacks import AttackSpec, attack, gradient_diagnostics
 from carso.data import load_split
 from carso.models import build_classifier
 
@@ -87,3 +87,50 @@ def test_eot_on_a_deterministic_model_equals_plain_pgd(model_and_batch) -> None:
     torch.manual_seed(5)
     eot = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=3, step_size=0.03, eot=2))
     assert torch.allclose(plain, eot, atol=1e-6)
+
+
+class Steep(torch.nn.Module):
+    """A model's logits scaled up steeply: the same decisions, but the cross-entropy of every point it classifies
+    correctly is exactly 0 in fp32, and so is its input gradient (what `peel` does to CARSO's output)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += len(x)
+        return 1e6 * self.model(x)
+
+
+def test_pgd_stops_on_points_whose_gradient_is_exactly_zero(model_and_batch) -> None:
+    model, x, _ = model_and_batch
+    y = model(x).argmax(1)  # every point correct: a saturated loss everywhere
+    steep = Steep(model)
+    spec = AttackSpec("pgd", eps=1e-4, steps=20, step_size=1e-4, zero_grad_patience=3)  # no decision flips
+    torch.manual_seed(0)
+    x_adv = attack(steep, x, y, spec)
+    assert steep.calls == 3 * len(x)  # three blind steps, then nothing left to attack
+    torch.manual_seed(0)
+    start = (x + torch.empty_like(x).uniform_(-1e-4, 1e-4)).clamp(0, 1)
+    assert torch.equal(x_adv, start)  # a zero gradient never moved a point
+
+
+def test_pgd_with_patience_equals_plain_pgd_where_gradients_are_informative(model_and_batch) -> None:
+    model, x, y = model_and_batch
+    plain = AttackSpec("pgd", eps=0.03, steps=5, step_size=0.01)
+    runs = []
+    for spec in (plain, AttackSpec(**{**plain.__dict__, "zero_grad_patience": 2})):
+        torch.manual_seed(0)
+        runs.append(attack(model, x, y, spec))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_gradient_diagnostics_see_a_saturated_loss(model_and_batch) -> None:
+    model, x, _ = model_and_batch
+    y = model(x).argmax(1)
+    steep = gradient_diagnostics(Steep(model), x, y, eot=2, device=torch.device("cpu"), batch_size=32)
+    plain = gradient_diagnostics(model, x, y, eot=1, device=torch.device("cpu"), batch_size=32)
+    assert steep["points"] == plain["points"] == len(x)
+    assert steep["zero_gradient_share"] == steep["zero_loss_share"] == 1.0 and steep["median_gradient_l1"] == 0
+    assert plain["zero_gradient_share"] == plain["zero_loss_share"] == 0.0 and plain["median_gradient_l1"] > 0
+    assert steep["nonfinite_share"] == plain["nonfinite_share"] == 0.0

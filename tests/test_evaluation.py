@@ -76,7 +76,7 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
     x, x_transfer = torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28)
     y = predict(model, x, CPU, 12)
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 3,
-           "pgd": {"steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1},
+           "pgd": {"steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1, "zero_grad_patience": 2},
            "autoattack": {"enabled": True, "version": "standard"},
            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
     common = {"eps": 0.1, "confidence": 0.95}
@@ -134,7 +134,7 @@ def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
     monkeypatch.setattr(AttackCache, "run", spy_run)
     monkeypatch.setattr(evaluation, "run_autoattack", spy_aa)
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 1,
-           "pgd": {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1},
+           "pgd": {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": 2},
            "autoattack": {"enabled": True, "version": "standard"},
            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
     m, adversarial, worst = evaluation.evaluate_defence(model, x, y, x_transfer, {"eps": 0.01, "confidence": 0.95},
@@ -165,9 +165,9 @@ def test_pgd_continued_from_where_it_stopped_equals_a_longer_run(model: nn.Modul
 
 
 def test_pgd_spec_scales_lee_and_kim_step_only_when_asked() -> None:
-    assert pgd_spec(0.1, {"steps": 200, "step_size": None, "eot": 20, "restarts": 1}).alpha == \
-        pytest.approx(0.007 * 0.1 / (8 / 255))
-    assert pgd_spec(0.1, {"steps": 100, "step_size": 0.01, "eot": 1, "restarts": 1}).alpha == 0.01
+    cfg = {"steps": 200, "step_size": None, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
+    assert pgd_spec(0.1, cfg).alpha == pytest.approx(0.007 * 0.1 / (8 / 255))
+    assert pgd_spec(0.1, {**cfg, "step_size": 0.01}).alpha == 0.01 and pgd_spec(0.1, cfg).zero_grad_patience == 10
 
 
 def test_verdicts_combine_per_point() -> None:

@@ -64,7 +64,7 @@ def test_published_settings(config: tuple[str, dict[str, Any]]) -> None:
     at, carso = ev["defences"]["at"], ev["defences"]["carso"]
     assert at["autoattack"] == {"enabled": True, "version": "standard"} and at["n_points"] == 10000
     assert carso["autoattack"] == {"enabled": True, "version": "rand"} and carso["n_points"] == 10000
-    assert carso["pgd"] == {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1}
+    assert carso["pgd"] == {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
     atop = p["atop"]  # the paper's AToP: RT2, 25% of 4 x 4 px blocks, width 48, lambda 0.05, FGSM at 8/255
     assert atop["transform"]["kind"] == "rt2" and atop["transform"]["grid"] == 8
     assert (atop["transform"]["missing_share"], atop["transform"]["noise_sigma"]) == (0.25, 0.25)
