@@ -224,6 +224,28 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+SATURATION_MARGIN = 0.25  # a zero-gradient share this far above the reference's names the defence
+
+
+def saturation_sentences(evals: dict[str, dict[str, Any]], reference: str = "at") -> list[str]:
+    """Defences whose cross-entropy gradient is exactly zero on clearly more clean points than the classifier
+    alone's (`reference`; 0 when it was not evaluated): cross-entropy attacks are blind there."""
+    def share(m: dict[str, Any]) -> float | None:
+        return m.get("gradients", {}).get("clean", {}).get("zero_gradient_share")
+
+    base = share(evals[reference]) if reference in evals else None
+    out = []
+    for name, m in evals.items():
+        zero = share(m)
+        if name == reference or zero is None or zero <= (base or 0.0) + SATURATION_MARGIN:
+            continue
+        than = f" (`{reference}`: {100 * base:.0f}%)" if base is not None else ""
+        out.append(f"`{name}`: the cross-entropy loss saturates: its input gradient is exactly zero on "
+                   f"{100 * zero:.0f}% of the clean points it classifies correctly{than}, so cross-entropy attacks (PGD as configured, "
+                   f"APGD-CE) are blind there and its worst case rests on the other attacks.")
+    return out
+
+
 def _level(confidence: float) -> str:
     return f"{100 * confidence:g}%"
 
@@ -340,7 +362,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
                    f"{train['channels_last']}; last epoch: clean {100 * train['final_test_clean_acc']:.2f}% and "
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
                    ] if "source" not in train else _imported_lines(train)
-    summary = comparisons(facts["evals"], facts["robust"]) + summary_sentences(facts["evals"])
+    summary = comparisons(facts["evals"], facts["robust"]) + summary_sentences(facts["evals"]) + \
+        saturation_sentences(facts["evals"])
     keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"])) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
     level = _level(params["evaluation"]["confidence"])

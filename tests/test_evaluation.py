@@ -245,3 +245,14 @@ def test_report_compares_each_defence_with_those_its_registry_entry_names() -> N
     assert any(line.startswith("CARSO did worse than the classifier alone") for line in lines)
     assert any(line.startswith("AToP without fine-tuning did not measurably beat the classifier alone") for line in lines)
     assert sum("AToP paper reports" in line for line in lines) == 1 and sum("CARSO paper" in line for line in lines) == 1
+
+
+def test_the_report_names_a_defence_whose_cross_entropy_saturates() -> None:
+    from carso.report import saturation_sentences
+
+    def grads(zero: float) -> dict:
+        return {"gradients": {"clean": {"points": 40, "zero_gradient_share": zero}}}
+
+    found = saturation_sentences({"at": grads(0.0), "carso": grads(0.8), "atop": grads(0.1)})
+    assert len(found) == 1 and found[0].startswith("`carso`") and "80%" in found[0] and "`at`: 0%" in found[0]
+    assert saturation_sentences({"carso": grads(0.2)}) == []  # no reference: only a share above the margin counts
