@@ -357,7 +357,8 @@ def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], st
             x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
             cache: AttackCache, device: torch.device, bs: int, conf: float, judge: _Judge) -> dict[str, Any]:
     """Gradient-masking checks on the standalone subset: PGD continued to `more_steps_factor` x its steps (from
-    where it stopped, on the points it left correct: the others keep its verdict), and PGD at a very large eps.
+    where it stopped, on the points it left correct: the others keep its verdict), and PGD at a very large eps
+    (on every point of the subset).
     Both join the worst case; `verdicts` gains `base_steps`, `more_steps` and `large_eps`."""
     base = verdicts["pgd"]
     out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps)}
@@ -383,10 +384,11 @@ def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], st
         x_large = cache.run("pgd_large_eps", model, x[idx], y[idx], large, device, bs)
         return judge(x_large, y[idx]), x_large
 
-    idx = cascade.targets(subset_only=True)  # another threat model: not part of the worst case
-    verdicts["large_eps"] = _scatter(_run_on(idx, x, large_eps)[0], idx, len(x))
-    out["large_eps"] = cascade.standalone(verdicts["large_eps"]).entry(conf, eps=cfg["large_eps"],
-                                                                        steps=cfg["large_eps_steps"])
+    # Every point of the subset, misclassified clean or not (its share of correct repeats must fall too), and
+    # another threat model: never part of the worst case.
+    m = int(cascade.subset.sum())
+    verdicts["large_eps"] = _scatter(_run_on(torch.arange(m), x, large_eps)[0], torch.arange(m), len(x))
+    out["large_eps"] = verdicts["large_eps"].head(m).entry(conf, eps=cfg["large_eps"], steps=cfg["large_eps_steps"])
     log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", out["base_steps"]["n"],
              spec.steps, out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"],
              out["more_steps"]["mean_accuracy"], cfg["large_eps"], out["large_eps"]["mean_accuracy"])

@@ -138,7 +138,8 @@ CASCADE_NOTE = [
     "past the first points an attack runs only on the points every earlier one left correct (AutoAttack's own "
     "practice), which gives the same per-point worst case for less work. A point misclassified clean is attacked by "
     "nothing and counts as broken.",
-    "PGD continued to more steps runs only on the points its base run left correct; the others keep its verdict.",
+    "PGD continued to more steps runs only on the points its base run left correct; the others keep its verdict. "
+    "PGD at a very large eps runs on every point of the subset and never enters the worst case.",
 ]
 
 
