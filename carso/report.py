@@ -140,6 +140,8 @@ CASCADE_NOTE = [
     "nothing and counts as broken.",
     "PGD continued to more steps runs only on the points its base run left correct; the others keep its verdict. "
     "PGD at a very large eps runs on every point of the subset and never enters the worst case.",
+    "The cross-entropy's input gradient (averaged over the EoT samples) is checked on the subset's points correct "
+    "clean, before and after PGD: a loss that is exactly 0 has no gradient and blinds every cross-entropy attack.",
 ]
 
 
@@ -242,8 +244,8 @@ def saturation_sentences(evals: dict[str, dict[str, Any]], reference: str = "at"
             continue
         than = f" (`{reference}`: {100 * base:.0f}%)" if base is not None else ""
         out.append(f"`{name}`: the cross-entropy loss saturates: its input gradient is exactly zero on "
-                   f"{100 * zero:.0f}% of the clean points it classifies correctly{than}, so cross-entropy attacks (PGD as configured, "
-                   f"APGD-CE) are blind there and its worst case rests on the other attacks.")
+                   f"{100 * zero:.0f}% of the clean points it classifies correctly{than}, so cross-entropy attacks "
+                   "(PGD as configured, APGD-CE) are blind there and its worst case rests on the other attacks.")
     return out
 
 
@@ -376,8 +378,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),
             ("Gradient-masking checks (alone, on the same first points)", "table", sanity_rows(facts["evals"])),
-            ("Cross-entropy input gradient (averaged over the EoT samples, on the same first points correct clean): a "
-             "loss that is exactly 0 has no gradient, and blinds every cross-entropy attack", "table",
+            ("Cross-entropy input gradient (EoT-averaged, on the first points correct clean)", "table",
              gradient_rows(facts["evals"])),
             *examples,
             ("Data", "list", data_lines),
