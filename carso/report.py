@@ -213,8 +213,7 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
         rc = m["robust_worst_case"]
         repeats = m.get("verdict_repeats", 1)
         noisy = (f" A point counts only if all {repeats} repeated classifications of its final adversarial version "
-                 f"were correct (mean single-verdict accuracy {100 * rc['mean_accuracy']:.2f}%)."
-                 if repeats > 1 and "mean_accuracy" in rc else "")
+                 "were correct." if repeats > 1 else "")
         out.append(f"`{name}`: clean accuracy {100 * m['clean']['accuracy']:.2f}% on {m['clean']['n']} test "
                    f"images; robust accuracy (a point counts only if it survives every attack) "
                    f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {_level(rc['confidence'])} CI "
