@@ -27,6 +27,8 @@ class AttackSpec:
     restarts: int = 1          # PGD restarts; a point counts as broken if any restart breaks it
     eot: int = 1               # Expectation over Transformation: gradients averaged over this many
                                # forward/backward passes per step (for randomised defences)
+    loss: str = "ce"           # what the attack maximises: ce (cross-entropy) | dlr (AutoAttack's difference of logits
+                               # ratio) | cw (the logit margin); the margin losses ignore any scaling of the output
     zero_grad_patience: int | None = None  # PGD stops on a point after this many steps in a row whose (EoT)
                                # input gradient was exactly zero: it learns nothing there (None: never stop)
 
@@ -41,15 +43,39 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+LOSSES = ("ce", "dlr", "cw")
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-point loss an attack maximises (the point is misclassified once a margin loss is above 0).
+
+    ce: cross-entropy, which saturates to exactly 0 (and so does its gradient) on steeply scaled outputs;
+    cw: max over other classes of z_i, minus z_y (Carlini & Wagner's margin, without a confidence clamp);
+    dlr: that margin over z_(1) - z_(3), the gap between the largest and third-largest logit (Croce & Hein 2020),
+    invariant to any scaling and shift of the logits."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if kind not in LOSSES:
+        raise ValueError(f"unknown attack loss {kind!r}; use one of {', '.join(LOSSES)}")
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    margin = other - true
+    if kind == "cw":
+        return margin
+    top = logits.topk(3, dim=1).values
+    return margin / (top[:, 0] - top[:, 2] + 1e-12)
+
+
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-                    autocast: contextlib.AbstractContextManager | None, eot: int = 1) -> torch.Tensor:
-    """Gradient of the summed cross-entropy w.r.t. the input, averaged over `eot` passes."""
+                    autocast: contextlib.AbstractContextManager | None, eot: int = 1, loss: str = "ce"
+                    ) -> torch.Tensor:
+    """Gradient of the summed attack loss w.r.t. the input, averaged over `eot` passes."""
     x_adv = x_adv.detach().requires_grad_(True)
     total = torch.zeros_like(x_adv)
     for _ in range(eot):
         with torch.enable_grad(), autocast or contextlib.nullcontext():
-            loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            value = attack_loss(model(x_adv).float(), y, loss).sum()
+            (grad,) = torch.autograd.grad(value, x_adv)
         total += grad
     return total / eot
 
@@ -61,7 +87,7 @@ def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
 def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
                autocast: contextlib.AbstractContextManager | None = None,
                x_start: torch.Tensor | None = None) -> torch.Tensor:
-    """One run of projected signed-gradient ascent on the cross-entropy (FGSM when steps == 1),
+    """One run of projected signed-gradient ascent on `spec.loss` (FGSM when steps == 1),
     from `x_start` when given (to continue an earlier run), else from a random or the clean point."""
     if x_start is not None:
         x_adv = _project(x_start.clone(), x, spec.eps)
@@ -70,7 +96,7 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
     if spec.zero_grad_patience is not None:
         return _pgd_with_patience(model, x, y, x_adv, spec, autocast)
     for _ in range(spec.steps):
-        grad = _input_gradient(model, x_adv, y, autocast, spec.eot)
+        grad = _input_gradient(model, x_adv, y, autocast, spec.eot, spec.loss)
         x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
     return x_adv.detach()
 
@@ -85,7 +111,7 @@ def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
     for _ in range(spec.steps):
         if len(active) == 0:
             break
-        grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot)
+        grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot, spec.loss)
         x_adv[active] = _project(x_adv[active] + spec.alpha * grad.sign(), x[active], spec.eps)
         zero = grad.flatten(1).abs().amax(dim=1) == 0
         zero_run[active] = torch.where(zero, zero_run[active] + 1, 0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carso.attacks import AttackSpec, attack, gradient_diagnostics
+from carso.attacks import AttackSpec, attack, attack_loss, gradient_diagnostics
 from carso.data import load_split
 from carso.models import build_classifier
 
@@ -134,3 +134,31 @@ def test_gradient_diagnostics_see_a_saturated_loss(model_and_batch) -> None:
     assert steep["zero_gradient_share"] == steep["zero_loss_share"] == 1.0 and steep["median_gradient_l1"] == 0
     assert plain["zero_gradient_share"] == plain["zero_loss_share"] == 0.0 and plain["median_gradient_l1"] > 0
     assert steep["nonfinite_share"] == plain["nonfinite_share"] == 0.0
+
+
+def test_attack_losses_match_hand_computed_values() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 5.0, 1.0]])
+    y = torch.tensor([0, 1])
+    # cw: best other logit minus the true one; dlr: that over the gap between the 1st and 3rd largest logit
+    assert attack_loss(logits, y, "cw").tolist() == [1.0 - 3.0, 5.0 - 2.0]
+    assert attack_loss(logits, y, "dlr").tolist() == pytest.approx([-2.0 / (3.0 - 0.0), 3.0 / (5.0 - 1.0)])
+    ce = [-torch.log_softmax(logits[i], 0)[y[i]].item() for i in range(2)]
+    assert attack_loss(logits, y, "ce").tolist() == pytest.approx(ce)
+    assert attack_loss(7 * logits + 3, y, "dlr").tolist() == pytest.approx(attack_loss(logits, y, "dlr").tolist())
+    with pytest.raises(ValueError, match="unknown attack loss"):
+        attack_loss(logits, y, "hinge")
+
+
+def test_a_steeply_scaled_output_blinds_cross_entropy_pgd_but_not_the_margin_losses(model_and_batch) -> None:
+    model, x, _ = model_and_batch
+    y = model(x).argmax(1)  # every point correct to start with
+    steep = Steep(model)
+    broken = {}
+    for loss in ("ce", "dlr", "cw"):
+        torch.manual_seed(0)
+        x_adv = attack(steep, x, y, AttackSpec("pgd", eps=0.1, steps=10, step_size=0.025, loss=loss))
+        broken[loss] = (model(x_adv).argmax(1) != y).float().mean().item()
+    torch.manual_seed(0)
+    plain = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=10, step_size=0.025))
+    assert broken["ce"] < 0.2 < (model(plain).argmax(1) != y).float().mean().item()  # CE PGD is blind on it
+    assert broken["dlr"] > 0.5 and broken["cw"] > 0.5
