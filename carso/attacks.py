@@ -158,8 +158,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, device: torch.device,
-                         batch_size: int) -> dict[str, float | int]:
-    """How usable the cross-entropy's input gradient is on `x` (averaged over `eot` passes, as the attacks see it):
+                         batch_size: int, loss: str = "ce") -> dict[str, float | int]:
+    """How usable an attack loss's input gradient is on `x` (averaged over `eot` passes, as the attacks see it):
     the shares of points whose gradient is exactly zero, whose loss is exactly 0 on every pass, and whose
     outputs or gradient are not finite, and the median L1 norm of the gradient (the dual of L-inf: eps times it
     is a sign step's first-order gain). A saturated loss (exactly 0, zero gradient) blinds every attack on it."""
@@ -167,20 +167,20 @@ def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device).requires_grad_(True)
         yb = y[i:i + batch_size].to(device)
-        grad, loss_max, bad = torch.zeros_like(xb), torch.zeros(len(xb), device=device), torch.zeros(
+        grad, loss_abs, bad = torch.zeros_like(xb), torch.zeros(len(xb), device=device), torch.zeros(
             len(xb), dtype=torch.bool, device=device)
         for _ in range(eot):
             with torch.enable_grad():
                 logits = model(xb).float()
-                loss = F.cross_entropy(logits, yb, reduction="none")
-                (g,) = torch.autograd.grad(loss.sum(), xb)
+                value = attack_loss(logits, yb, loss)
+                (g,) = torch.autograd.grad(value.sum(), xb)
             grad += g / eot
-            loss_max = torch.maximum(loss_max, loss.detach())
+            loss_abs = torch.maximum(loss_abs, value.detach().abs())
             bad |= ~torch.isfinite(logits.detach()).all(dim=1)
         flat = grad.flatten(1)
         bad |= ~torch.isfinite(flat).all(dim=1)
         zero_grad.append((flat.abs().amax(dim=1) == 0).cpu())
-        zero_loss.append((loss_max == 0).cpu())
+        zero_loss.append((loss_abs == 0).cpu())
         nonfinite.append(bad.cpu())
         norms.append(flat.abs().sum(dim=1).cpu())
     if not norms:

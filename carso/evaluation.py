@@ -14,7 +14,7 @@ from torch import nn
 
 from tqdm import tqdm
 
-from carso.attacks import AttackSpec, attack, gradient_diagnostics, predict
+from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
 from carso.stats import paired_difference, summarise
@@ -343,13 +343,15 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
 
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, idx: torch.Tensor, eot: int,
                device: torch.device, bs: int) -> dict[str, Any]:
-    """The cross-entropy gradient's diagnostics on the subset's clean-correct points, clean and after PGD."""
-    seed_from(x[idx])
-    out = {"loss": "ce", "clean": gradient_diagnostics(model, x[idx], y[idx], eot, device, bs),
-           "pgd_final": gradient_diagnostics(model, x_pgd[idx], y[idx], eot, device, bs)}
-    zero = [100 * out[k].get("zero_gradient_share", 0) for k in ("clean", "pgd_final")]
-    log.info("cross-entropy gradient exactly zero on %.0f%% of %d clean points, %.0f%% after PGD", zero[0], len(idx),
-             zero[1])
+    """Each attack loss's gradient diagnostics on the subset's clean-correct points, clean and after PGD."""
+    out = {}
+    for loss in LOSSES:
+        seed_from(x[idx])
+        out[loss] = {"clean": gradient_diagnostics(model, x[idx], y[idx], eot, device, bs, loss),
+                     "pgd_final": gradient_diagnostics(model, x_pgd[idx], y[idx], eot, device, bs, loss)}
+        zero = [100 * out[loss][k].get("zero_gradient_share", 0) for k in ("clean", "pgd_final")]
+        log.info("%s gradient exactly zero on %.0f%% of %d clean points, %.0f%% after PGD", loss, zero[0], len(idx),
+                 zero[1])
     return out
 
 

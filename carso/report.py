@@ -140,8 +140,9 @@ CASCADE_NOTE = [
     "nothing and counts as broken.",
     "PGD continued to more steps runs only on the points its base run left correct; the others keep its verdict. "
     "PGD at a very large eps runs on every point of the subset and never enters the worst case.",
-    "The cross-entropy's input gradient (averaged over the EoT samples) is checked on the subset's points correct "
-    "clean, before and after PGD: a loss that is exactly 0 has no gradient and blinds every cross-entropy attack.",
+    "Each attack loss's input gradient (averaged over the EoT samples) is checked on the subset's points correct "
+    "clean, before and after PGD: a loss that saturates (the cross-entropy of a steeply scaled output is exactly 0) "
+    "has no gradient and blinds every attack on it; the margin losses (DLR, CW) ignore the scale.",
 ]
 
 
@@ -156,17 +157,17 @@ def cascade_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def gradient_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """The cross-entropy input gradient's health per defence, on clean points and on PGD's final points."""
-    rows = [["defence", "points", "gradient exactly 0: clean / after PGD", "loss exactly 0: clean / after PGD",
+    """Each attack loss's input gradient per defence, on clean points and on PGD's final points."""
+    rows = [["defence", "loss", "points", "gradient exactly 0: clean / after PGD", "loss exactly 0: clean / after PGD",
              "median gradient L1: clean / after PGD", "non-finite: clean / after PGD"]]
     for name, m in evals.items():
-        g = m.get("gradients")
-        if not g or not g["clean"].get("points"):
-            continue
-        c, a = g["clean"], g["pgd_final"]
-        pair = lambda key: f"{100 * c[key]:.0f}% / {100 * a[key]:.0f}%"  # noqa: E731
-        rows.append([f"`{name}`", str(c["points"]), pair("zero_gradient_share"), pair("zero_loss_share"),
-                     f"{c['median_gradient_l1']:.3g} / {a['median_gradient_l1']:.3g}", pair("nonfinite_share")])
+        for loss, g in m.get("gradients", {}).items():
+            c, a = g["clean"], g["pgd_final"]
+            if not c.get("points"):
+                continue
+            pair = lambda key: f"{100 * c[key]:.0f}% / {100 * a[key]:.0f}%"  # noqa: E731
+            rows.append([f"`{name}`", loss, str(c["points"]), pair("zero_gradient_share"), pair("zero_loss_share"),
+                         f"{c['median_gradient_l1']:.3g} / {a['median_gradient_l1']:.3g}", pair("nonfinite_share")])
     return rows
 
 
@@ -227,24 +228,26 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
 
 
 SATURATION_MARGIN = 0.25  # a zero-gradient share this far above the reference's names the defence
+LOSS_NAMES = {"ce": "cross-entropy", "dlr": "DLR", "cw": "CW margin"}
 
 
 def saturation_sentences(evals: dict[str, dict[str, Any]], reference: str = "at") -> list[str]:
-    """Defences whose cross-entropy gradient is exactly zero on clearly more clean points than the classifier
-    alone's (`reference`; 0 when it was not evaluated): cross-entropy attacks are blind there."""
-    def share(m: dict[str, Any]) -> float | None:
-        return m.get("gradients", {}).get("clean", {}).get("zero_gradient_share")
+    """Defences whose gradient for an attack loss is exactly zero on clearly more clean points than the classifier
+    alone's (`reference`; 0 when it was not evaluated): attacks on that loss are blind there."""
+    def share(m: dict[str, Any], loss: str) -> float | None:
+        return m.get("gradients", {}).get(loss, {}).get("clean", {}).get("zero_gradient_share")
 
-    base = share(evals[reference]) if reference in evals else None
     out = []
     for name, m in evals.items():
-        zero = share(m)
-        if name == reference or zero is None or zero <= (base or 0.0) + SATURATION_MARGIN:
-            continue
-        than = f" (`{reference}`: {100 * base:.0f}%)" if base is not None else ""
-        out.append(f"`{name}`: the cross-entropy loss saturates: its input gradient is exactly zero on "
-                   f"{100 * zero:.0f}% of the clean points it classifies correctly{than}, so cross-entropy attacks "
-                   "(PGD as configured, APGD-CE) are blind there and its worst case rests on the other attacks.")
+        for loss in m.get("gradients", {}) if name != reference else ():
+            zero, base = share(m, loss), share(evals[reference], loss) if reference in evals else None
+            if zero is None or zero <= (base or 0.0) + SATURATION_MARGIN:
+                continue
+            than = f" (`{reference}`: {100 * base:.0f}%)" if base is not None else ""
+            attacks = " (PGD with it, APGD-CE)" if loss == "ce" else ""
+            out.append(f"`{name}`: the {LOSS_NAMES.get(loss, loss)} loss saturates: its input gradient is exactly zero "
+                       f"on {100 * zero:.0f}% of the clean points it classifies correctly{than}, so attacks on that "
+                       f"loss{attacks} are blind there and its worst case rests on the other attacks.")
     return out
 
 
@@ -377,7 +380,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),
             ("Gradient-masking checks (alone, on the same first points)", "table", sanity_rows(facts["evals"])),
-            ("Cross-entropy input gradient (EoT-averaged, on the first points correct clean)", "table",
+            ("Input gradient of each attack loss (EoT-averaged, on the first points correct clean)", "table",
              gradient_rows(facts["evals"])),
             *examples,
             ("Data", "list", data_lines),

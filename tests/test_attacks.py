@@ -134,6 +134,9 @@ def test_gradient_diagnostics_see_a_saturated_loss(model_and_batch) -> None:
     assert steep["zero_gradient_share"] == steep["zero_loss_share"] == 1.0 and steep["median_gradient_l1"] == 0
     assert plain["zero_gradient_share"] == plain["zero_loss_share"] == 0.0 and plain["median_gradient_l1"] > 0
     assert steep["nonfinite_share"] == plain["nonfinite_share"] == 0.0
+    for loss in ("dlr", "cw"):  # the margin losses keep their gradient on the steep output
+        margin = gradient_diagnostics(Steep(model), x, y, eot=1, device=torch.device("cpu"), batch_size=32, loss=loss)
+        assert margin["zero_gradient_share"] == 0.0 and margin["median_gradient_l1"] > 0
 
 
 def test_attack_losses_match_hand_computed_values() -> None:

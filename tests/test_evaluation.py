@@ -250,9 +250,12 @@ def test_report_compares_each_defence_with_those_its_registry_entry_names() -> N
 def test_the_report_names_a_defence_whose_cross_entropy_saturates() -> None:
     from carso.report import saturation_sentences
 
-    def grads(zero: float) -> dict:
-        return {"gradients": {"clean": {"points": 40, "zero_gradient_share": zero}}}
+    def grads(ce: float, dlr: float = 0.0) -> dict:
+        return {"gradients": {loss: {"clean": {"points": 40, "zero_gradient_share": zero}}
+                              for loss, zero in (("ce", ce), ("dlr", dlr))}}
 
     found = saturation_sentences({"at": grads(0.0), "carso": grads(0.8), "atop": grads(0.1)})
-    assert len(found) == 1 and found[0].startswith("`carso`") and "80%" in found[0] and "`at`: 0%" in found[0]
+    assert len(found) == 1 and found[0].startswith("`carso`: the cross-entropy loss saturates")
+    assert "80%" in found[0] and "`at`: 0%" in found[0]
     assert saturation_sentences({"carso": grads(0.2)}) == []  # no reference: only a share above the margin counts
+    assert "the DLR loss saturates" in saturation_sentences({"at": grads(0.0), "toy": grads(0.0, dlr=0.9)})[0]

@@ -126,6 +126,11 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
         assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"]
     assert m["sanity"]["more_steps"]["steps"] == cfg["sanity"]["more_steps_factor"] * cfg["pgd"]["steps"]
     assert isinstance(m["gradient_masking"], list)
+    assert set(m["gradients"]) == {"ce", "dlr", "cw"}  # each loss, on the subset's clean-correct points
+    for grads in m["gradients"].values():
+        assert 0 < grads["clean"]["points"] == grads["pgd_final"]["points"] <= alone
+        for key in ("zero_gradient_share", "zero_loss_share", "nonfinite_share"):
+            assert 0 <= grads["clean"][key] <= 1 and 0 <= grads["pgd_final"][key] <= 1
     assert not (chain / "eval" / defence / "work").exists()  # resumable state is cleared once complete
 
 
