@@ -322,9 +322,11 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts,
                      "zero_grad_patience": spec.zero_grad_patience},
              "autoattack": {"version": cfg["autoattack"]["version"]}}
+    titles = {"pgd": f"PGD-{spec.steps} (EoT {spec.eot}, {spec.loss})", "transfer": "transfer",
+              "autoattack": f"AutoAttack ({cfg['autoattack']['version']})"}
     for name, verdict in verdicts.items():
         results[name] = cascade.standalone(verdict).entry(conf, scope="standalone", **extra.get(name, {}))
-        log.info("%s alone: accuracy %.4f on the first %d points", name, results[name]["accuracy"],
+        log.info("%s alone: accuracy %.4f on the first %d points", titles[name], results[name]["accuracy"],
                  results[name]["n"])
     results["gradients"] = _gradients(model, xs, ys, adversarial["pgd"], cascade.targets(subset_only=True), spec.eot,
                                       device, bs)

@@ -207,7 +207,7 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     assert model.stat().st_mtime_ns == before and model.exists()
     assert "evaluation.defences.at.n_points" in _sh("dvc params diff", project)
     metrics_diff = _sh("dvc metrics diff", project)
-    assert "pgd.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
+    assert "robust_worst_case.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
 
 
 def test_snakemake_lint_is_clean() -> None:
