@@ -226,7 +226,7 @@ class Cascade:
     clean is attacked by nothing and counts as broken by every attack."""
 
     def __init__(self, clean: Verdict, m: int, confidence: float) -> None:
-        self.clean, self.worst, self.confidence = clean, clean, confidence
+        self.clean, self.worst, self.confidence, self.m = clean, clean, confidence, m
         self.subset = torch.arange(len(clean.ok)) < m
         self.steps: list[dict[str, Any]] = []
 
@@ -245,7 +245,10 @@ class Cascade:
 
     def standalone(self, verdict: Verdict) -> Verdict:
         """An attack's own verdict on the subset (correct clean and after this attack)."""
-        return (verdict & self.clean).head(int(self.subset.sum()))
+        return (verdict & self.clean).head(self.m)
+
+
+Runner = Callable[[torch.Tensor], tuple[Verdict, torch.Tensor]]  # indices -> (their verdict, their attacked points)
 
 
 def _neutral(n: int) -> Verdict:
@@ -257,14 +260,6 @@ def _scatter(verdict: Verdict, idx: torch.Tensor, n: int) -> Verdict:
     full = _neutral(n)
     full.ok[idx], full.share[idx] = verdict.ok, verdict.share
     return full
-
-
-def _run_on(idx: torch.Tensor, x: torch.Tensor, run: Callable[[torch.Tensor], tuple[Verdict, torch.Tensor]]
-            ) -> tuple[Verdict, torch.Tensor]:
-    """`run(idx)`, or nothing when no point is left to attack."""
-    if len(idx):
-        return run(idx)
-    return Verdict(torch.ones(0, dtype=torch.bool), torch.ones(0)), x[idx]
 
 
 def _place(x: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
@@ -303,9 +298,9 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     verdicts: dict[str, Verdict] = {}
     adversarial = {"clean": xs}
 
-    def step(name: str, idx: torch.Tensor, run: Callable[[torch.Tensor], tuple[Verdict, torch.Tensor]]) -> None:
+    def step(name: str, idx: torch.Tensor, run: Runner) -> None:
         start = time.perf_counter()
-        part, x_adv = _run_on(idx, xs, run)
+        part, x_adv = run(idx) if len(idx) else (_neutral(0), xs[idx])  # nothing left to attack
         verdicts[name], adversarial[name] = _scatter(part, idx, n), _place(xs, idx, x_adv)
         cascade.record(name, verdicts[name], len(idx), time.perf_counter() - start)
 
@@ -314,11 +309,15 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         step("autoattack", cascade.targets(),
              lambda idx: _autoattack(model, xs[idx], ys[idx], eps, cfg["autoattack"], device, bs, seed, cache, judge))
 
-    def pgd(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-        x_adv = cache.run("pgd", model, xs[idx], ys[idx], spec, device, bs)
-        return judge(x_adv, ys[idx]), x_adv
+    def crafted(name: str, attack_spec: AttackSpec, x_start: torch.Tensor | None = None) -> Runner:
+        """An attack crafted batch by batch (resumable, `cache`) on the points `idx`, judged by `judge`."""
+        def run(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
+            x_adv = cache.run(name, model, xs[idx], ys[idx], attack_spec, device, bs,
+                              x_start=None if x_start is None else x_start[idx])
+            return judge(x_adv, ys[idx]), x_adv
+        return run
 
-    step("pgd", cascade.targets(), pgd)
+    step("pgd", cascade.targets(), crafted("pgd", spec))
     extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts,
                      "zero_grad_patience": spec.zero_grad_patience},
              "autoattack": {"version": cfg["autoattack"]["version"]}}
@@ -330,8 +329,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
                  results[name]["n"])
     results["gradients"] = _gradients(model, xs, ys, adversarial["pgd"], cascade.targets(subset_only=True), spec.eot,
                                       device, bs)
-    results["sanity"] = _sanity(model, cascade, verdicts, step, xs, ys, adversarial["pgd"], spec, cfg["sanity"],
-                                cache, device, bs, conf, judge)
+    results["sanity"] = _sanity(cascade, verdicts, step, crafted, adversarial["pgd"], spec, cfg["sanity"], conf)
     results["cascade"] = cascade.steps
     results["robust_worst_case"] = cascade.worst.entry(conf, scope="cumulative")
     standalone = {name: cascade.standalone(v) for name, v in verdicts.items()}
@@ -357,13 +355,13 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.
     return out
 
 
-def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[..., None],
-            x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
-            cache: AttackCache, device: torch.device, bs: int, conf: float, judge: _Judge) -> dict[str, Any]:
+def _sanity(cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[[str, torch.Tensor, Runner], None],
+            crafted: Callable[..., Runner], x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
+            conf: float) -> dict[str, Any]:
     """Gradient-masking checks on the standalone subset: PGD continued to `more_steps_factor` x its steps (from
-    where it stopped, on the points it left correct: the others keep its verdict), and PGD at a very large eps
-    (on every point of the subset).
-    Both join the worst case; `verdicts` gains `base_steps`, `more_steps` and `large_eps`."""
+    where it stopped, on the points it left correct: the others keep its verdict; it joins the worst case), and
+    PGD at a very large eps (on every point of the subset; another threat model, never in the worst case).
+    `verdicts` gains `base_steps`, `more_steps` and `large_eps`."""
     base = verdicts["pgd"]
     out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps)}
     more = base
@@ -372,27 +370,17 @@ def _sanity(model: nn.Module, cascade: Cascade, verdicts: dict[str, Verdict], st
                            step_size=spec.alpha, random_start=False, eot=spec.eot,
                            zero_grad_patience=spec.zero_grad_patience)
         survivors = (cascade.subset & cascade.clean.ok & base.ok).nonzero().squeeze(1)
-
-        def continued(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-            x_more = cache.run("pgd_more_steps", model, x[idx], y[idx], extra, device, bs, x_start=x_pgd[idx])
-            return judge(x_more, y[idx]), x_more
-
-        step("more_steps", survivors, continued)
+        step("more_steps", survivors, crafted("pgd_more_steps", extra, x_start=x_pgd))
         more = verdicts["more_steps"] & base
     verdicts.update(base_steps=base, more_steps=more)
     out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
     large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot,
                        zero_grad_patience=spec.zero_grad_patience)
-
-    def large_eps(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-        x_large = cache.run("pgd_large_eps", model, x[idx], y[idx], large, device, bs)
-        return judge(x_large, y[idx]), x_large
-
-    # Every point of the subset, misclassified clean or not (its share of correct repeats must fall too), and
-    # another threat model: never part of the worst case.
-    m = int(cascade.subset.sum())
-    verdicts["large_eps"] = _scatter(_run_on(torch.arange(m), x, large_eps)[0], torch.arange(m), len(x))
-    out["large_eps"] = verdicts["large_eps"].head(m).entry(conf, eps=cfg["large_eps"], steps=cfg["large_eps_steps"])
+    # Every point of the subset, misclassified clean or not: its share of correct repeats must fall too.
+    subset = torch.arange(cascade.m)
+    verdicts["large_eps"] = _scatter(crafted("pgd_large_eps", large)(subset)[0], subset, len(x_pgd))
+    out["large_eps"] = verdicts["large_eps"].head(cascade.m).entry(conf, eps=cfg["large_eps"],
+                                                                    steps=cfg["large_eps_steps"])
     log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", out["base_steps"]["n"],
              spec.steps, out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"],
              out["more_steps"]["mean_accuracy"], cfg["large_eps"], out["large_eps"]["mean_accuracy"])

@@ -239,7 +239,9 @@ def saturation_sentences(evals: dict[str, dict[str, Any]], reference: str = "at"
 
     out = []
     for name, m in evals.items():
-        for loss in m.get("gradients", {}) if name != reference else ():
+        if name == reference:
+            continue
+        for loss in m.get("gradients", {}):
             zero, base = share(m, loss), share(evals[reference], loss) if reference in evals else None
             if zero is None or zero <= (base or 0.0) + SATURATION_MARGIN:
                 continue
