@@ -1,4 +1,5 @@
-"""L-infinity attacks in [0, 1] pixel space: FGSM (optionally with random start) and PGD.
+"""Attacks in [0, 1] pixel space under an L-inf or L2 threat model: FGSM (optionally with random start), PGD,
+and Square (score-based, no gradients, from pyautoattack).
 
 Every attack returns a perturbed batch that lies inside the eps-ball around `x` and inside [0, 1].
 The caller chooses the model's mode and precision: training wraps these in bf16 autocast when asked,
@@ -17,10 +18,10 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One L-inf attack: `fgsm` (one step of size `step_size`, random start if asked) or `pgd`."""
+    """One attack: `fgsm` (one step of size `step_size`, random start if asked) or `pgd`, in the `norm` ball."""
 
     method: str               # "fgsm" | "pgd"
-    eps: float                # radius of the L-inf ball, in [0, 1] pixel units
+    eps: float                # radius of the ball, in [0, 1] pixel units
     steps: int = 1            # gradient steps (1 for FGSM)
     step_size: float | None = None  # per-step size; None: eps for FGSM, 2.5 * eps / steps for PGD
     random_start: bool = True  # start from a uniform point in the ball (PGD, FGSM-RS)
@@ -31,6 +32,7 @@ class AttackSpec:
                                # ratio) | cw (the logit margin); the margin losses ignore any scaling of the output
     zero_grad_patience: int | None = None  # PGD stops on a point after this many steps in a row whose (EoT)
                                # input gradient was exactly zero: it learns nothing there (None: never stop)
+    norm: str = "Linf"         # threat model: Linf (signed-gradient steps) | L2 (steps along the normalised gradient)
 
     @property
     def alpha(self) -> float:
@@ -39,8 +41,32 @@ class AttackSpec:
         return self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+NORMS = ("Linf", "L2")
+
+
+def _l2(t: torch.Tensor) -> torch.Tensor:
+    """Per-point L2 norm, shaped to broadcast over the point's dimensions."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """`x_adv` moved into the `norm` ball of radius `eps` around `x`, then into [0, 1].
+
+    L2: the perturbation is scaled onto the ball; clipping to [0, 1] afterwards only shortens it (each
+    coordinate moves towards `x`, which lies in [0, 1]), so the result stays in the ball."""
+    if norm == "Linf":
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    if norm != "L2":
+        raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    delta = x_adv - x
+    scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta * scale).clamp_(0.0, 1.0)
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of unit size in `norm`: the gradient's sign (L-inf) or its direction (L2).
+    A zero gradient gives a zero step in both."""
+    return grad.sign() if norm == "Linf" else grad / _l2(grad).clamp_min(1e-12)
 
 
 LOSSES = ("ce", "dlr", "cw")
@@ -80,8 +106,13 @@ def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
     return total / eot
 
 
-def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
+def _random_start(x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """A uniform point of the L-inf ball, or (L2) a random direction at a radius drawn uniformly in [0, eps]."""
+    if norm == "Linf":
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
+    direction = torch.randn_like(x)
+    radius = torch.rand(len(x), *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) * eps
+    return project(x + direction / _l2(direction).clamp_min(1e-12) * radius, x, eps, "L2")
 
 
 def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
@@ -90,14 +121,14 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
     """One run of projected signed-gradient ascent on `spec.loss` (FGSM when steps == 1),
     from `x_start` when given (to continue an earlier run), else from a random or the clean point."""
     if x_start is not None:
-        x_adv = _project(x_start.clone(), x, spec.eps)
+        x_adv = project(x_start.clone(), x, spec.eps, spec.norm)
     else:
-        x_adv = _random_start(x, spec.eps) if spec.random_start else x.clone()
+        x_adv = _random_start(x, spec.eps, spec.norm) if spec.random_start else x.clone()
     if spec.zero_grad_patience is not None:
         return _pgd_with_patience(model, x, y, x_adv, spec, autocast)
     for _ in range(spec.steps):
         grad = _input_gradient(model, x_adv, y, autocast, spec.eot, spec.loss)
-        x_adv = _project(x_adv.detach() + spec.alpha * grad.sign(), x, spec.eps)
+        x_adv = project(x_adv.detach() + spec.alpha * ascent_direction(grad, spec.norm), x, spec.eps, spec.norm)
     return x_adv.detach()
 
 
@@ -112,7 +143,8 @@ def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
         if len(active) == 0:
             break
         grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot, spec.loss)
-        x_adv[active] = _project(x_adv[active] + spec.alpha * grad.sign(), x[active], spec.eps)
+        step = spec.alpha * ascent_direction(grad, spec.norm)
+        x_adv[active] = project(x_adv[active] + step, x[active], spec.eps, spec.norm)
         zero = grad.flatten(1).abs().amax(dim=1) == 0
         zero_run[active] = torch.where(zero, zero_run[active] + 1, 0)
         active = active[zero_run[active] < spec.zero_grad_patience]
@@ -204,3 +236,16 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: At
                     device: torch.device, batch_size: int) -> float:
     x_adv = attack_dataset(model, x, y, spec, device, batch_size)
     return accuracy(model, x_adv, y, device, batch_size)
+
+
+def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, n_queries: int,
+                  p_init: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Square (Andriushchenko et al. 2020, pyautoattack's reference code): a score-based random search on the
+    margin loss that uses no gradients, so no masking of gradients can blind it. At most `n_queries` forward
+    passes per point; returns the adversarial points (the clean one where it found none), on the CPU."""
+    from pyautoattack.square import SquareAttack
+
+    square = SquareAttack(model, norm=norm, n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=1, seed=seed,
+                          device=device, loss="margin")
+    with torch.no_grad():
+        return square.perturb(x.to(device), y.to(device)).detach().cpu()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carso.attacks import AttackSpec, attack, attack_loss, gradient_diagnostics
+from carso.attacks import project, square_attack, AttackSpec, attack, attack_loss, gradient_diagnostics
 from carso.data import load_split
 from carso.models import build_classifier
 
@@ -165,3 +165,62 @@ def test_a_steeply_scaled_output_blinds_cross_entropy_pgd_but_not_the_margin_los
     plain = attack(model, x, y, AttackSpec("pgd", eps=0.1, steps=10, step_size=0.025))
     assert broken["ce"] < 0.2 < (model(plain).argmax(1) != y).float().mean().item()  # CE PGD is blind on it
     assert broken["dlr"] > 0.5 and broken["cw"] > 0.5
+
+
+def test_l2_projection_keeps_points_in_the_ball_and_in_the_unit_box() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    far = x + 3 * torch.randn_like(x)  # far outside both the ball and [0, 1]
+    near = x + 0.01 * torch.randn_like(x)  # already inside the ball: only the box may move it
+    for eps in (0.5, 2.0):
+        for x_adv in (project(far, x, eps, "L2"), project(near, x, eps, "L2")):
+            assert (x_adv - x).flatten(1).norm(dim=1).max() <= eps + 1e-5
+            assert x_adv.min() >= 0 and x_adv.max() <= 1
+    inside = project(near, x, 2.0, "L2")
+    assert torch.allclose(inside, near.clamp(0, 1))  # inside the ball: untouched but for the box
+    with pytest.raises(ValueError, match="unknown norm"):
+        project(x, x, 0.5, "L1")
+
+
+def test_l2_pgd_stays_in_the_ball_and_breaks_what_it_should(model_and_batch) -> None:
+    model, x, y = model_and_batch
+    torch.manual_seed(0)
+    x_adv = attack(model, x, y, AttackSpec("pgd", eps=1.5, steps=10, step_size=0.3, norm="L2", loss="dlr"))
+    assert (x_adv - x).flatten(1).norm(dim=1).max() <= 1.5 + 1e-5 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() > 0.1  # an L2 step concentrates where the gradient is: no L-inf box at 1.5 / 28
+    assert (model(x_adv).argmax(1) == y).float().mean() < (model(x).argmax(1) == y).float().mean()
+
+
+class Linear(torch.nn.Module):
+    """A tiny linear classifier on 1 x 8 x 8 images (3 classes), whose nearest adversarial points are known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(3, 64, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.w.t()
+
+
+def test_square_finds_the_adversarial_points_of_a_tiny_linear_model() -> None:
+    model = Linear()
+    torch.manual_seed(1)
+    x = torch.rand(64, 1, 8, 8) * 0.5 + 0.25  # away from the box's edges: the L-inf ball is all free to move in
+    y = model(x).argmax(1)
+    eps = 0.03
+
+    def breakable(radius: float) -> torch.Tensor:  # a linear model's best L-inf attack moves each pixel by radius
+        with torch.no_grad():
+            logits = model(x)
+            diff = model.w[y][:, None, :] - model.w[None, :, :]  # (n, classes, 64)
+            worst = logits.gather(1, y[:, None]) - logits - radius * diff.abs().sum(dim=2)
+            return worst.masked_fill(torch.nn.functional.one_hot(y, 3).bool(), float("inf")).amin(dim=1) < 0
+
+    assert 5 < breakable(eps).sum() < len(x)  # some points can be broken at eps, some provably cannot
+    x_adv = square_attack(model, x, y, eps, "Linf", n_queries=1000, p_init=0.8, seed=0, device=torch.device("cpu"))
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    fooled = model(x_adv).argmax(1) != y
+    assert not fooled[~breakable(eps)].any()  # nothing Square reports is impossible
+    assert fooled[breakable(0.5 * eps)].all()  # it finds every point breakable with room to spare,
+    assert fooled[breakable(eps)].float().mean() >= 0.75  # and most of those that need the whole ball
