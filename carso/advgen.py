@@ -17,23 +17,24 @@ from carso.io import save_tensors, write_json
 log = logging.getLogger(__name__)
 
 
-def attack_spec(cfg: dict[str, Any]) -> AttackSpec:
-    """An `adversarial.attacks` entry of params.yaml as an AttackSpec (FGSM without random start)."""
+def attack_spec(cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
+    """An `adversarial.attacks` entry of params.yaml as an AttackSpec (FGSM without random start) in `norm`."""
     if cfg["method"] == "fgsm":
-        return AttackSpec("fgsm", eps=cfg["eps"], steps=1, step_size=cfg["eps"], random_start=False)
+        return AttackSpec("fgsm", eps=cfg["eps"], steps=1, step_size=cfg["eps"], random_start=False, norm=norm)
     return AttackSpec("pgd", eps=cfg["eps"], steps=cfg["steps"], step_size=cfg["step_size"],
-                      restarts=cfg.get("restarts", 1))
+                      restarts=cfg.get("restarts", 1), norm=norm)
 
 
 def generate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: dict[str, Any],
-                   device: torch.device, batch_size: int, split: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   device: torch.device, batch_size: int, split: str,
+                   norm: str = "Linf") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every configured attack on one split, stored as float32 (perturbations are not multiples of 1/255)."""
     tensors = {"clean": x, "labels": y}
     clean_ok = predict(model, x, device, batch_size) == y
     summary: dict[str, Any] = {"points": len(y), "clean_accuracy": clean_ok.float().mean().item()}
     for name, cfg in attacks.items():
         t0 = time.perf_counter()
-        x_adv = attack_dataset(model, x, y, attack_spec(cfg), device, batch_size, desc=f"{split}/{name}")
+        x_adv = attack_dataset(model, x, y, attack_spec(cfg, norm), device, batch_size, desc=f"{split}/{name}")
         adv_ok = predict(model, x_adv, device, batch_size) == y
         success = (clean_ok & ~adv_ok).sum().item() / max(1, clean_ok.sum().item())
         tensors[name] = x_adv
@@ -45,14 +46,15 @@ def generate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
 
 
 def generate_adversarial(model: nn.Module, data_dir: Path, out_dir: Path, cfg: dict[str, Any],
-                         device: torch.device) -> dict[str, Any]:
-    """Attack the first `train_points` / `test_points` images; write one safetensors file per split."""
+                         device: torch.device, norm: str = "Linf") -> dict[str, Any]:
+    """Attack the first `train_points` / `test_points` images in `norm` (evaluation.norm); write one safetensors
+    file per split."""
     model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
-    summary: dict[str, Any] = {"precision": "fp32", **describe(device)}
+    summary: dict[str, Any] = {"precision": "fp32", "norm": norm, **describe(device)}
     for split, limit in (("train", cfg["train_points"]), ("test", cfg["test_points"])):
         x, y = load_split(data_dir, split, limit=limit)
-        tensors, summary[split] = generate_split(model, x, y, cfg["attacks"], device, cfg["batch_size"], split)
+        tensors, summary[split] = generate_split(model, x, y, cfg["attacks"], device, cfg["batch_size"], split, norm)
         save_tensors(out_dir / f"{split}.safetensors", tensors,
-                     {"split": split, "attacks": cfg["attacks"], "note": "the success rate counts only the clean-correct points"})
+                     {"split": split, "attacks": cfg["attacks"], "norm": norm, "note": "the success rate counts only the clean-correct points"})
     write_json(out_dir / "summary.json", summary)
     return summary

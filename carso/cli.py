@@ -74,7 +74,7 @@ def cmd_train_classifier(args: argparse.Namespace, params: dict[str, Any]) -> No
                               Path(params["data"]["download_root"]) / "robustbench")
     else:
         train_classifier(args.dataset, Path(args.data), Path(args.out), params["classifier"],
-                         params["runtime"]["seed"], device, team)
+                         params["runtime"]["seed"], device, team, params["evaluation"]["norm"])
     leave(team)
 
 
@@ -84,13 +84,15 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
 
     device, _ = _runtime(params, args.threads)
     model = load_classifier(Path(args.model), args.dataset)
-    generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device)
+    generate_adversarial(model, Path(args.data), Path(args.out), params["adversarial"], device,
+                         params["evaluation"]["norm"])
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.data import load_adversarial, load_split
     from carso.defences import defence, resolve
     from carso.evaluation import evaluate_defence, example_tensors
+    from carso.params import pgd_run_name, with_overrides
     from carso.io import save_tensors, write_json
 
     device, _ = _runtime(params, args.threads)
@@ -102,18 +104,20 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
         wanted = " ".join(f"data/{args.dataset}/{a}" for a in spec.artifacts) or "nothing"
         raise UserError(f"defence '{args.defence}' loads {len(spec.artifacts)} trained file(s) but --artifacts gave "
                         f"{len(args.artifacts)}; pass --artifacts {wanted} (the files its training stages write).")
-    model = resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, params)
+    load = lambda p: resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, p)  # noqa: E731
+    model = load(params)
+    cfg = params["evaluation"]["defences"][args.defence]
+    surrogates = {pgd_run_name(run): load(with_overrides(params, run["surrogate"], args.params))
+                  for run in cfg["pgd"] if run.get("surrogate")}
     x, y = load_split(Path(args.data), "test")
     transfer = params["evaluation"]["transfer_attack"]
     stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
     out = Path(args.out)
-    cfg = params["evaluation"]["defences"][args.defence]
     metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], params["evaluation"], cfg, device,
-                                                    params["runtime"]["seed"], out)
-    metrics["transfer"]["attack"] = transfer
-    examples = example_tensors(model, x, adversarial["pgd"], y, device)
+                                                    params["runtime"]["seed"], out, surrogates)
+    examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},
-                 {"defence": args.defence, "adversarial": "the evaluation's PGD run",
+                 {"defence": args.defence, "adversarial": f"the evaluation's strongest PGD run ({metrics['strongest_pgd']})",
                   "robust_worst_case": "per attacked point: survived every attack (and every repeated verdict)"})
     write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **metrics})
 

@@ -1,11 +1,11 @@
-"""Clean accuracy, PGD and AutoAttack robust accuracy, all in fp32, each with a confidence interval."""
+"""Clean accuracy and robust accuracy under a suite of attacks (transfer, AutoAttack, Square, PGD runs with\nseveral losses, through surrogates where configured), all in fp32, each with a confidence interval."""
 from __future__ import annotations
 
 import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,9 +14,10 @@ from torch import nn
 
 from tqdm import tqdm
 
-from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict
+from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict, square_attack
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
+from carso.params import pgd_run_name
 from carso.stats import paired_difference, summarise
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,15 @@ class Verdict:
         return {**summarise(self.ok.tolist(), confidence), "mean_accuracy": self.share.double().mean().item(), **extra}
 
 
+# The order AutoAttack runs its attacks in, where it differs from pyautoattack's: the same attacks, but the margin
+# loss first, so a cross-entropy that saturates (blind: METHOD.md section 1) costs only the points DLR left correct.
+AUTOATTACK_ORDER = {"rand": ["apgd-dlr", "apgd-ce"]}
+
+
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
                    device: torch.device, batch_size: int, seed: int,
-                   state_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """AutoAttack (pyautoattack, the reference attack code) at L-inf `eps`; returns per-point robustness
+                   state_path: Path, norm: str = "Linf") -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAttack (pyautoattack, the reference attack code) at `norm` radius `eps`; returns per-point robustness
     and the adversarial points (the clean point where no attack succeeded in this run).
 
     Resumable: AutoAttack records in `state_path` which attacks already ran and which points are still
@@ -52,7 +58,10 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     from pyautoattack import AutoAttack
     from pyautoattack.state import EvaluationState
 
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, device=str(device), seed=seed)
+    adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=str(device), seed=seed)
+    if version in AUTOATTACK_ORDER:
+        assert set(AUTOATTACK_ORDER[version]) == set(adversary.attacks_to_run)  # reordered, never changed
+        adversary.attacks_to_run = list(AUTOATTACK_ORDER[version])
     state_path = state_path.resolve()
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
     flags = EvaluationState.from_disk(state_path).robust_flags
@@ -80,11 +89,36 @@ def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: fl
     return AttackSpec("pgd", eps=eps, steps=steps, step_size=reference_step * eps / reference_eps, eot=eot)
 
 
-def pgd_spec(eps: float, cfg: dict[str, Any]) -> AttackSpec:
-    """`evaluation.defences.<name>.pgd` as an AttackSpec; step_size null means Lee & Kim's scaled step."""
-    step = pgd_eot_spec(eps).alpha if cfg["step_size"] is None else cfg["step_size"]
+def pgd_spec(eps: float, cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
+    """One run of `evaluation.defences.<name>.pgd` as an AttackSpec. step_size null: Lee & Kim's step scaled to
+    eps (L-inf), or 2.5 eps / steps (L2, Madry et al.'s rule)."""
+    if cfg["step_size"] is not None:
+        step = cfg["step_size"]
+    else:
+        step = pgd_eot_spec(eps).alpha if norm == "Linf" else 2.5 * eps / cfg["steps"]
     return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=step, eot=cfg["eot"], restarts=cfg["restarts"],
-                      zero_grad_patience=cfg["zero_grad_patience"])
+                      zero_grad_patience=cfg["zero_grad_patience"], loss=cfg.get("loss", "ce"), norm=norm)
+
+
+@dataclass(frozen=True)
+class PgdRun:
+    """One PGD(-EoT) run of a defence's suite. With `surrogate` (dotted params.yaml keys and their values) its
+    gradients come from the defence built with those settings (BPDA-style), while its verdicts are the real
+    defence's."""
+
+    name: str
+    spec: AttackSpec
+    surrogate: dict[str, Any] | None = None
+
+    @property
+    def title(self) -> str:
+        via = f", gradients through {', '.join(f'{k}={v}' for k, v in self.surrogate.items())}" if self.surrogate else ""
+        return f"PGD-{self.spec.steps} ({self.spec.loss}, EoT {self.spec.eot}{via})"
+
+
+def pgd_runs(eps: float, norm: str, cfgs: list[dict[str, Any]]) -> list[PgdRun]:
+    """`evaluation.defences.<name>.pgd` (a list of runs) in the order given."""
+    return [PgdRun(pgd_run_name(c), pgd_spec(eps, c, norm), c.get("surrogate") or None) for c in cfgs]
 
 
 def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
@@ -129,10 +163,12 @@ class AttackCache:
         return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
     def run(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-            device: torch.device, batch_size: int, x_start: torch.Tensor | None = None) -> torch.Tensor:
-        """`attack` (PGD, FGSM, with EoT) on `x`, batch by batch; returns the adversarial points."""
+            device: torch.device, batch_size: int, x_start: torch.Tensor | None = None,
+            tag: dict[str, Any] | None = None) -> torch.Tensor:
+        """`attack` (PGD, FGSM, with EoT) on `x`, batch by batch; returns the adversarial points. `tag`: more
+        settings that name the run (a surrogate's, whose weights equal the defence's)."""
         settings = {"spec": asdict(spec), "x": sha256_tensor(x), "y": sha256_tensor(y),
-                    "start": None if x_start is None else sha256_tensor(x_start)}
+                    "start": None if x_start is None else sha256_tensor(x_start), "tag": tag}
 
         def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
             return {"x_adv": attack(model, x[sl].to(device), y[sl].to(device), spec,
@@ -143,6 +179,9 @@ class AttackCache:
 
 
 MASKING_LIMITS = {"large_eps_max_accuracy": 0.10}
+WHITE_BOX = ("autoattack", "pgd")  # the kinds of attack that follow the defence's own gradients
+PROBES = {"transfer": "the transfer attack (crafted on the classifier alone)",
+          "square": "the black-box Square attack (no gradients)"}
 
 
 def _clearly_more(first: Verdict, second: Verdict, confidence: float) -> bool:
@@ -153,21 +192,28 @@ def _clearly_more(first: Verdict, second: Verdict, confidence: float) -> bool:
 def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confidence: float) -> list[str]:
     """Signatures of gradient masking in one defence's results, in words (empty when none was seen).
 
-    A difference between two attacks counts only when the paired interval on the same points excludes 0,
-    so noise between nearly equal attacks is not reported as masking."""
+    An attack that needs no gradient of the defence (transfer from the classifier alone, black-box Square) must
+    not beat one that follows them (AutoAttack, PGD); at a very large eps at least one attack loss must bring
+    accuracy near 0; more PGD steps must not leave more points correct. A difference between two attacks counts
+    only when the paired interval on the same points excludes 0, so noise is not reported as masking."""
     found = []
-    transfer = results["transfer"]["accuracy"]
-    for key, name in (("pgd", "PGD"), ("autoattack", "AutoAttack")):
-        if key in verdicts and _clearly_more(verdicts[key], verdicts["transfer"], confidence):
-            found.append(f"the transfer attack (crafted on the classifier alone) left {100 * transfer:.2f}% correct, "
-                         f"clearly fewer than white-box {name} ({100 * results[key]['accuracy']:.2f}%): {name}'s "
-                         "gradients through this defence are weaker than they should be")
+    attacks = results["attacks"]
+    white = [n for n, a in attacks.items() if a["kind"] in WHITE_BOX and not a.get("surrogate")]
+    for probe, words in PROBES.items():
+        for name in (w for w in white if probe in verdicts):
+            if _clearly_more(verdicts[name], verdicts[probe], confidence):
+                found.append(f"{words} left {100 * attacks[probe]['accuracy']:.2f}% correct, clearly fewer than "
+                             f"white-box {attacks[name]['title']} ({100 * attacks[name]['accuracy']:.2f}%): its "
+                             "gradients through this defence are weaker than they should be")
     sanity = results.get("sanity")
     if sanity:
         large = sanity["large_eps"]
-        if large["mean_accuracy"] > MASKING_LIMITS["large_eps_max_accuracy"]:
-            found.append(f"at eps {large['eps']:.3g} accuracy is still {100 * large['mean_accuracy']:.2f}% "
-                         f"(expected near 0, at most {100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}%)")
+        best = min(e["mean_accuracy"] for e in large.values())
+        if best > MASKING_LIMITS["large_eps_max_accuracy"]:
+            each = ", ".join(f"{loss} {100 * e['mean_accuracy']:.2f}%" for loss, e in large.items())
+            eps = next(iter(large.values()))["eps"]
+            found.append(f"at eps {eps:.3g} no attack loss brought accuracy near 0 ({each}; expected at most "
+                         f"{100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}% from at least one)")
         more, base = sanity["more_steps"], sanity["base_steps"]
         if _clearly_more(verdicts["more_steps"], verdicts["base_steps"], confidence):
             found.append(f"{more['steps']} PGD steps left {100 * more['accuracy']:.2f}% correct, clearly more than "
@@ -194,26 +240,42 @@ class _Judge:
         return repeated_verdict(self.model, x_adv, labels, self.repeats, self.device, self.batch_size)
 
 
-def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, cfg: dict[str, Any],
+def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: dict[str, Any],
                 device: torch.device, bs: int, seed: int, cache: AttackCache, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
     """AutoAttack's per-point verdict, combined with the repeated verdicts on its final points.
 
     One AutoAttack run per batch of `bs` points (seed `seed + i` for batch i), each kept by `cache` once
     done, so an evaluation killed by a cluster's time limit loses at most one batch: AutoAttack's own state
     (inside a batch) would restart an interrupted attack on every still-robust point of the whole set."""
-    settings = {"eps": eps, "version": cfg["version"], "labels": sha256_tensor(y), "x": sha256_tensor(x)}
+    settings = {"eps": eps, "norm": norm, "version": cfg["version"], "order": AUTOATTACK_ORDER.get(cfg["version"]),
+                "labels": sha256_tensor(y), "x": sha256_tensor(x)}
 
     def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
         folder.mkdir(parents=True, exist_ok=True)
         flags, x_adv = run_autoattack(model, x[sl], y[sl], eps, cfg["version"], device, bs, seed + i,
-                                      folder / f"batch_{i:05d}_autoattack_state.json")
+                                      folder / f"batch_{i:05d}_autoattack_state.json", norm)
         return {"robust": flags, "x_adv": x_adv}
 
-    found = cache.batches("autoattack", settings, len(y), bs, f"AutoAttack {cfg['version']} (eps {eps:.4g})",
+    found = cache.batches("autoattack", settings, len(y), bs, f"AutoAttack {cfg['version']} ({norm} eps {eps:.4g})",
                           one_batch)
     flags, x_aa = found["robust"].bool(), found["x_adv"]
     verdict = judge(x_aa, y)
     return Verdict(flags & verdict.ok, torch.where(flags, verdict.share, 0.0)), x_aa
+
+
+def _square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: dict[str, Any],
+            device: torch.device, bs: int, seed: int, cache: AttackCache, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
+    """Square, batch by batch (seed `seed + i` for batch i, resumable through `cache`), judged by `judge`."""
+    settings = {"eps": eps, "norm": norm, "n_queries": cfg["n_queries"], "p_init": cfg["p_init"],
+                "labels": sha256_tensor(y), "x": sha256_tensor(x)}
+
+    def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
+        return {"x_adv": square_attack(model, x[sl], y[sl], eps, norm, cfg["n_queries"], cfg["p_init"], seed + i,
+                                       device)}
+
+    x_adv = cache.batches("square", settings, len(y), bs, f"Square ({cfg['n_queries']} queries, {norm} eps {eps:.4g})",
+                          one_batch)["x_adv"]
+    return judge(x_adv, y), x_adv
 
 
 class Cascade:
@@ -268,20 +330,30 @@ def _place(x: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tens
     return out
 
 
+def _strongest(runs: list[PgdRun], cascade: "Cascade", verdicts: dict[str, Verdict]) -> PgdRun:
+    """The PGD run (not through a surrogate) that left the fewest subset points correct; the first listed on a tie."""
+    own = [r for r in runs if r.surrogate is None] or runs
+    return min(own, key=lambda r: int(cascade.standalone(verdicts[r.name]).ok.sum()))
+
+
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
-                     work_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
+                     work_dir: Path, surrogates: dict[str, nn.Module] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
     """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
-    (`Cascade`): transfer, then AutoAttack, then PGD (EoT), then the gradient-masking checks.
+    (`Cascade`): transfer, AutoAttack, Square, each PGD(-EoT) run in the order listed, then the gradient-masking
+    checks.
 
-    `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier
-    alone. The headline is the per-point worst case over all attacks (and all repeated verdicts of a
-    randomised defence). Returns the metrics, the adversarial points (for the report's examples) and the
-    per-point worst-case verdict (so defences can be compared on the same points).
+    `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier alone.
+    `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). The headline
+    is the per-point worst case over all attacks (and all repeated verdicts of a randomised defence). Returns
+    the metrics, the adversarial points of each attack (for the report's examples) and the per-point worst-case
+    verdict (so defences can be compared on the same points).
     """
-    conf, bs, eps = common["confidence"], cfg["batch_size"], common["eps"]
+    conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
     model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
-    results: dict[str, Any] = {"eps": eps, "norm": "Linf", "precision": "fp32", **describe(device)}
+    surrogates = {k: m.to(device, memory_format=torch.channels_last).eval() for k, m in (surrogates or {}).items()}
+    results: dict[str, Any] = {"eps": eps, "norm": norm, "precision": "fp32", **describe(device)}
     t0 = time.perf_counter()
     seed_from(x)
     results["clean"] = summarise((predict(model, x, device, max(bs, 256)) == y).tolist(), conf)
@@ -292,11 +364,12 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     results["verdict_repeats"] = cfg["verdict_repeats"] if results["randomised"] else 1
     judge = _Judge(model, results["verdict_repeats"], device, bs)
     cache = AttackCache(work_dir / "work", model_digest(model), seed)
-    spec = pgd_spec(eps, cfg["pgd"])
+    runs = pgd_runs(eps, norm, cfg["pgd"])
     cascade = Cascade(judge(xs, ys), min(cfg["sanity"]["n_points"], n), conf)
     results["clean_subset"] = cascade.clean.entry(conf)
     verdicts: dict[str, Verdict] = {}
     adversarial = {"clean": xs}
+    attacks: dict[str, dict[str, Any]] = {}  # name -> kind, title and settings, in the order they ran
 
     def step(name: str, idx: torch.Tensor, run: Runner) -> None:
         start = time.perf_counter()
@@ -304,32 +377,51 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         verdicts[name], adversarial[name] = _scatter(part, idx, n), _place(xs, idx, x_adv)
         cascade.record(name, verdicts[name], len(idx), time.perf_counter() - start)
 
-    step("transfer", cascade.targets(), lambda idx: (judge(x_transfer[:n][idx], ys[idx]), x_transfer[:n][idx]))
-    if cfg["autoattack"]["enabled"]:
-        step("autoattack", cascade.targets(),
-             lambda idx: _autoattack(model, xs[idx], ys[idx], eps, cfg["autoattack"], device, bs, seed, cache, judge))
+    def crafted(name: str, attack_spec: AttackSpec, x_start: torch.Tensor | None = None,
+                surrogate: PgdRun | None = None) -> Runner:
+        """An attack crafted batch by batch (resumable, `cache`) on the points `idx`, judged by `judge`; with a
+        surrogate, crafted on its model."""
+        source = surrogates[surrogate.name] if surrogate and surrogate.surrogate else model
+        tag = surrogate.surrogate if surrogate else None
 
-    def crafted(name: str, attack_spec: AttackSpec, x_start: torch.Tensor | None = None) -> Runner:
-        """An attack crafted batch by batch (resumable, `cache`) on the points `idx`, judged by `judge`."""
         def run(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-            x_adv = cache.run(name, model, xs[idx], ys[idx], attack_spec, device, bs,
-                              x_start=None if x_start is None else x_start[idx])
+            x_adv = cache.run(name, source, xs[idx], ys[idx], attack_spec, device, bs,
+                              x_start=None if x_start is None else x_start[idx], tag=tag)
             return judge(x_adv, ys[idx]), x_adv
         return run
 
-    step("pgd", cascade.targets(), crafted("pgd", spec))
-    extra = {"pgd": {"steps": spec.steps, "eot": spec.eot, "step_size": spec.alpha, "restarts": spec.restarts,
-                     "zero_grad_patience": spec.zero_grad_patience},
-             "autoattack": {"version": cfg["autoattack"]["version"]}}
-    titles = {"pgd": f"PGD-{spec.steps} (EoT {spec.eot}, {spec.loss})", "transfer": "transfer",
-              "autoattack": f"AutoAttack ({cfg['autoattack']['version']})"}
-    for name, verdict in verdicts.items():
-        results[name] = cascade.standalone(verdict).entry(conf, scope="standalone", **extra.get(name, {}))
-        log.info("%s alone: accuracy %.4f on the first %d points", titles[name], results[name]["accuracy"],
-                 results[name]["n"])
-    results["gradients"] = _gradients(model, xs, ys, adversarial["pgd"], cascade.targets(subset_only=True), spec.eot,
-                                      device, bs)
-    results["sanity"] = _sanity(cascade, verdicts, step, crafted, adversarial["pgd"], spec, cfg["sanity"], conf)
+    transfer = common.get("transfer_attack", "transfer")
+    attacks["transfer"] = {"kind": "transfer", "title": f"transfer ({transfer}, crafted on the classifier alone)",
+                           "attack": transfer}
+    step("transfer", cascade.targets(), lambda idx: (judge(x_transfer[:n][idx], ys[idx]), x_transfer[:n][idx]))
+    if cfg["autoattack"]["enabled"]:
+        version = cfg["autoattack"]["version"]
+        attacks["autoattack"] = {"kind": "autoattack", "title": f"AutoAttack ({version})", "version": version,
+                                 "order": AUTOATTACK_ORDER.get(version)}
+        step("autoattack", cascade.targets(), lambda idx: _autoattack(model, xs[idx], ys[idx], eps, norm,
+                                                                      cfg["autoattack"], device, bs, seed, cache, judge))
+    if cfg["square"]["enabled"]:
+        attacks["square"] = {"kind": "square", "title": f"Square ({cfg['square']['n_queries']} queries)",
+                             "n_queries": cfg["square"]["n_queries"], "p_init": cfg["square"]["p_init"]}
+        step("square", cascade.targets(), lambda idx: _square(model, xs[idx], ys[idx], eps, norm, cfg["square"],
+                                                              device, bs, seed, cache, judge))
+    for run in runs:
+        attacks[run.name] = {"kind": "pgd", "title": run.title, "loss": run.spec.loss, "steps": run.spec.steps,
+                             "eot": run.spec.eot, "step_size": run.spec.alpha, "restarts": run.spec.restarts,
+                             "zero_grad_patience": run.spec.zero_grad_patience, "surrogate": run.surrogate}
+        step(run.name, cascade.targets(), crafted(run.name, run.spec, surrogate=run))
+    results["attacks"] = {}
+    for name, info in attacks.items():
+        results["attacks"][name] = cascade.standalone(verdicts[name]).entry(conf, scope="standalone", **info)
+        log.info("%s alone: accuracy %.4f on the first %d points", info["title"], results["attacks"][name]["accuracy"],
+                 results["attacks"][name]["n"])
+    strongest = _strongest(runs, cascade, verdicts)
+    results["strongest_pgd"] = strongest.name
+    results["gradients"] = _gradients(model, xs, ys, adversarial[strongest.name], cascade.targets(subset_only=True),
+                                      strongest.spec.eot, device, bs)
+    losses = list(dict.fromkeys(r.spec.loss for r in runs if r.surrogate is None)) or [strongest.spec.loss]
+    results["sanity"] = _sanity(cascade, verdicts, step, crafted, strongest, adversarial[strongest.name], losses,
+                                cfg["sanity"], conf)
     results["cascade"] = cascade.steps
     results["robust_worst_case"] = cascade.worst.entry(conf, scope="cumulative")
     standalone = {name: cascade.standalone(v) for name, v in verdicts.items()}
@@ -356,34 +448,38 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.
 
 
 def _sanity(cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[[str, torch.Tensor, Runner], None],
-            crafted: Callable[..., Runner], x_pgd: torch.Tensor, spec: AttackSpec, cfg: dict[str, Any],
-            conf: float) -> dict[str, Any]:
-    """Gradient-masking checks on the standalone subset: PGD continued to `more_steps_factor` x its steps (from
-    where it stopped, on the points it left correct: the others keep its verdict; it joins the worst case), and
-    PGD at a very large eps (on every point of the subset; another threat model, never in the worst case).
-    `verdicts` gains `base_steps`, `more_steps` and `large_eps`."""
-    base = verdicts["pgd"]
-    out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps)}
+            crafted: Callable[..., Runner], strongest: PgdRun, x_pgd: torch.Tensor, losses: list[str],
+            cfg: dict[str, Any], conf: float) -> dict[str, Any]:
+    """Gradient-masking checks on the standalone subset: the strongest PGD run continued to `more_steps_factor` x
+    its steps (from where it stopped, on the points it left correct: the others keep its verdict; it joins the
+    worst case), and PGD at a very large eps with each attack loss of the suite (on every point of the subset;
+    another threat model, never in the worst case). `verdicts` gains `base_steps`, `more_steps` and
+    `large_eps_<loss>`."""
+    spec = strongest.spec
+    base = verdicts[strongest.name]
+    out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps, run=strongest.name)}
     more = base
     if cfg["more_steps_factor"] > 1:
-        extra = AttackSpec("pgd", eps=spec.eps, steps=(cfg["more_steps_factor"] - 1) * spec.steps,
-                           step_size=spec.alpha, random_start=False, eot=spec.eot,
-                           zero_grad_patience=spec.zero_grad_patience)
+        extra = replace(spec, steps=(cfg["more_steps_factor"] - 1) * spec.steps, random_start=False, restarts=1)
         survivors = (cascade.subset & cascade.clean.ok & base.ok).nonzero().squeeze(1)
         step("more_steps", survivors, crafted("pgd_more_steps", extra, x_start=x_pgd))
         more = verdicts["more_steps"] & base
     verdicts.update(base_steps=base, more_steps=more)
-    out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps)
-    large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot,
-                       zero_grad_patience=spec.zero_grad_patience)
-    # Every point of the subset, misclassified clean or not: its share of correct repeats must fall too.
-    subset = torch.arange(cascade.m)
-    verdicts["large_eps"] = _scatter(crafted("pgd_large_eps", large)(subset)[0], subset, len(x_pgd))
-    out["large_eps"] = verdicts["large_eps"].head(cascade.m).entry(conf, eps=cfg["large_eps"],
-                                                                    steps=cfg["large_eps_steps"])
-    log.info("sanity on %d points: %d steps %.4f -> %d steps %.4f; eps %.3g: %.4f", out["base_steps"]["n"],
-             spec.steps, out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"],
-             out["more_steps"]["mean_accuracy"], cfg["large_eps"], out["large_eps"]["mean_accuracy"])
+    out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps,
+                                                       run=strongest.name)
+    out["large_eps"] = {}
+    subset = torch.arange(cascade.m)  # every point of the subset, misclassified clean or not: its share must fall too
+    for loss in losses:
+        large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot, loss=loss,
+                           zero_grad_patience=spec.zero_grad_patience, norm=spec.norm)
+        name = f"large_eps_{loss}"
+        verdicts[name] = _scatter(crafted(f"pgd_{name}", large)(subset)[0], subset, len(x_pgd))
+        out["large_eps"][loss] = verdicts[name].head(cascade.m).entry(conf, eps=cfg["large_eps"],
+                                                                      steps=cfg["large_eps_steps"])
+    log.info("sanity on %d points: %s %d steps %.4f -> %d steps %.4f; eps %.3g: %s", out["base_steps"]["n"],
+             strongest.name, spec.steps, out["base_steps"]["mean_accuracy"], out["more_steps"]["steps"],
+             out["more_steps"]["mean_accuracy"], cfg["large_eps"],
+             ", ".join(f"{k} {e['mean_accuracy']:.4f}" for k, e in out["large_eps"].items()))
     return out
 
 

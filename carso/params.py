@@ -5,6 +5,7 @@ traceback from deep inside a stage.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +80,19 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
     return f"{source}: '{where}' must be {_allowed(error, root)} (got {error.instance!r})."
 
 
-def validate(params: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
-    """Validate `params` against the schema, then the rules a schema cannot express."""
+def validate(params: dict[str, Any], source: str = "params.yaml", surrogates: bool = True) -> dict[str, Any]:
+    """Validate `params` against the schema, then the rules a schema cannot express (`surrogates`: also build and
+    check each PGD run's surrogate params)."""
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
         raise UserError(explain(errors[0], schema, source))
-    _check_relations(params, source)
+    _check_relations(params, source, surrogates)
     return params
 
 
-def _check_relations(params: dict[str, Any], source: str) -> None:
+def _check_relations(params: dict[str, Any], source: str, surrogates: bool = True) -> None:
     """The shared cross-key rules, then each method's own (`MethodSpec.check_params`)."""
     for name, spec in params["adversarial"]["attacks"].items():
         if spec["method"] == "pgd" and "steps" not in spec:
@@ -99,7 +101,7 @@ def _check_relations(params: dict[str, Any], source: str) -> None:
         if spec["method"] == "pgd" and "step_size" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.step_size' is missing; a pgd attack needs "
                             "a step_size > 0.")
-    _check_evaluation(params, source)
+    _check_evaluation(params, source, surrogates)
     for method in METHODS:
         if method.check_params:
             resolve(method.check_params)(params, source)
@@ -110,8 +112,23 @@ def _check_relations(params: dict[str, Any], source: str) -> None:
                             "to the folder that holds the dataset, or set data.source to 'download'.")
 
 
-def _check_evaluation(params: dict[str, Any], source: str) -> None:
-    """The transfer attack must be a stored one inside the threat model; the sizes must fit each other."""
+def _radii(params: dict[str, Any]) -> dict[str, float]:
+    """Every radius of the threat model in params, by its dotted key."""
+    found = {"evaluation.eps": params["evaluation"]["eps"], "classifier.attack.eps": params["classifier"]["attack"]["eps"]}
+    found.update({f"adversarial.attacks.{k}.eps": a["eps"] for k, a in params["adversarial"]["attacks"].items()})
+    found.update({f"evaluation.defences.{k}.sanity.large_eps": d["sanity"]["large_eps"]
+                  for k, d in params["evaluation"]["defences"].items()})
+    return found
+
+
+def _check_evaluation(params: dict[str, Any], source: str, surrogates: bool = True) -> None:
+    """The threat model's radii fit its norm; the transfer attack must be a stored one inside the threat model;
+    the sizes must fit each other; each defence's PGD runs have distinct names and valid surrogates."""
+    if params["evaluation"]["norm"] == "Linf":
+        for key, eps in _radii(params).items():
+            if eps > 1:
+                raise UserError(f"{source}: '{key}' is {eps}, but an L-inf radius in [0, 1] pixel units is at most "
+                                "1; lower it (or set evaluation.norm to L2, whose radii can exceed 1).")
     attacks = params["adversarial"]["attacks"]
     transfer = params["evaluation"]["transfer_attack"]
     if transfer not in attacks:
@@ -129,6 +146,45 @@ def _check_evaluation(params: dict[str, Any], source: str) -> None:
         if cfg["sanity"]["n_points"] > cfg["n_points"]:
             raise UserError(f"{source}: 'evaluation.defences.{name}.sanity.n_points' ({cfg['sanity']['n_points']}) "
                             f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")
+        _check_pgd_runs(params, name, source, surrogates)
+
+
+def pgd_run_name(cfg: dict[str, Any]) -> str:
+    """A PGD run's name in the metrics: pgd_<loss>, with _surrogate when its gradients come from a surrogate."""
+    return f"pgd_{cfg['loss']}" + ("_surrogate" if cfg.get("surrogate") else "")
+
+
+def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, surrogates: bool) -> None:
+    """Two runs of one defence may not share a name (loss, and whether through a surrogate); a surrogate's keys
+    must exist in params and give valid params."""
+    seen: set[str] = set()
+    for i, run in enumerate(params["evaluation"]["defences"][defence]["pgd"]):
+        key = f"evaluation.defences.{defence}.pgd[{i}]"
+        name = pgd_run_name(run)
+        if name in seen:
+            raise UserError(f"{source}: '{key}' repeats the run {name} (the same loss, "
+                            f"{'through a surrogate' if run.get('surrogate') else 'on the defence itself'}); "
+                            "give each PGD run of a defence a different loss, or remove one.")
+        seen.add(name)
+        if run.get("surrogate") and surrogates:
+            with_overrides(params, run["surrogate"], f"{source} ('{key}.surrogate')")
+
+
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of `params` with dotted keys set (e.g. {"carso.aggregation": "logit"}), validated: an unknown key or
+    a value the schema refuses is one sentence naming it."""
+    out = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        node, parts = out, dotted.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise UserError(f"{source}: '{dotted}' is not a key of the params; name an existing key "
+                            "(dotted, e.g. carso.aggregation).")
+        if isinstance(node[parts[-1]], dict):
+            raise UserError(f"{source}: '{dotted}' is a whole section; name one of its keys instead.")
+        node[parts[-1]] = value
+    return validate(out, source, surrogates=False)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -115,19 +115,55 @@ def examples_png(ex: dict[str, Any], label: str) -> bytes:
     return png(fig)
 
 
+def _strongest_alone(m: dict[str, Any]) -> str:
+    """The attack (not through a surrogate) that alone left the fewest points correct, with its figure."""
+    own = {n: a for n, a in m["attacks"].items() if not a.get("surrogate")}
+    name = min(own, key=lambda n: own[n]["accuracy"])
+    return f"{_pct(own[name])}, {own[name]['title']}"
+
+
 def results_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
-    header = ["defence", "clean (full test set)", "clean (attacked points)", "PGD (EoT), alone",
-              "AutoAttack, alone", "transfer, alone", "robust (worst case over all attacks, cumulative)"]
+    header = ["defence", "threat model", "clean (full test set)", "clean (attacked points)", "strongest attack, alone",
+              "robust (worst case over all attacks, cumulative)"]
     rows = [header]
     for name, m in evals.items():
-        aa, pgd, tr = m.get("autoattack"), m["pgd"], m.get("transfer")
         title = DEFENCES[name].title if name in DEFENCES else name
-        rows.append([f"`{name}` ({title})", _pct(m["clean"]), _pct(m["clean_subset"]),
-                     f"{_pct(pgd)}, {pgd['steps']} steps x {pgd.get('eot', 1)} EoT x {pgd['restarts']} restarts",
-                     f"{_pct(aa)}, {aa['version']}" if aa else "not run",
-                     f"{_pct(tr)}, {tr.get('attack', '')} from the classifier alone" if tr else "not run",
+        rows.append([f"`{name}` ({title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]), _strongest_alone(m),
                      _pct(m["robust_worst_case"])])
     return rows
+
+
+def attack_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Every attack of every defence, alone on the same first points."""
+    rows = [["defence", "attack", "kind", "accuracy alone (on the first points)", "settings"]]
+    for name, m in evals.items():
+        for attack, a in m["attacks"].items():
+            rows.append([f"`{name}`", a["title"], a["kind"], _pct(a), _settings(a)])
+    return rows
+
+
+def _settings(a: dict[str, Any]) -> str:
+    if a["kind"] == "pgd":
+        return (f"{a['steps']} steps x {a['eot']} EoT x {a['restarts']} restarts, step {a['step_size']:.4g}, "
+                f"{LOSS_NAMES.get(a['loss'], a['loss'])} loss" + (f", gradients from {_overrides(a['surrogate'])}, "
+                                                                    "verdicts on the defence" if a.get("surrogate") else ""))
+    if a["kind"] == "autoattack":
+        order = f", in the order {' then '.join(a['order'])}" if a.get("order") else ""
+        return f"version {a['version']}{order}"
+    if a["kind"] == "square":
+        return f"at most {a['n_queries']} queries per point, p_init {a['p_init']}"
+    return f"stored {a.get('attack', '')}, crafted on the classifier alone"
+
+
+def _overrides(surrogate: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in surrogate.items())
+
+
+def _threat(m: dict[str, Any]) -> str:
+    return f"{NORM_NAMES.get(m.get('norm', 'Linf'), m.get('norm'))} eps {m['eps']:.4g}"
+
+
+NORM_NAMES = {"Linf": "L-inf", "L2": "L2"}
 
 
 CASCADE_NOTE = [
@@ -138,8 +174,14 @@ CASCADE_NOTE = [
     "past the first points an attack runs only on the points every earlier one left correct (AutoAttack's own "
     "practice), which gives the same per-point worst case for less work. A point misclassified clean is attacked by "
     "nothing and counts as broken.",
-    "PGD continued to more steps runs only on the points its base run left correct; the others keep its verdict. "
-    "PGD at a very large eps runs on every point of the subset and never enters the worst case.",
+    "The strongest PGD run continued to more steps runs only on the points its base run left correct; the others "
+    "keep its verdict. PGD at a very large eps, once with each attack loss of the suite, runs on every point of the "
+    "subset and never enters the worst case; at least one loss must bring accuracy near 0.",
+    "Attacks that need no gradient of the defence (transfer from the classifier alone, the black-box Square) must not "
+    "beat the white-box ones (AutoAttack, PGD): where one clearly does, the white-box attack's gradients are masked.",
+    "A PGD run through a surrogate computes its gradients on the defence built with other settings (e.g. an "
+    "aggregation that never saturates), while every verdict is the real defence's. AutoAttack rand runs APGD-DLR "
+    "first and APGD-CE on its survivors: the same attacks, and a saturated cross-entropy costs only those points.",
     "Each attack loss's input gradient (averaged over the EoT samples) is checked on the subset's points correct "
     "clean, before and after PGD: a loss that saturates (the cross-entropy of a steeply scaled output is exactly 0) "
     "has no gradient and blinds every attack on it; the margin losses (DLR, CW) ignore the scale.",
@@ -172,17 +214,18 @@ def gradient_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def sanity_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
-    rows = [["defence", "PGD, base steps", "PGD, more steps (continued)", "PGD at a very large eps",
-             "signs of gradient masking"]]
+    rows = [["defence", "strongest PGD run, base steps", "the same, more steps (continued)",
+             "PGD at a very large eps, each loss (one must reach near 0)", "signs of gradient masking"]]
     for name, m in evals.items():
         san = m.get("sanity")
         if not san:
             rows.append([f"`{name}`", "not run", "not run", "not run", "; ".join(m.get("gradient_masking", [])) or "none"])
             continue
-        rows.append([f"`{name}`", f"{_pct(san['base_steps'])}, {san['base_steps']['steps']} steps",
+        large = "; ".join(f"{loss}: {_pct(e)}" for loss, e in san["large_eps"].items())
+        eps = next(iter(san["large_eps"].values()))["eps"]
+        rows.append([f"`{name}`", f"{_pct(san['base_steps'])}, {san['base_steps']['run']}, {san['base_steps']['steps']} steps",
                      f"{_pct(san['more_steps'])}, {san['more_steps']['steps']} steps",
-                     f"{_pct(san['large_eps'])}, eps {san['large_eps']['eps']:.3g}",
-                     "; ".join(m.get("gradient_masking", [])) or "none seen"])
+                     f"eps {eps:.3g}: {large}", "; ".join(m.get("gradient_masking", [])) or "none seen"])
     return rows
 
 
@@ -218,7 +261,8 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"`{name}`: clean accuracy {100 * m['clean']['accuracy']:.2f}% on {m['clean']['n']} test "
                    f"images; robust accuracy (a point counts only if it survives every attack) "
                    f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {_level(rc['confidence'])} CI "
-                   f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], L-inf eps {m['eps']:.4g}, fp32; "
+                   f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], {_threat(m)}, fp32, over "
+                   f"{len(m['attacks'])} attacks ({', '.join(a['title'] for a in m['attacks'].values())}); "
                    f"AutoAttack's randomness check found the model "
                    f"{'randomised' if m.get('randomised') else 'deterministic'}.{noisy}")
         if m.get("gradient_masking"):
@@ -379,6 +423,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
                 for name, ex in facts["examples"].items()]
     return [("Summary", "list", summary),
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"])),
+            ("Each attack alone (on the same first points)", "table", attack_rows(facts["evals"])),
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),
             ("Gradient-masking checks (alone, on the same first points)", "table", sanity_rows(facts["evals"])),

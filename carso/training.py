@@ -26,12 +26,13 @@ TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoi
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
 
 
-def training_attack(cfg: dict[str, Any]) -> AttackSpec:
-    """The attack used inside training: `pgd` (Madry) or `fgsm_rs` (FGSM from a random start)."""
+def training_attack(cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
+    """The attack used inside training, in the threat model's `norm` (evaluation.norm): `pgd` (Madry) or
+    `fgsm_rs` (FGSM from a random start)."""
     a = cfg["attack"]
     if a["method"] == "fgsm_rs":
-        return AttackSpec("fgsm", eps=a["eps"], steps=1, step_size=a["step_size"], random_start=True)
-    return AttackSpec("pgd", eps=a["eps"], steps=a["steps"], step_size=a["step_size"], random_start=True)
+        return AttackSpec("fgsm", eps=a["eps"], steps=1, step_size=a["step_size"], random_start=True, norm=norm)
+    return AttackSpec("pgd", eps=a["eps"], steps=a["steps"], step_size=a["step_size"], random_start=True, norm=norm)
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -101,10 +102,10 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
 
 
 def _monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
-             device: torch.device) -> tuple[float, float]:
+             device: torch.device, norm: str = "Linf") -> tuple[float, float]:
     """Clean and PGD accuracy on a fixed test subset, in fp32 and eval mode."""
     a = cfg["attack"]
-    spec = AttackSpec("pgd", eps=a["eps"], steps=10, step_size=a["eps"] / 4)
+    spec = AttackSpec("pgd", eps=a["eps"], steps=10, step_size=a["eps"] / 4, norm=norm)
     with eval_mode(model):
         clean = accuracy(model, x, y, device, batch_size=500)
         adv = robust_accuracy(model, x, y, spec, device, batch_size=500)
@@ -118,8 +119,9 @@ def _fresh_state(model: nn.Module, cfg: dict[str, Any], steps_per_epoch: int):
 
 
 def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: int,
-                     device: torch.device, team: Team = Team()) -> dict[str, Any]:
-    """Adversarially train the classifier described by `cfg`; resume from `out_dir/checkpoint.pt`.
+                     device: torch.device, team: Team = Team(), norm: str = "Linf") -> dict[str, Any]:
+    """Adversarially train the classifier described by `cfg` against attacks in `norm` (evaluation.norm); resume
+    from `out_dir/checkpoint.pt`.
 
     Under torchrun, `team`'s processes train one model data-parallel and rank 0 alone monitors and
     writes; the others return an empty dict."""
@@ -133,12 +135,12 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     steps_per_epoch = -(-len(y_train) // cfg["batch_size"])
     opt, sched = _fresh_state(model, cfg, steps_per_epoch)
     manifest = read_json(data_dir / "manifest.json")
-    key = fingerprint({"cfg": cfg, "seed": seed, "data": manifest["splits"]["train"],
+    key = fingerprint({"cfg": cfg, "norm": norm, "seed": seed, "data": manifest["splits"]["train"],
                        "code": code_digest(TRAINING_MODULES)})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve = checkpoint.restore({"model": model, "optimizer": opt, "scheduler": sched})
     net = parallel(model, team, device)
-    spec = training_attack(cfg)
+    spec = training_attack(cfg, norm)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         gen = seed_epoch(seed, epoch, team.rank)
@@ -146,7 +148,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
                                      f"epoch {epoch}/{cfg['epochs']}")
         if not team.is_main:
             continue
-        clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device)
+        clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device, norm)
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss, "train_adv_acc": adv_acc,
                "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "seconds": time.perf_counter() - t0}
         curve.append(row)

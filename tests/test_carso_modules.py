@@ -218,3 +218,16 @@ def test_purifier_and_defence_work_on_cifar_shapes_with_a_wide_resnet() -> None:
     assert defence.reconstructions(x).shape == (2, 3, 3, 32, 32)
     (grad,) = torch.autograd.grad(defence(x).sum(), x)
     assert grad.abs().sum() > 0
+
+
+def test_latent_zero_gives_n_identical_reconstructions_and_a_deterministic_defence(parts) -> None:
+    from carso.evaluation import is_randomised
+
+    clf, extractor, purifier, x, y = parts
+    purifier.eval()
+    zero = CarsoDefence(clf, purifier, extractor, n_samples=3, latent="zero")
+    recon = zero.reconstructions(x[:4])
+    assert torch.equal(recon[:, 0], recon[:, 1]) and torch.equal(recon[:, 0], recon[:, 2])
+    assert not is_randomised(zero, x[:16], y[:16])
+    sampled = CarsoDefence(clf, purifier, extractor, n_samples=3).reconstructions(x[:4])
+    assert not torch.equal(sampled[:, 0], sampled[:, 1])

@@ -44,7 +44,7 @@ def test_attack_cache_resumes_bit_identically(model: nn.Module, tmp_path: Path) 
 def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> None:
     x = torch.rand(10, 1, 28, 28)
     y = predict(model, x, CPU, 10)  # every point starts correct, so AutoAttack attacks them all
-    run = lambda: _autoattack(model, x, y, 0.05, {"version": "standard"}, CPU, 4, 0,  # noqa: E731
+    run = lambda: _autoattack(model, x, y, 0.05, "Linf", {"version": "standard"}, CPU, 4, 0,  # noqa: E731
                               AttackCache(tmp_path, "model-a", seed=0), _Judge(model, 1, CPU, 4))
     first, x_first = run()
     files = sorted(tmp_path.glob("autoattack_*/batch_*"))
@@ -76,8 +76,9 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
     x, x_transfer = torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28)
     y = predict(model, x, CPU, 12)
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 3,
-           "pgd": {"steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1, "zero_grad_patience": 2},
+           "pgd": [{"loss": "dlr", "steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1, "zero_grad_patience": 2}],
            "autoattack": {"enabled": True, "version": "standard"},
+           "square": {"enabled": True, "n_queries": 5, "p_init": 0.8},
            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
     common = {"eps": 0.1, "confidence": 0.95}
     run = lambda folder: evaluation.evaluate_defence(noisy, x, y, x_transfer, common, cfg, CPU, 0, folder)  # noqa: E731
@@ -133,9 +134,11 @@ def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
 
     monkeypatch.setattr(AttackCache, "run", spy_run)
     monkeypatch.setattr(evaluation, "run_autoattack", spy_aa)
+    pgd = {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": 2}
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 1,
-           "pgd": {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": 2},
+           "pgd": [{"loss": "ce", **pgd}, {"loss": "dlr", **pgd}],
            "autoattack": {"enabled": True, "version": "standard"},
+           "square": {"enabled": False, "n_queries": 5, "p_init": 0.8},
            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
     m, adversarial, worst = evaluation.evaluate_defence(model, x, y, x_transfer, {"eps": 0.01, "confidence": 0.95},
                                                         cfg, CPU, 0, tmp_path)
@@ -143,11 +146,16 @@ def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
     assert calls["autoattack"] == [i for i in correct if i < 4 or i not in (8, 9)]
     aa_left = [i for i in calls["autoattack"] if predict(model, adversarial["autoattack"][i:i + 1], CPU, 1) == y[i]]
     assert 0 < len(aa_left) < len(calls["autoattack"])  # eps 0.01 breaks some points, not all
-    assert calls["pgd"] == sorted(set(subset) | {i for i in aa_left if i >= 4})
-    assert calls["pgd_large_eps"] == [0, 1, 2, 3]  # the checks run on the subset alone, each of its points
+    assert calls["pgd_ce"] == sorted(set(subset) | {i for i in aa_left if i >= 4})
+    ce_left = {i for i in aa_left if predict(model, adversarial["pgd_ce"][i:i + 1], CPU, 1) == y[i]}
+    assert calls["pgd_dlr"] == sorted(set(subset) | {i for i in ce_left if i >= 4})  # the next run: CE's survivors
+    for loss in ("ce", "dlr"):  # the checks run on the subset alone, each of its points, once per loss
+        assert calls[f"pgd_large_eps_{loss}"] == [0, 1, 2, 3] and m["sanity"]["large_eps"][loss]["n"] == 4
     assert not set(calls["pgd_more_steps"]) - set(subset)
-    assert m["pgd"]["n"] == m["autoattack"]["n"] == m["transfer"]["n"] == m["sanity"]["large_eps"]["n"] == 4
-    assert [s["attack"] for s in m["cascade"]] == ["transfer", "autoattack", "pgd", "more_steps"]
+    assert {a["n"] for a in m["attacks"].values()} == {4} and list(m["attacks"]) == ["transfer", "autoattack",
+                                                                                      "pgd_ce", "pgd_dlr"]
+    assert [s["attack"] for s in m["cascade"]] == ["transfer", "autoattack", "pgd_ce", "pgd_dlr", "more_steps"]
+    assert m["sanity"]["base_steps"]["run"] == m["strongest_pgd"] in ("pgd_ce", "pgd_dlr")
     assert m["robust_worst_case"]["n"] == 12 and m["robust_worst_case"]["correct"] == int(worst.sum())
     assert m["cascade"][-1]["correct"] == int(worst.sum())  # eps 0.95 is another threat model: not in the worst case
     assert not worst[[2, 7, 8, 9]].any() and worst.sum() <= len(aa_left)
@@ -165,9 +173,10 @@ def test_pgd_continued_from_where_it_stopped_equals_a_longer_run(model: nn.Modul
 
 
 def test_pgd_spec_scales_lee_and_kim_step_only_when_asked() -> None:
-    cfg = {"steps": 200, "step_size": None, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
+    cfg = {"loss": "dlr", "steps": 200, "step_size": None, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
     assert pgd_spec(0.1, cfg).alpha == pytest.approx(0.007 * 0.1 / (8 / 255))
     assert pgd_spec(0.1, {**cfg, "step_size": 0.01}).alpha == 0.01 and pgd_spec(0.1, cfg).zero_grad_patience == 10
+    assert pgd_spec(0.1, cfg).loss == "dlr" and pgd_spec(1.5, cfg, "L2").alpha == pytest.approx(2.5 * 1.5 / 200)
 
 
 def test_verdicts_combine_per_point() -> None:
@@ -186,23 +195,35 @@ def _verdict(correct: int, n: int = 100) -> Verdict:
     return Verdict(ok, ok.float())
 
 
-def _results(verdicts: dict[str, Verdict], large_eps_acc: float = 0.0) -> dict:
+TITLES = {"pgd_ce": ("pgd", "PGD-200 (ce)"), "autoattack": ("autoattack", "AutoAttack (rand)"),
+          "transfer": ("transfer", "transfer"), "square": ("square", "Square")}
+
+
+def _results(verdicts: dict[str, Verdict], large_eps: dict[str, float] | None = None) -> dict:
     entry = {k: v.entry(0.95) for k, v in verdicts.items()}
-    return {**entry, "sanity": {"base_steps": {**entry["base_steps"], "steps": 200},
-                                "more_steps": {**entry["more_steps"], "steps": 400},
-                                "large_eps": {"mean_accuracy": large_eps_acc, "eps": 0.95}}}
+    attacks = {k: {**entry[k], "kind": TITLES[k][0], "title": TITLES[k][1]} for k in verdicts if k in TITLES}
+    large = {loss: {"mean_accuracy": acc, "eps": 0.95} for loss, acc in (large_eps or {"ce": 0.0}).items()}
+    return {"attacks": attacks, "sanity": {"base_steps": {**entry["base_steps"], "steps": 200},
+                                           "more_steps": {**entry["more_steps"], "steps": 400}, "large_eps": large}}
 
 
 def test_masking_checks_flag_clear_signatures_and_not_noise() -> None:
-    healthy = {"pgd": _verdict(70), "autoattack": _verdict(68), "transfer": _verdict(80),
+    healthy = {"pgd_ce": _verdict(70), "autoattack": _verdict(68), "transfer": _verdict(80), "square": _verdict(75),
                "base_steps": _verdict(35, 50), "more_steps": _verdict(34, 50)}
     assert masking_checks(_results(healthy), healthy, 0.95) == []
-    noise = {**healthy, "transfer": _verdict(69)}  # one point fewer than PGD: not a signature
+    noise = {**healthy, "transfer": _verdict(69), "square": _verdict(67)}  # a point or so apart: not a signature
     assert masking_checks(_results(noise), noise, 0.95) == []
     transfer = {**healthy, "transfer": _verdict(55)}  # clearly fewer than both white-box attacks
     found = masking_checks(_results(transfer), transfer, 0.95)
-    assert len(found) == 2 and "white-box PGD (70.00%)" in found[0] and "AutoAttack" in found[1]
-    assert "eps 0.95" in masking_checks(_results(healthy, large_eps_acc=0.3), healthy, 0.95)[0]
+    assert len(found) == 2 and "white-box PGD-200 (ce) (70.00%)" in found[0] and "AutoAttack" in found[1]
+    square = {**healthy, "square": _verdict(40)}  # black-box beats white-box
+    found = masking_checks(_results(square), square, 0.95)
+    assert len(found) == 2 and all(line.startswith("the black-box Square attack (no gradients) left 40.00%")
+                                   for line in found)
+    one_loss_enough = _results(healthy, {"ce": 0.3, "dlr": 0.02})  # the margin loss reaches ~0: no flag
+    assert masking_checks(one_loss_enough, healthy, 0.95) == []
+    none_reach = masking_checks(_results(healthy, {"ce": 0.3, "dlr": 0.2}), healthy, 0.95)
+    assert len(none_reach) == 1 and "eps 0.95 no attack loss" in none_reach[0] and "dlr 20.00%" in none_reach[0]
     more = {**healthy, "base_steps": _verdict(20, 50), "more_steps": _verdict(35, 50)}
     assert "400 PGD steps" in masking_checks(_results(more), more, 0.95)[0]
 
@@ -259,3 +280,60 @@ def test_the_report_names_a_defence_whose_cross_entropy_saturates() -> None:
     assert "80%" in found[0] and "`at`: 0%" in found[0]
     assert saturation_sentences({"carso": grads(0.2)}) == []  # no reference: only a share above the margin counts
     assert "the DLR loss saturates" in saturation_sentences({"at": grads(0.0), "toy": grads(0.0, dlr=0.9)})[0]
+
+
+class Rolled(nn.Module):
+    """A surrogate that never predicts the classifier's label: its logits moved one class along."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).roll(1, dims=1)
+
+
+def test_a_surrogate_attack_takes_gradients_from_the_surrogate_and_verdicts_from_the_defence(
+        model: nn.Module, tmp_path: Path) -> None:
+    from test_attacks import Steep
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    y = predict(model, x, CPU, 16)
+    steep = Steep(model)  # cross-entropy saturates on every point: PGD on it is blind
+    pgd = {"steps": 10, "step_size": 0.025, "eot": 1, "restarts": 1, "zero_grad_patience": 3}
+    cfg = {"n_points": 16, "batch_size": 8, "verdict_repeats": 1,
+           "pgd": [{"loss": "ce", **pgd}, {"loss": "ce", **pgd, "surrogate": {"toy.scale": 1}},
+                   {"loss": "dlr", **pgd, "surrogate": {"toy.labels": "rolled"}}],
+           "autoattack": {"enabled": False, "version": "rand"}, "square": {"enabled": False, "n_queries": 5, "p_init": 0.8},
+           "sanity": {"n_points": 16, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 1}}
+    surrogates = {"pgd_ce_surrogate": model, "pgd_dlr_surrogate": Rolled(model)}
+    m, adversarial, _ = evaluation.evaluate_defence(steep, x, y, x, {"eps": 0.1, "confidence": 0.95}, cfg, CPU, 0,
+                                                    tmp_path, surrogates)
+    a = m["attacks"]
+    assert a["pgd_ce"]["accuracy"] > 0.8 > 0.5 > a["pgd_ce_surrogate"]["accuracy"]  # the unscaled copy's gradient works
+    assert a["pgd_ce_surrogate"]["surrogate"] == {"toy.scale": 1} and "gradients through toy.scale=1" in \
+        a["pgd_ce_surrogate"]["title"]
+    for name in surrogates:  # every verdict is the defence's own classification of the final points
+        assert a[name]["correct"] == int((predict(steep, adversarial[name], CPU, 16) == y).sum())
+    assert a["pgd_dlr_surrogate"]["accuracy"] > 0  # judged on the surrogate, which never predicts y, it would be 0
+    assert m["strongest_pgd"] == "pgd_ce" and m["sanity"]["base_steps"]["run"] == "pgd_ce"  # own runs only
+
+
+def test_the_whole_suite_follows_an_l2_threat_model(model: nn.Module, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    y = predict(model, x, CPU, 8)
+    pgd = {"steps": 3, "step_size": None, "eot": 1, "restarts": 1, "zero_grad_patience": 2}
+    cfg = {"n_points": 8, "batch_size": 8, "verdict_repeats": 1, "pgd": [{"loss": "ce", **pgd}, {"loss": "dlr", **pgd}],
+           "autoattack": {"enabled": True, "version": "standard"}, "square": {"enabled": True, "n_queries": 10, "p_init": 0.8},
+           "sanity": {"n_points": 8, "large_eps": 20.0, "large_eps_steps": 2, "more_steps_factor": 1}}
+    eps = 1.0  # an L2 radius: far larger than any one pixel may move under L-inf 0.1
+    m, adversarial, _ = evaluation.evaluate_defence(model, x, y, x, {"norm": "L2", "eps": eps, "confidence": 0.95}, cfg,
+                                                    CPU, 0, tmp_path)
+    assert m["norm"] == "L2" and list(m["attacks"]) == ["transfer", "autoattack", "square", "pgd_ce", "pgd_dlr"]
+    for name in ("autoattack", "square", "pgd_ce", "pgd_dlr"):
+        delta = (adversarial[name] - x).flatten(1)
+        assert delta.norm(dim=1).max() <= eps + 1e-4 and adversarial[name].min() >= 0 and adversarial[name].max() <= 1
+    assert m["attacks"]["pgd_ce"]["step_size"] == pytest.approx(2.5 * eps / 3)  # L2's default step, not Lee & Kim's
+    assert max((adversarial[n] - x).abs().max() for n in ("pgd_ce", "autoattack")) > 0.1  # no L-inf box at 0.1

@@ -58,13 +58,16 @@ def test_published_settings(config: tuple[str, dict[str, Any]]) -> None:
         (200, 5120, 512, 128, 3)
     assert pur["pre_encoder_channels"] == [6, 12] and pur["decoder_channels"] == [256, 256, 128, 64, 32]
     assert pur["adversarial_fraction"] == CONFIGS[dataset] and sorted(pur["attacks"]) == sorted(attacks)
-    assert pur["lookahead"] and p["carso"] == {"n_samples": 8, "aggregation": "peel"}
+    assert pur["lookahead"] and p["carso"] == {"n_samples": 8, "aggregation": "peel", "latent": "sample"}
     ev = p["evaluation"]
     assert ev["eps"] == EPS and attacks[ev["transfer_attack"]]["eps"] == EPS
     at, carso = ev["defences"]["at"], ev["defences"]["carso"]
     assert at["autoattack"] == {"enabled": True, "version": "standard"} and at["n_points"] == 10000
     assert carso["autoattack"] == {"enabled": True, "version": "rand"} and carso["n_points"] == 10000
-    assert carso["pgd"] == {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
+    lee_kim = {"steps": 200, "step_size": 0.007, "eot": 20, "restarts": 1, "zero_grad_patience": 10}
+    assert carso["pgd"][:2] == [{"loss": "dlr", **lee_kim}, {"loss": "ce", **lee_kim}]  # margin loss, then as published
+    assert carso["pgd"][2]["surrogate"] == {"carso.aggregation": "logit"}
+    assert at["square"]["enabled"] and carso["square"]["enabled"]
     atop = p["atop"]  # the paper's AToP: RT2, 25% of 4 x 4 px blocks, width 48, lambda 0.05, FGSM at 8/255
     assert atop["transform"]["kind"] == "rt2" and atop["transform"]["grid"] == 8
     assert (atop["transform"]["missing_share"], atop["transform"]["noise_sigma"]) == (0.25, 0.25)
@@ -73,7 +76,7 @@ def test_published_settings(config: tuple[str, dict[str, Any]]) -> None:
     for name in ("atop_rt", "atop"):  # the paper's 512 points, attacked end to end as CARSO is
         ev_atop = ev["defences"][name]
         assert ev_atop["n_points"] == 512 and ev_atop["autoattack"]["version"] == "rand"
-        assert ev_atop["pgd"] == carso["pgd"]
+        assert ev_atop["pgd"] == carso["pgd"][:2] and ev_atop["square"] == carso["square"]
 
 
 def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, dict[str, Any]]) -> None:

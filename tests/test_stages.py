@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 import os
 import re
 import subprocess
@@ -110,21 +111,28 @@ def test_adversarial_examples_respect_eps_and_keep_labels(chain: Path) -> None:
 def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: str) -> None:
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
-    attacks = ["pgd", "transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else [])]
+    runs = [f"pgd_{r['loss']}" + ("_surrogate" if r.get("surrogate") else "") for r in cfg["pgd"]]
+    attacks = ["transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else []),
+               *(["square"] if cfg["square"]["enabled"] else []), *runs]
+    assert list(m["attacks"]) == attacks  # every attack of the suite, in the order it ran
     alone = cfg["sanity"]["n_points"]  # each attack's own figure: on the subset that gets every attack
-    for key in (*attacks, "robust_worst_case", "clean_subset"):
-        assert m[key]["n"] == (alone if key in attacks else cfg["n_points"])
-        assert m[key]["ci_low"] <= m[key]["accuracy"] <= m[key]["ci_high"]
-        assert m[key]["accuracy"] <= m[key]["mean_accuracy"] + 1e-9  # all repeats correct <= the mean verdict
-    assert m["clean"]["n"] == 100 and m["precision"] == "fp32"
+    entries = {**m["attacks"], "robust_worst_case": m["robust_worst_case"], "clean_subset": m["clean_subset"]}
+    for key, e in entries.items():
+        assert e["n"] == (alone if key in attacks else cfg["n_points"])
+        assert e["ci_low"] <= e["accuracy"] <= e["ci_high"]
+        assert e["accuracy"] <= e["mean_accuracy"] + 1e-9  # all repeats correct <= the mean verdict
+    assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["norm"] == "Linf"
     robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
     worst = robust["robust_worst_case"].bool()
     assert worst.sum().item() == m["robust_worst_case"]["correct"] == m["cascade"][-1]["correct"]
-    assert worst[:alone].float().mean().item() <= min(m[k]["accuracy"] for k in attacks) + 1e-9
-    assert [s["attack"] for s in m["cascade"]][:2] == ["transfer", "autoattack" if "autoattack" in attacks else "pgd"]
-    for check in ("base_steps", "more_steps", "large_eps"):
-        assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"]
-    assert m["sanity"]["more_steps"]["steps"] == cfg["sanity"]["more_steps_factor"] * cfg["pgd"]["steps"]
+    assert worst[:alone].float().mean().item() <= min(a["accuracy"] for a in m["attacks"].values()) + 1e-9
+    assert [s["attack"] for s in m["cascade"]] == attacks + ["more_steps"]
+    for check in ("base_steps", "more_steps"):
+        assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"] and m["sanity"][check]["run"] == m["strongest_pgd"]
+    own_losses = {r["loss"] for r in cfg["pgd"] if not r.get("surrogate")}
+    assert set(m["sanity"]["large_eps"]) == own_losses and {e["n"] for e in m["sanity"]["large_eps"].values()} == {alone}
+    steps = next(r["steps"] for r, name in zip(cfg["pgd"], runs) if name == m["strongest_pgd"])
+    assert m["sanity"]["more_steps"]["steps"] == cfg["sanity"]["more_steps_factor"] * steps
     assert isinstance(m["gradient_masking"], list)
     assert set(m["gradients"]) == {"ce", "dlr", "cw"}  # each loss, on the subset's clean-correct points
     for grads in m["gradients"].values():
@@ -139,11 +147,14 @@ def test_purifier_defences_are_randomised_and_attacked_with_eot(chain: Path, def
     at = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
-    assert at["randomised"] is False and at["verdict_repeats"] == 1 and at["autoattack"]["version"] == "standard"
+    assert at["randomised"] is False and at["verdict_repeats"] == 1 and at["attacks"]["autoattack"]["version"] == "standard"
     assert m["randomised"] is True and m["verdict_repeats"] == cfg["verdict_repeats"]
-    assert m["pgd"]["eot"] == cfg["pgd"]["eot"]
-    assert ("autoattack" in m and m["autoattack"]["version"] == "rand") == cfg["autoattack"]["enabled"]
-    assert m["pgd"]["step_size"] == pytest.approx(0.007 * 0.1 / (8 / 255))
+    for run in (a for a in m["attacks"].values() if a["kind"] == "pgd"):
+        assert run["eot"] == cfg["pgd"][0]["eot"] and run["step_size"] == pytest.approx(0.007 * 0.1 / (8 / 255))
+    assert {"pgd_dlr", "pgd_ce"} <= set(m["attacks"])  # cross-entropy and a margin loss by default
+    aa = m["attacks"].get("autoattack")
+    assert (aa is not None and aa["version"] == "rand" and aa["order"] == ["apgd-dlr", "apgd-ce"]) == \
+        cfg["autoattack"]["enabled"]
 
 
 def test_examples_hold_reconstructions_and_per_point_verdicts(chain: Path) -> None:
@@ -191,7 +202,11 @@ def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> Non
     m = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
     assert "data:image/png;base64," in html and "<table>" in html
     assert f"{100 * m['clean']['accuracy']:.2f}%" in html
-    assert f"(n={m['autoattack']['n']})" in html
+    assert f"(n={m['attacks']['autoattack']['n']})" in html
+    for name in DEFENCES:  # every attack of every defence has its row, with the figure the metrics hold
+        for a in json.loads((chain / "eval" / name / "metrics.json").read_text())["attacks"].values():
+            row = f"<td>{name}</td><td>{html_escape(a['title'])}</td><td>{a['kind']}</td><td>{100 * a['accuracy']:.2f}%"
+            assert row in html, row
     md = (chain / "report" / "report.md").read_text()
     assert "| defence |" in md and (chain / "report" / "figures" / "training_curves.png").stat().st_size > 1000
     figures = ["purifier_curves", "inpainter_curves", *(f"examples_{name}" for name in DEFENCES)]

@@ -29,7 +29,8 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
 TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter"]
 # evaluate's settings depend on the defence wildcard (workflow/rules/evaluate.smk, evaluate_settings)
-EVALUATE_SETTINGS = ["evaluation.confidence", "evaluation.eps", "evaluation.transfer_attack", "runtime.seed"]
+EVALUATE_SETTINGS = ["evaluation.confidence", "evaluation.eps", "evaluation.norm", "evaluation.transfer_attack",
+                     "runtime.seed"]
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ rule generate_adversarial:
         test="data/{dataset}/adversarial/test.safetensors",
         summary="data/{dataset}/adversarial/summary.json",
     params:
-        settings=settings("adversarial", "runtime.seed"),
+        settings=settings("adversarial", "evaluation.norm", "runtime.seed"),
         params_file=PARAMS_FILE,
         data=subpath(input.train, parent=True),
         out=subpath(output.summary, parent=True),

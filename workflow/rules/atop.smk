@@ -50,7 +50,8 @@ rule finetune_inpainter:
         metrics="data/{dataset}/atop/finetune/train_metrics.json",
     params:
         settings=settings(
-            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune", "runtime.seed"
+            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune", "evaluation.norm",
+            "runtime.seed"
         ),
         params_file=PARAMS_FILE,
         data=subpath(input.train, parent=True),

@@ -70,7 +70,7 @@ def evaluate_inputs(wildcards):
 
 def evaluate_settings(wildcards):
     """The keys one defence's evaluation depends on: a change to another defence's section leaves it be."""
-    keys = ["evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
+    keys = ["evaluation.norm", "evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
             f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
     return settings(*keys, *defence_spec(wildcards.defence).settings)
 

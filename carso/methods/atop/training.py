@@ -76,9 +76,10 @@ class Adversary:
 
     model: nn.Module
     eps: float
+    norm: str = "Linf"  # evaluation.norm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-        spec = AttackSpec("fgsm", eps=self.eps, steps=1, step_size=self.eps, random_start=False)
+        spec = AttackSpec("fgsm", eps=self.eps, steps=1, step_size=self.eps, random_start=False, norm=self.norm)
         return attack(self.model, x, y, spec, autocast(x.device, precision))
 
 
@@ -222,12 +223,13 @@ def _start(stage: str, args: Namespace, atop: dict[str, Any],
             {"pretrained": sha256_file(pretrained / "inpainter.safetensors")})
 
 
-def _adversary(stage: str, cfg: dict[str, Any], classifier: nn.Module, nets: Networks) -> Adversary | None:
+def _adversary(stage: str, cfg: dict[str, Any], classifier: nn.Module, nets: Networks,
+               norm: str = "Linf") -> Adversary | None:
     """Fine-tuning's FGSM, against the classifier alone or the whole purified pipeline; none for pre-training."""
     if stage == "pretrain_inpainter":
         return None
     target = classifier if cfg["adversary"]["target"] == "classifier" else AtopDefence(classifier, nets.purifier)
-    return Adversary(target, cfg["adversary"]["eps"])
+    return Adversary(target, cfg["adversary"]["eps"], norm)
 
 
 def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -243,12 +245,14 @@ def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch
     x, y = load_split(Path(args.data), "train", limit=cfg["train_points"])
     monitor = load_adversarial(Path(args.adversarial) / "test.safetensors", [cfg["monitor_attack"]],
                                cfg["monitor_points"])
+    norm = params["evaluation"]["norm"]
     key = {"cfg": cfg, "atop": {k: atop[k] for k in ("transform", "inpainter", "discriminator")}, "seed": seed,
            "data": read_json(Path(args.data) / "manifest.json")["splits"]["train"],
-           "classifier": sha256_file(classifier_path), "code": code_digest(TRAINING_MODULES), **start}
+           "classifier": sha256_file(classifier_path), "code": code_digest(TRAINING_MODULES), **start,
+           **({"norm": norm} if stage != "pretrain_inpainter" else {})}
     log.info("%s: %d training images, %s transform, %d epochs", stage, len(y), transform.kind, cfg["epochs"])
-    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, _adversary(stage, cfg, classifier, nets), seed,
-                            device, EpochCheckpoint(out_dir / "checkpoint.pt", fingerprint(key)))
+    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, _adversary(stage, cfg, classifier, nets, norm),
+                            seed, device, EpochCheckpoint(out_dir / "checkpoint.pt", fingerprint(key)))
     return _finish(stage, nets, curve, args.dataset, transform, cfg, len(y), len(monitor["labels"]),
                    sha256_file(classifier_path), out_dir, device)
 

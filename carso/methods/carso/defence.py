@@ -23,12 +23,13 @@ class CarsoDefence(nn.Module):
     """
 
     def __init__(self, classifier: nn.Module, purifier: Purifier, extractor: RepresentationExtractor,
-                 n_samples: int = 8, aggregation: str = "peel") -> None:
+                 n_samples: int = 8, aggregation: str = "peel", latent: str = "sample") -> None:
         super().__init__()
         self.classifier, self.purifier, self.extractor = classifier, purifier, extractor
         self.n_samples = n_samples
         self.aggregation_name = aggregation
         self.aggregate = get_aggregation(aggregation)
+        self.latent = latent  # sample: z ~ N(0, I) for each reconstruction | zero: z = 0 (the v1 code; N equal ones)
         for p in self.classifier.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -39,6 +40,8 @@ class CarsoDefence(nn.Module):
         c = self.purifier.condition(self.extractor(x))  # (B, D)
         c = c.repeat_interleave(n, dim=0)  # (B*N, D): the N samples of image i are rows i*N .. i*N+N-1
         z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
+        if self.latent == "zero":
+            z = torch.zeros_like(z)
         return self.purifier.decode(z, c).view(b, n, *x.shape[1:])
 
     def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,4 +67,5 @@ def load(classifier_path: Path, artifacts: list[Path], dataset: str, params: dic
     """The `carso` defence: the classifier, the train_purifier stage's purifier (artifacts[0]) and `carso`."""
     classifier = load_classifier(classifier_path, dataset)
     purifier, extractor = load_purifier(artifacts[0], classifier, dataset, sha256_file(classifier_path))
-    return CarsoDefence(classifier, purifier, extractor, params["carso"]["n_samples"], params["carso"]["aggregation"])
+    cfg = params["carso"]
+    return CarsoDefence(classifier, purifier, extractor, cfg["n_samples"], cfg["aggregation"], cfg["latent"])
