@@ -178,13 +178,21 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     for name, fwd, att in (("at", clf_fwd, clf_att), ("carso", def_fwd, def_att), ("atop_rt", atop_fwd, atop_att),
                            ("atop", atop_fwd, atop_att)):
         cfg = ev["defences"][name]
-        n, reps, pgd, s = cfg["n_points"], cfg["verdict_repeats"] if name != "at" else 1, cfg["pgd"], cfg["sanity"]
+        n, reps, s = cfg["n_points"], cfg["verdict_repeats"] if name != "at" else 1, cfg["sanity"]
         stage = f"evaluate_{name}"
-        rows.append((stage, f"PGD-{pgd['steps']} x EoT {pgd['eot']}", "fp32",
-                     n * pgd["restarts"] * pgd["steps"] * pgd["eot"] * att, f"{n:,} points, {pgd['restarts']} restart(s)"))
+        for pgd in cfg["pgd"]:  # an upper bound: every run on every point (the cascade gives later runs fewer)
+            via = " via surrogate" if pgd.get("surrogate") else ""
+            rows.append((stage, f"PGD-{pgd['steps']} ({pgd['loss']}{via}) x EoT {pgd['eot']}", "fp32",
+                         n * pgd["restarts"] * pgd["steps"] * pgd["eot"] * att,
+                         f"{n:,} points, {pgd['restarts']} restart(s)"))
+        if cfg["square"]["enabled"]:
+            rows.append((stage, f"Square ({cfg['square']['n_queries']} queries)", "fp32",
+                         n * cfg["square"]["n_queries"] * fwd, f"{n:,} points, at most (it stops on success)"))
+        pgd = next((r for r in cfg["pgd"] if not r.get("surrogate")), cfg["pgd"][0])
+        losses = len({r["loss"] for r in cfg["pgd"] if not r.get("surrogate")}) or 1
         if cfg["autoattack"]["enabled"]:
             r, version = PUBLISHED_ROBUST[(dataset, name)], cfg["autoattack"]["version"]
-            if version == "rand":  # APGD-CE, then APGD-DLR on the survivors, each with EoT 20
+            if version == "rand":  # APGD-DLR, then APGD-CE on the survivors, each with EoT 20
                 aa = n * (1 + r) * (AA_ITERS + 1) * 20 * att
             else:  # standard: APGD-CE, then APGD-T, FAB-T and Square on the survivors
                 aa = n * (AA_ITERS + 1) * att + n * r * (
@@ -193,8 +201,9 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
                          f"{n:,} points; components after the first on {100 * r:.2f}% (published robust accuracy)"))
         rows.append((stage, "sanity checks", "fp32",
                      s["n_points"] * ((s["more_steps_factor"] - 1) * pgd["steps"] * pgd["eot"] * att
-                                      + s["large_eps_steps"] * pgd["eot"] * att + 2 * reps * fwd),
-                     f"{s['n_points']} points: PGD continued to {s['more_steps_factor']}x, PGD at eps {s['large_eps']}"))
+                                      + losses * s["large_eps_steps"] * pgd["eot"] * att + 2 * reps * fwd),
+                     f"{s['n_points']} points: PGD continued to {s['more_steps_factor']}x, PGD at eps {s['large_eps']} "
+                     f"with each of {losses} loss(es)"))
         rows.append((stage, "clean + verdicts", "fp32", TEST_SET * fwd + n * 4 * reps * fwd,
                      f"clean accuracy on {TEST_SET:,}; {reps} verdict(s) per point on 4 point sets"))
     return rows
