@@ -131,3 +131,18 @@ def test_the_atop_defence_builds_at_paper_size(config: tuple[str, dict[str, Any]
         assert defence.purifier(x).shape == (2, 3, 32, 32) and defence(x).shape == (2, spec.num_classes)
         assert PatchDiscriminator(3, p["atop"]["discriminator"]["channels"])(x, x[:, :1]).shape == (2, 256 * 2 * 2)
     assert inpainter.refine.attention is not None
+
+
+def test_the_gpu_hour_estimate_costs_every_attack_of_each_suite() -> None:
+    """bench/paper_scale.py (FLOP counts only) charges each PGD run of a defence's list, Square and AutoAttack."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/paper_scale.py", "--skip-cpu", "--config", "configs/cifar10.yaml"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    carso = [line for line in out.stdout.splitlines() if line.startswith("evaluate_carso / ")]
+    for attack in ("PGD-200 (dlr) x EoT 20", "PGD-200 (ce) x EoT 20", "PGD-100 (ce via surrogate) x EoT 10",
+                   "Square (1000 queries)", "AutoAttack rand"):
+        assert any(line.startswith(f"evaluate_carso / {attack}") for line in carso), attack
+    assert "GPU-hours per stage:" in out.stdout
