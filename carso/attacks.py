@@ -112,7 +112,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tens
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
     direction = torch.randn_like(x)
     radius = torch.rand(len(x), *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) * eps
-    return project(x + direction / _l2(direction).clamp_min(1e-12) * radius, x, eps, "L2")
+    return project(x + ascent_direction(direction, "L2") * radius, x, eps, "L2")
 
 
 def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,

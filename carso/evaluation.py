@@ -1,4 +1,5 @@
-"""Clean accuracy and robust accuracy under a suite of attacks (transfer, AutoAttack, Square, PGD runs with\nseveral losses, through surrogates where configured), all in fp32, each with a confidence interval."""
+"""Clean accuracy and robust accuracy under a suite of attacks (transfer, AutoAttack, Square, PGD runs with
+several losses, through surrogates where configured), all in fp32, each with a confidence interval."""
 from __future__ import annotations
 
 import logging
@@ -199,8 +200,8 @@ def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confid
     found = []
     attacks = results["attacks"]
     white = [n for n, a in attacks.items() if a["kind"] in WHITE_BOX and not a.get("surrogate")]
-    for probe, words in PROBES.items():
-        for name in (w for w in white if probe in verdicts):
+    for probe, words in ((p, w) for p, w in PROBES.items() if p in verdicts):
+        for name in white:
             if _clearly_more(verdicts[name], verdicts[probe], confidence):
                 found.append(f"{words} left {100 * attacks[probe]['accuracy']:.2f}% correct, clearly fewer than "
                              f"white-box {attacks[name]['title']} ({100 * attacks[name]['accuracy']:.2f}%): its "
@@ -377,13 +378,10 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         verdicts[name], adversarial[name] = _scatter(part, idx, n), _place(xs, idx, x_adv)
         cascade.record(name, verdicts[name], len(idx), time.perf_counter() - start)
 
-    def crafted(name: str, attack_spec: AttackSpec, x_start: torch.Tensor | None = None,
-                surrogate: PgdRun | None = None) -> Runner:
-        """An attack crafted batch by batch (resumable, `cache`) on the points `idx`, judged by `judge`; with a
-        surrogate, crafted on its model."""
-        source = surrogates[surrogate.name] if surrogate and surrogate.surrogate else model
-        tag = surrogate.surrogate if surrogate else None
-
+    def crafted(name: str, attack_spec: AttackSpec, x_start: torch.Tensor | None = None, source: nn.Module = model,
+                tag: dict[str, Any] | None = None) -> Runner:
+        """An attack crafted batch by batch (resumable, `cache`) on `source` (a surrogate's model, named by `tag`, or
+        the defence) at the points `idx`, judged by `judge` on the defence."""
         def run(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
             x_adv = cache.run(name, source, xs[idx], ys[idx], attack_spec, device, bs,
                               x_start=None if x_start is None else x_start[idx], tag=tag)
@@ -409,7 +407,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         attacks[run.name] = {"kind": "pgd", "title": run.title, "loss": run.spec.loss, "steps": run.spec.steps,
                              "eot": run.spec.eot, "step_size": run.spec.alpha, "restarts": run.spec.restarts,
                              "zero_grad_patience": run.spec.zero_grad_patience, "surrogate": run.surrogate}
-        step(run.name, cascade.targets(), crafted(run.name, run.spec, surrogate=run))
+        step(run.name, cascade.targets(), crafted(run.name, run.spec, tag=run.surrogate,
+                                                  source=surrogates[run.name] if run.surrogate else model))
     results["attacks"] = {}
     for name, info in attacks.items():
         results["attacks"][name] = cascade.standalone(verdicts[name]).entry(conf, scope="standalone", **info)
