@@ -92,22 +92,23 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.data import load_adversarial, load_split
     from carso.defences import defence, resolve
     from carso.evaluation import evaluate_defence, example_tensors
-    from carso.params import pgd_run_name, with_overrides
+    from carso.params import defence_params, pgd_run_name, with_overrides
     from carso.io import save_tensors, write_json
 
     device, _ = _runtime(params, args.threads)
-    spec = defence(args.defence)
     if args.defence not in params["evaluation"]["defences"]:
         raise UserError(f"defence '{args.defence}' has no section in evaluation.defences of {args.params}; "
                         f"add one (see the default params.yaml).")
+    spec = defence(args.defence, params)
     if len(args.artifacts) != len(spec.artifacts):
         wanted = " ".join(f"data/{args.dataset}/{a}" for a in spec.artifacts) or "nothing"
         raise UserError(f"defence '{args.defence}' loads {len(spec.artifacts)} trained file(s) but --artifacts gave "
                         f"{len(args.artifacts)}; pass --artifacts {wanted} (the files its training stages write).")
     load = lambda p: resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, p)  # noqa: E731
-    model = load(params)
+    built = defence_params(params, args.defence, args.params)  # a variant's `set` applied
+    model = load(built)
     cfg = params["evaluation"]["defences"][args.defence]
-    surrogates = {pgd_run_name(run): load(with_overrides(params, run["surrogate"], args.params))
+    surrogates = {pgd_run_name(run): load(with_overrides(built, run["surrogate"], args.params))
                   for run in cfg["pgd"] if run.get("surrogate")}
     x, y = load_split(Path(args.data), "test")
     transfer = params["evaluation"]["transfer_attack"]
@@ -119,7 +120,8 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},
                  {"defence": args.defence, "adversarial": f"the evaluation's strongest PGD run ({metrics['strongest_pgd']})",
                   "robust_worst_case": "per attacked point: survived every attack (and every repeated verdict)"})
-    write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **metrics})
+    variant = {"variant_of": spec.variant_of, "set": cfg["set"]} if spec.variant_of else {}
+    write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **variant, **metrics})
 
 
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ SHARED_STAGES: dict[str, Stage] = {
                              "attack the classifier alone; store the examples"),
 }
 FINAL_STAGES: dict[str, Stage] = {
-    "evaluate": (cmd_evaluate, [("--defence", f"a defence: {', '.join(DEFENCES)}"),
+    "evaluate": (cmd_evaluate, [("--defence", f"a defence: {', '.join(DEFENCES)}, or a variant declared in params"),
                                 ("--model", "classifier .safetensors"),
                                 ("--artifacts*", "the defence's trained files, in the order of its registry entry"),
                                 ("--data", "fetched dataset folder"),

@@ -7,6 +7,7 @@ them imports a method by name. A new method is a subpackage of `carso.methods` p
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,20 +29,35 @@ def resolve(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def defence(name: str) -> DefenceSpec:
-    if name not in DEFENCES:
-        raise UserError(f"unknown defence '{name}'; the defences are: {', '.join(DEFENCES)}.")
-    return DEFENCES[name]
+def defence(name: str, params: dict[str, Any] | None = None) -> DefenceSpec:
+    """A registered defence, or a variant that `params` declares (evaluation.defences.<name> with variant_of)."""
+    if name in DEFENCES:
+        return DEFENCES[name]
+    section = (params or {}).get("evaluation", {}).get("defences", {}).get(name) or {}
+    if section.get("variant_of") in DEFENCES:
+        return variant(name, section)
+    raise UserError(f"unknown defence '{name}'; the defences are: {', '.join(DEFENCES)}, and the variants that "
+                    "evaluation.defences declares (variant_of: <defence>, set: {<params key>: <value>}).")
+
+
+def variant(name: str, section: dict[str, Any]) -> DefenceSpec:
+    """The registered defence `section["variant_of"]` re-evaluated with some inference settings changed: the same
+    loader, trained files and code, compared on the same points with `at` and with its base."""
+    base = DEFENCES[section["variant_of"]]
+    change = ", ".join(f"{k}={v}" for k, v in section["set"].items())
+    return replace(base, name=name, title=f"{base.title}, {change}", label=f"{base.label} ({change})",
+                   compare_with=tuple(dict.fromkeys((*base.compare_with, base.name))), published="",
+                   variant_of=base.name, overrides=tuple(section["set"].items()))
 
 
 def method_of(name: str) -> MethodSpec | None:
-    """The method a defence belongs to (None for `at`, the classifier alone)."""
+    """The method a registered defence belongs to (None for `at`, the classifier alone)."""
     return next((m for m in METHODS if any(d.name == name for d in m.defences)), None)
 
 
-def methods_of(defences: list[str]) -> list[MethodSpec]:
-    """The methods behind `defences`, in registry order."""
-    wanted = {m.name for m in map(method_of, defences) if m is not None}
+def methods_of(defences: list[str], params: dict[str, Any] | None = None) -> list[MethodSpec]:
+    """The methods behind `defences` (variants declared in `params`: their base's), in registry order."""
+    wanted = {m.name for m in (method_of(defence(d, params).base) for d in defences) if m is not None}
     return [m for m in METHODS if m.name in wanted]
 
 

@@ -6,6 +6,7 @@ traceback from deep inside a stage.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +81,19 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
     return f"{source}: '{where}' must be {_allowed(error, root)} (got {error.instance!r})."
 
 
-def validate(params: dict[str, Any], source: str = "params.yaml", surrogates: bool = True) -> dict[str, Any]:
-    """Validate `params` against the schema, then the rules a schema cannot express (`surrogates`: also build and
-    check each PGD run's surrogate params)."""
+def validate(params: dict[str, Any], source: str = "params.yaml", derived: bool = True) -> dict[str, Any]:
+    """Validate `params` against the schema, then the rules a schema cannot express (`derived`: also build and
+    check the params of each defence variant and of each PGD run's surrogate)."""
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
         raise UserError(explain(errors[0], schema, source))
-    _check_relations(params, source, surrogates)
+    _check_relations(params, source, derived)
     return params
 
 
-def _check_relations(params: dict[str, Any], source: str, surrogates: bool = True) -> None:
+def _check_relations(params: dict[str, Any], source: str, derived: bool = True) -> None:
     """The shared cross-key rules, then each method's own (`MethodSpec.check_params`)."""
     for name, spec in params["adversarial"]["attacks"].items():
         if spec["method"] == "pgd" and "steps" not in spec:
@@ -101,7 +102,7 @@ def _check_relations(params: dict[str, Any], source: str, surrogates: bool = Tru
         if spec["method"] == "pgd" and "step_size" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.step_size' is missing; a pgd attack needs "
                             "a step_size > 0.")
-    _check_evaluation(params, source, surrogates)
+    _check_evaluation(params, source, derived)
     for method in METHODS:
         if method.check_params:
             resolve(method.check_params)(params, source)
@@ -121,9 +122,10 @@ def _radii(params: dict[str, Any]) -> dict[str, float]:
     return found
 
 
-def _check_evaluation(params: dict[str, Any], source: str, surrogates: bool = True) -> None:
+def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True) -> None:
     """The threat model's radii fit its norm; the transfer attack must be a stored one inside the threat model;
-    the sizes must fit each other; each defence's PGD runs have distinct names and valid surrogates."""
+    the sizes must fit each other; each variant names a defence and settings it reads; each defence's PGD runs
+    have distinct names and valid surrogates."""
     if params["evaluation"]["norm"] == "Linf":
         for key, eps in _radii(params).items():
             if eps > 1:
@@ -146,7 +148,8 @@ def _check_evaluation(params: dict[str, Any], source: str, surrogates: bool = Tr
         if cfg["sanity"]["n_points"] > cfg["n_points"]:
             raise UserError(f"{source}: 'evaluation.defences.{name}.sanity.n_points' ({cfg['sanity']['n_points']}) "
                             f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")
-        _check_pgd_runs(params, name, source, surrogates)
+        _check_variant(params, name, source)
+        _check_pgd_runs(params, name, source, derived)
 
 
 def pgd_run_name(cfg: dict[str, Any]) -> str:
@@ -154,9 +157,52 @@ def pgd_run_name(cfg: dict[str, Any]) -> str:
     return f"pgd_{cfg['loss']}" + ("_surrogate" if cfg.get("surrogate") else "")
 
 
-def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, surrogates: bool) -> None:
-    """Two runs of one defence may not share a name (loss, and whether through a surrogate); a surrogate's keys
-    must exist in params and give valid params."""
+VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _check_variant(params: dict[str, Any], name: str, source: str) -> None:
+    """A registered defence's section is not a variant; any other section is one: a plain name, a registered base,
+    and only keys its base reads at inference (its trained files are the base's)."""
+    cfg, key = params["evaluation"]["defences"][name], f"evaluation.defences.{name}"
+    if name in DEFENCES:
+        if "variant_of" in cfg or "set" in cfg:
+            raise UserError(f"{source}: '{key}' is the registered defence '{name}', not a variant; remove its "
+                            "variant_of and set, or give the variant a name of its own (e.g. carso_logit).")
+        return
+    base = cfg.get("variant_of")
+    if base not in DEFENCES or "set" not in cfg:
+        raise UserError(f"{source}: '{key}' is not a registered defence ({', '.join(DEFENCES)}); to evaluate a "
+                        "variant of one, give it variant_of: <defence> and set: {<params key>: <value>}.")
+    if not VARIANT_NAME.fullmatch(name):
+        raise UserError(f"{source}: '{key}': a variant's name becomes a folder and a Snakemake wildcard; use lower "
+                        "case letters, digits and underscores, starting with a letter.")
+    reads = DEFENCES[base].settings
+    for dotted in cfg["set"]:
+        if not any(dotted == s or dotted.startswith(f"{s}.") for s in reads):
+            raise UserError(f"{source}: '{key}.set' changes '{dotted}', which defence '{base}' does not read at "
+                            f"inference ({', '.join(reads) or 'it reads no params'}); a variant re-evaluates its "
+                            "base's trained files, so a training setting needs a run of its own (another params file).")
+
+
+def defence_params(params: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    """The params defence `name` is built with: `params`, with a variant's `set` applied."""
+    cfg = params["evaluation"]["defences"][name]
+    return with_overrides(params, cfg["set"], f"{source} ('evaluation.defences.{name}.set')") if "set" in cfg else params
+
+
+def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, derived: bool) -> None:
+    """Two runs of one defence may not share a name (loss, and whether through a surrogate); a variant's settings
+    and a surrogate's (over them) must name keys of params and give valid params."""
+    _check_run_names(params, defence, source)
+    if not derived:
+        return
+    built = defence_params(params, defence, source)
+    for i, run in enumerate(params["evaluation"]["defences"][defence]["pgd"]):
+        if run.get("surrogate"):
+            with_overrides(built, run["surrogate"], f"{source} ('evaluation.defences.{defence}.pgd[{i}].surrogate')")
+
+
+def _check_run_names(params: dict[str, Any], defence: str, source: str) -> None:
     seen: set[str] = set()
     for i, run in enumerate(params["evaluation"]["defences"][defence]["pgd"]):
         key = f"evaluation.defences.{defence}.pgd[{i}]"
@@ -166,8 +212,6 @@ def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, surrogate
                             f"{'through a surrogate' if run.get('surrogate') else 'on the defence itself'}); "
                             "give each PGD run of a defence a different loss, or remove one.")
         seen.add(name)
-        if run.get("surrogate") and surrogates:
-            with_overrides(params, run["surrogate"], f"{source} ('{key}.surrogate')")
 
 
 def with_overrides(params: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
@@ -184,7 +228,7 @@ def with_overrides(params: dict[str, Any], overrides: dict[str, Any], source: st
         if isinstance(node[parts[-1]], dict):
             raise UserError(f"{source}: '{dotted}' is a whole section; name one of its keys instead.")
         node[parts[-1]] = value
-    return validate(out, source, surrogates=False)
+    return validate(out, source, derived=False)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

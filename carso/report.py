@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from carso.defences import DEFENCES, defence, methods_of, resolve
+from carso.defences import defence, methods_of, resolve
+from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.stats import paired_difference
 
@@ -122,13 +123,12 @@ def _strongest_alone(m: dict[str, Any]) -> str:
     return f"{_pct(own[name])}, {own[name]['title']}"
 
 
-def results_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+def results_rows(evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> list[list[str]]:
     header = ["defence", "threat model", "clean (full test set)", "clean (attacked points)", "strongest attack, alone",
               "robust (worst case over all attacks, cumulative)"]
     rows = [header]
     for name, m in evals.items():
-        title = DEFENCES[name].title if name in DEFENCES else name
-        rows.append([f"`{name}` ({title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]), _strongest_alone(m),
+        rows.append([f"`{name}` ({specs[name].title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]), _strongest_alone(m),
                      _pct(m["robust_worst_case"])])
     return rows
 
@@ -301,16 +301,25 @@ def _level(confidence: float) -> str:
     return f"{100 * confidence:g}%"
 
 
-def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]],
-                        robust: dict[str, list[bool]]) -> str | None:
-    """Did defence `first` beat `second`? Paired on the first points both were attacked on (None if either is
-    missing)."""
+def paired(first: str, second: str, evals: dict[str, dict[str, Any]],
+           robust: dict[str, list[bool]]) -> dict[str, Any] | None:
+    """`first` minus `second` in worst-case robust accuracy, paired on the first points both were attacked on (None
+    if either is missing): paired_difference's entry, with n."""
     if not {first, second} <= set(evals) or not {first, second} <= set(robust):
         return None
-    a, b = defence(first).label, defence(second).label
     n = min(len(robust[first]), len(robust[second]))
     conf = evals[first]["robust_worst_case"]["confidence"]
-    d = paired_difference(robust[first][:n], robust[second][:n], conf)
+    return {"n": n, **paired_difference(robust[first][:n], robust[second][:n], conf)}
+
+
+def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]],
+                        robust: dict[str, list[bool]], specs: dict[str, DefenceSpec]) -> str | None:
+    """Did defence `first` beat `second`? Paired on the first points both were attacked on (None if either is
+    missing)."""
+    d = paired(first, second, evals, robust)
+    if d is None:
+        return None
+    a, b, n, conf = specs[first].label, specs[second].label, d["n"], evals[first]["robust_worst_case"]["confidence"]
     acc_a, acc_b = sum(robust[first][:n]) / n, sum(robust[second][:n]) / n
     ci = f"{_level(conf)} CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points"
     if d["ci_low"] > 0:
@@ -325,21 +334,42 @@ def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]
             f"with {b}).")
 
 
-def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]]) -> list[str]:
-    """Each defence against the ones its registry entry names (`compare_with`), then what its paper reports."""
+def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
+                specs: dict[str, DefenceSpec]) -> list[str]:
+    """Each defence against the ones its registry entry names (`compare_with`), then what its paper reports, then
+    the verdict on each defence evaluated with variants."""
     out = []
     for name in evals:
-        spec = DEFENCES.get(name)
-        if spec is None:
-            continue
-        found = [s for other in spec.compare_with if (s := comparison_sentence(name, other, evals, robust))]
+        found = [s for other in specs[name].compare_with if (s := comparison_sentence(name, other, evals, robust, specs))]
         out += found
-        if found and spec.published:
-            out.append(spec.published)
+        if found and specs[name].published:
+            out.append(specs[name].published)
+    return out + variant_findings(evals, robust, specs)
+
+
+def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
+                     specs: dict[str, DefenceSpec], reference: str = "at") -> list[str]:
+    """For each defence evaluated together with variants: did any configuration beat `reference` on the worst case?"""
+    out = []
+    for base in dict.fromkeys(s.variant_of for s in specs.values() if s.variant_of):
+        names = [n for n in evals if specs[n].base == base]
+        diffs = {n: d for n in names if (d := paired(n, reference, evals, robust)) is not None}
+        if not diffs:
+            continue
+        level = _level(evals[base if base in evals else names[0]]["robust_worst_case"]["confidence"])
+        text = lambda n: (f"`{n}` {100 * diffs[n]['difference']:+.1f} points ({level} CI "  # noqa: E731
+                          f"[{100 * diffs[n]['ci_low']:+.1f}, {100 * diffs[n]['ci_high']:+.1f}], {diffs[n]['n']} points)")
+        winners = [n for n in diffs if diffs[n]["ci_low"] > 0]
+        best = max(diffs, key=lambda n: diffs[n]["difference"])
+        head = (f"Finding: {', '.join(text(n) for n in winners)} beat `{reference}` on the worst case"
+                if winners else f"Finding: no configuration of {specs[base].label} beat `{reference}` on the worst "
+                f"case; the closest was {text(best)}")
+        out.append(f"{head}. Configurations evaluated on the same points: "
+                   + "; ".join(f"`{n}` ({_overrides(dict(specs[n].overrides)) or 'as configured'})" for n in diffs) + ".")
     return out
 
 
-def gather(root: Path, defences: list[str]) -> dict[str, Any]:
+def gather(root: Path, defences: list[str], params: dict[str, Any]) -> dict[str, Any]:
     """Read the shared results of one dataset's folder and every evaluated defence's metrics and examples."""
     evals, robust, examples = {}, {}, {}
     for name in defences:
@@ -351,14 +381,14 @@ def gather(root: Path, defences: list[str]) -> dict[str, Any]:
             "train": read_json(root / "classifier" / "train_metrics.json"),
             "curve": read_curve(root / "classifier" / "curve.csv"),
             "adversarial": read_json(root / "adversarial" / "summary.json"), "evals": evals,
-            "robust": robust, "examples": examples}
+            "robust": robust, "examples": examples, "specs": {name: defence(name, params) for name in defences}}
 
 
 def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path) -> None:
     """Write report.html, report.md and figures/*.png for the defences of evaluation.defences."""
     defences = list(params["evaluation"]["defences"])
-    sections = _sections(dataset, gather(root, defences), params)
-    for method in methods_of(defences):
+    sections = _sections(dataset, gather(root, defences, params), params)
+    for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(root, params) if method.report else []
     _render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
 
@@ -413,16 +443,17 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
                    f"{train['channels_last']}; last epoch: clean {100 * train['final_test_clean_acc']:.2f}% and "
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
                    ] if "source" not in train else _imported_lines(train)
-    summary = comparisons(facts["evals"], facts["robust"]) + summary_sentences(facts["evals"]) + \
+    specs = facts["specs"]
+    summary = comparisons(facts["evals"], facts["robust"], specs) + summary_sentences(facts["evals"]) + \
         saturation_sentences(facts["evals"])
-    keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"])) for s in m.sections)
+    keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"]), params) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
     level = _level(params["evaluation"]["confidence"])
     examples = [(f"What `{name}` makes of a few test points", "figure",
-                 (f"examples_{name}", examples_png(ex, f"{name} ({defence(name).title})")))
+                 (f"examples_{name}", examples_png(ex, f"{name} ({specs[name].title})")))
                 for name, ex in facts["examples"].items()]
     return [("Summary", "list", summary),
-            (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"])),
+            (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
             ("Each attack alone (on the same first points)", "table", attack_rows(facts["evals"])),
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),

@@ -12,6 +12,7 @@ from carso.attacks import AttackSpec, pgd_single, predict
 from carso import evaluation
 from carso.evaluation import AttackCache, Verdict, _autoattack, _Judge, masking_checks, pgd_spec
 from carso.models import build_classifier
+from carso.defences import DEFENCES, defence
 from carso.report import comparison_sentence, comparisons
 from carso.stats import paired_difference
 
@@ -250,16 +251,41 @@ def _evals() -> dict:
 ])
 def test_report_states_plainly_whether_carso_beat_the_classifier(carso_robust: list[bool], words: str) -> None:
     at = [True] * 30 + [False] * 70
-    sentence = comparison_sentence("carso", "at", _evals(), {"at": at + [True] * 400, "carso": carso_robust})
+    sentence = comparison_sentence("carso", "at", _evals(), {"at": at + [True] * 400, "carso": carso_robust}, DEFENCES)
     assert words in sentence and "same first 100 test points" in sentence
-    assert comparison_sentence("carso", "atop", _evals(), {"at": at, "carso": carso_robust}) is None  # not evaluated
+    assert comparison_sentence("carso", "atop", _evals(), {"at": at, "carso": carso_robust}, DEFENCES) is None
+
+
+def _with_variants(tiny_params: dict, robust: dict[str, list[bool]]) -> list[str]:
+    for name, value in (("carso_logit", "logit"), ("carso_prob", "prob")):
+        tiny_params["evaluation"]["defences"][name] = {**tiny_params["evaluation"]["defences"]["carso"],
+                                                       "variant_of": "carso", "set": {"carso.aggregation": value}}
+    evals = {name: {"robust_worst_case": {"confidence": 0.95}} for name in robust}
+    return comparisons(evals, robust, {name: defence(name, tiny_params) for name in robust})
+
+
+def test_report_says_whether_any_configuration_of_a_defence_beat_the_classifier(tiny_params: dict) -> None:
+    at = [True] * 50 + [False] * 50
+    lines = _with_variants(tiny_params, {"at": at, "carso": [False] * 100, "carso_logit": [True] * 95 + [False] * 5,
+                                         "carso_prob": at})
+    assert any(line.startswith("CARSO (carso.aggregation=logit) beat the classifier alone on this run, by +45.0")
+               for line in lines)
+    assert any(line.startswith("CARSO (carso.aggregation=logit) beat CARSO on this run") for line in lines)
+    finding = next(line for line in lines if line.startswith("Finding:"))
+    assert finding.startswith("Finding: `carso_logit` +45.0 points (95% CI [+") and "beat `at`" in finding
+    assert "`carso_prob` (carso.aggregation=prob)" in finding and "`carso` (as configured)" in finding
+    lines = _with_variants(tiny_params, {"at": at, "carso": [False] * 100, "carso_logit": [False] * 100,
+                                         "carso_prob": [True] * 48 + [False] * 52})
+    finding = next(line for line in lines if line.startswith("Finding:"))
+    assert finding.startswith("Finding: no configuration of CARSO beat `at` on the worst case; the closest was "
+                              "`carso_prob` -2.0 points")
 
 
 def test_report_compares_each_defence_with_those_its_registry_entry_names() -> None:
     evals = {name: {"robust_worst_case": {"confidence": 0.9}} for name in ("at", "carso", "atop_rt", "atop")}
     robust = {"at": [True] * 50 + [False] * 50, "carso": [False] * 100, "atop_rt": [True] * 50 + [False] * 50,
               "atop": [True] * 90 + [False] * 10}
-    lines = comparisons(evals, robust)
+    lines = comparisons(evals, robust, DEFENCES)
     assert any(line.startswith("AToP beat the classifier alone on this run, by +40.0 points (90% CI") for line in lines)
     assert any(line.startswith("AToP beat AToP without fine-tuning") for line in lines)
     assert any(line.startswith("AToP beat CARSO") for line in lines)

@@ -10,6 +10,12 @@ from carso.errors import UserError
 from carso.params import load_params, validate
 from conftest import REPO, make_project, run_cli, run_tool, write_params
 
+def _variant(params: dict[str, Any], name: str, overrides: dict[str, Any] | None, base: str = "carso") -> None:
+    """Declare a variant of `base` (its section copied, with variant_of and, unless None, set)."""
+    section = {**params["evaluation"]["defences"]["carso"], "variant_of": base}
+    params["evaluation"]["defences"][name] = section if overrides is None else {**section, "set": overrides}
+
+
 # (how to break the params, the words the error must contain)
 BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
     "wrong_type": (lambda p: p["classifier"].__setitem__("epochs", "ten"),
@@ -55,7 +61,23 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
     "mirror_unset": (lambda p: p["data"]["mirror"].__setitem__("fashion_mnist", None),
                      ["'data.mirror.fashion_mnist'", "download"]),
     "unknown_defence": (lambda p: p["evaluation"]["defences"].__setitem__("bpda", p["evaluation"]["defences"]["at"]),
-                        ["unknown key 'evaluation.defences.bpda'", "at, atop, atop_rt, carso"]),
+                        ["'evaluation.defences.bpda' is not a registered defence (at, carso, atop_rt, atop)",
+                         "variant_of: <defence>"]),
+    "registered_as_variant": (lambda p: p["evaluation"]["defences"]["carso"].__setitem__("variant_of", "carso"),
+                              ["'evaluation.defences.carso' is the registered defence", "a name of its own"]),
+    "variant_without_set": (lambda p: _variant(p, "carso_logit", None),
+                            ["'evaluation.defences.carso_logit' is not a registered defence", "set:"]),
+    "variant_of_unknown": (lambda p: _variant(p, "bpda_logit", {"carso.aggregation": "logit"}, base="bpda"),
+                           ["'evaluation.defences.bpda_logit' is not a registered defence", "variant_of:"]),
+    "variant_training_key": (lambda p: _variant(p, "carso_long", {"purifier.epochs": 60}),
+                             ["'evaluation.defences.carso_long.set' changes 'purifier.epochs'", "does not read at "
+                              "inference (carso)", "a run of its own"]),
+    "variant_bad_name": (lambda p: _variant(p, "Carso-Logit", {"carso.aggregation": "logit"}),
+                         ["'evaluation.defences.Carso-Logit'", "lower case letters"]),
+    "variant_bad_value": (lambda p: _variant(p, "carso_count", {"carso.aggregation": "count"}),
+                          ["'evaluation.defences.carso_count.set'", "'carso.aggregation' is 'count'"]),
+    "variant_unknown_key": (lambda p: _variant(p, "carso_x", {"carso.aggregator": "logit"}),
+                            ["'evaluation.defences.carso_x.set'", "'carso.aggregator' is not a key"]),
     "atop_grid": (lambda p: p["atop"]["transform"].__setitem__("grid", 5),
                   ["'atop.transform.grid' (5)", "28-pixel side", "2, 4, 7, 14, 28"]),
     "atop_missing_share": (lambda p: p["atop"]["transform"].__setitem__("missing_share", 1.5),
@@ -76,6 +98,23 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
 def test_default_and_tiny_params_are_valid() -> None:
     load_params(REPO / "params.yaml")
     load_params(REPO / "tests" / "tiny" / "params.yaml")
+
+
+def test_a_variant_is_its_base_defence_with_its_settings(tiny_params: dict[str, Any]) -> None:
+    from carso.defences import defence, methods_of
+    from carso.params import defence_params
+
+    _variant(tiny_params, "carso_zero", {"carso.latent": "zero", "carso.n_samples": 2})
+    validate(tiny_params)
+    spec = defence("carso_zero", tiny_params)
+    assert (spec.base, spec.load, spec.artifacts) == ("carso", defence("carso").load, defence("carso").artifacts)
+    assert spec.compare_with == ("at", "carso") and "carso.latent=zero" in spec.label
+    built = defence_params(tiny_params, "carso_zero", "params.yaml")
+    assert (built["carso"]["latent"], built["carso"]["n_samples"]) == ("zero", 2)
+    assert tiny_params["carso"]["latent"] == "sample"  # the run's own params are untouched
+    assert [m.name for m in methods_of(["at", "carso_zero"], tiny_params)] == ["carso"]
+    with pytest.raises(UserError, match="unknown defence 'carso_zero'"):
+        defence("carso_zero")  # without the params that declare it
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

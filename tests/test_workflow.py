@@ -252,6 +252,19 @@ def test_training_rules_go_data_parallel_when_given_several_gpus_or_processes(tm
         assert launch.training_script_args == shlex.split(plain[rule])[3:]
 
 
+def test_a_variant_is_one_more_evaluation_of_its_base_s_trained_files(tmp_path: Path) -> None:
+    params = load_tiny()
+    defences = params["evaluation"]["defences"]
+    defences["carso_logit"] = {**defences["carso"], "variant_of": "carso", "set": {"carso.aggregation": "logit"}}
+    jobs = snakemake_jobs(make_project(tmp_path / "p", params))
+    job = next(j for j in jobs if j["rule"] == "evaluate" and f"{D}/eval/carso_logit/metrics.json" in j["output"])
+    assert f"{D}/purifier/model.safetensors" in job["input"] and "carso/methods/carso/defence.py" in job["input"]
+    assert "--defence carso_logit" in job["shell"] and "--artifacts data/fashion_mnist/purifier" in job["shell"]
+    assert [j["rule"] for j in jobs].count("train_purifier") == 1  # no training of its own
+    report = next(j for j in jobs if j["rule"] == "report")
+    assert f"{D}/eval/carso_logit/metrics.json" in report["input"]
+
+
 def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", load_tiny())

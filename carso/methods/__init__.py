@@ -37,6 +37,13 @@ class DefenceSpec:
     settings: tuple[str, ...] = ()           # params.yaml keys the loaded defence reads (beyond its weights)
     compare_with: tuple[str, ...] = ()       # defences the report compares it with, on the same points
     published: str = ""                      # what its paper reports, for the report's comparisons
+    variant_of: str = ""                     # a variant (evaluation.defences.<name>.variant_of): its registered base
+    overrides: tuple[tuple[str, object], ...] = ()  # the variant's `set`: dotted params keys and their values
+
+    @property
+    def base(self) -> str:
+        """The registered defence whose loader, trained files and code this one uses (itself unless a variant)."""
+        return self.variant_of or self.name
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ except UserError as err:
 
 DATASETS = config["datasets"]
 DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: evaluation.defences, in its order
-METHODS = methods_of(DEFENCES)  # the methods behind them: only their training stages are built
+SPECS = {name: defence_spec(name, config) for name in DEFENCES}  # a variant: its base's loader, files and code
+METHODS = methods_of(DEFENCES, config)  # the methods behind them: only their training stages are built
 
 
 def code(stage, defences=()):
@@ -62,9 +63,10 @@ def evaluate_inputs(wildcards):
     """Every defence needs the classifier, the test set and the stored transfer examples, plus the trained files
     its registry entry names (`DefenceSpec.artifacts`)."""
     d = f"data/{wildcards.dataset}"
-    inputs = {"code": code("evaluate", [wildcards.defence]), "model": f"{d}/classifier/model.safetensors",
+    spec = SPECS[wildcards.defence]
+    inputs = {"code": code("evaluate", [spec.base]), "model": f"{d}/classifier/model.safetensors",
               "test": f"{d}/dataset/test.safetensors", "adversarial": f"{d}/adversarial/test.safetensors"}
-    artifacts = [f"{d}/{a}" for a in defence_spec(wildcards.defence).artifacts]
+    artifacts = [f"{d}/{a}" for a in spec.artifacts]
     return {**inputs, "artifacts": artifacts} if artifacts else inputs
 
 
@@ -72,13 +74,13 @@ def evaluate_settings(wildcards):
     """The keys one defence's evaluation depends on: a change to another defence's section leaves it be."""
     keys = ["evaluation.norm", "evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
             f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
-    return settings(*keys, *defence_spec(wildcards.defence).settings)
+    return settings(*keys, *SPECS[wildcards.defence].settings)
 
 
 def report_inputs(wildcards):
     """The shared results, every evaluated defence's metrics and examples, and each method's report files."""
     d = f"data/{wildcards.dataset}"
-    inputs = {"code": code("report", DEFENCES), "manifest": f"{d}/dataset/manifest.json",
+    inputs = {"code": code("report", sorted({s.base for s in SPECS.values()})), "manifest": f"{d}/dataset/manifest.json",
               "curve": f"{d}/classifier/curve.csv", "train": f"{d}/classifier/train_metrics.json",
               "adversarial": f"{d}/adversarial/summary.json",
               "evals": [f"{d}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "examples.safetensors")]}
