@@ -111,10 +111,10 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     surrogates = {pgd_run_name(run): load(with_overrides(built, run["surrogate"], args.params))
                   for run in cfg["pgd"] if run.get("surrogate")}
     x, y = load_split(Path(args.data), "test")
-    transfer = params["evaluation"]["transfer_attack"]
+    transfer = built["evaluation"]["transfer_attack"]
     stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
     out = Path(args.out)
-    metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], params["evaluation"], cfg, device,
+    metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], built["evaluation"], cfg, device,
                                                     params["runtime"]["seed"], out, surrogates)
     examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},

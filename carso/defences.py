@@ -23,6 +23,11 @@ METHODS: tuple[MethodSpec, ...] = (CARSO, ATOP)  # a new method: one more entry 
 DEFENCES: dict[str, DefenceSpec] = {AT.name: AT, **{d.name: d for m in METHODS for d in m.defences}}
 
 
+# Keys a variant of any defence may set besides those its base reads: the threat model's radius, and the stored
+# transfer attack that must lie inside it (the same trained files evaluated at another eps).
+THREAT_KEYS = ("evaluation.eps", "evaluation.transfer_attack")
+
+
 def resolve(path: str) -> Callable[..., Any]:
     """The function a "module:function" path names, imported on demand."""
     module, name = path.split(":")

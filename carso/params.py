@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from carso.defences import DEFENCES, METHODS, method_dir, resolve
+from carso.defences import DEFENCES, METHODS, THREAT_KEYS, method_dir, resolve
 from carso.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
@@ -178,10 +178,11 @@ def _check_variant(params: dict[str, Any], name: str, source: str) -> None:
                         "case letters, digits and underscores, starting with a letter.")
     reads = DEFENCES[base].settings
     for dotted in cfg["set"]:
-        if not any(dotted == s or dotted.startswith(f"{s}.") for s in reads):
+        if dotted not in THREAT_KEYS and not any(dotted == s or dotted.startswith(f"{s}.") for s in reads):
             raise UserError(f"{source}: '{key}.set' changes '{dotted}', which defence '{base}' does not read at "
-                            f"inference ({', '.join(reads) or 'it reads no params'}); a variant re-evaluates its "
-                            "base's trained files, so a training setting needs a run of its own (another params file).")
+                            f"inference ({', '.join(reads) or 'it reads no params'}) and which is not one of the "
+                            f"threat model's keys ({', '.join(THREAT_KEYS)}); a variant re-evaluates its base's "
+                            "trained files, so a training setting needs a run of its own (another params file).")
 
 
 def defence_params(params: dict[str, Any], name: str, source: str) -> dict[str, Any]:

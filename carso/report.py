@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from carso.defences import defence, methods_of, resolve
+from carso.defences import THREAT_KEYS, defence, methods_of, resolve
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.stats import paired_difference
@@ -334,13 +334,22 @@ def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]
             f"with {b}).")
 
 
+def counterpart(name: str, other: str, evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> str | None:
+    """The evaluated defence that stands for registered defence `other` next to `name`: `other` itself, or a variant
+    of it that changes only the threat model, evaluated under the same threat model as `name` (None if none was)."""
+    threat = lambda m: (m.get("norm", "Linf"), m.get("eps"))  # noqa: E731
+    return next((c for c in evals if c != name and specs[c].base == other and threat(evals[c]) == threat(evals[name])
+                 and all(k in THREAT_KEYS for k, _ in specs[c].overrides)), None)
+
+
 def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
                 specs: dict[str, DefenceSpec]) -> list[str]:
-    """Each defence against the ones its registry entry names (`compare_with`), then what its paper reports, then
-    the verdict on each defence evaluated with variants."""
+    """Each defence against the ones its registry entry names (`compare_with`; under the same threat model), then
+    what its paper reports, then the verdict on each defence evaluated with variants."""
     out = []
     for name in evals:
-        found = [s for other in specs[name].compare_with if (s := comparison_sentence(name, other, evals, robust, specs))]
+        partners = [p for other in specs[name].compare_with if (p := counterpart(name, other, evals, specs))]
+        found = [s for p in partners if (s := comparison_sentence(name, p, evals, robust, specs))]
         out += found
         if found and specs[name].published:
             out.append(specs[name].published)
@@ -349,14 +358,15 @@ def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
 
 def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
                      specs: dict[str, DefenceSpec], reference: str = "at") -> list[str]:
-    """For each defence evaluated together with variants: did any configuration beat `reference` on the worst case?"""
+    """For each defence evaluated together with variants: did any configuration beat `reference` (under the same
+    threat model) on the worst case?"""
     out = []
-    for base in dict.fromkeys(s.variant_of for s in specs.values() if s.variant_of):
-        names = [n for n in evals if specs[n].base == base]
-        diffs = {n: d for n in names if (d := paired(n, reference, evals, robust)) is not None}
+    for base in dict.fromkeys(s.variant_of for s in specs.values() if s.variant_of and s.variant_of != reference):
+        diffs = {n: d for n in evals if specs[n].base == base and (ref := counterpart(n, reference, evals, specs))
+                 and (d := paired(n, ref, evals, robust)) is not None}
         if not diffs:
             continue
-        level = _level(evals[base if base in evals else names[0]]["robust_worst_case"]["confidence"])
+        level = _level(evals[next(iter(diffs))]["robust_worst_case"]["confidence"])
         text = lambda n: (f"`{n}` {100 * diffs[n]['difference']:+.1f} points ({level} CI "  # noqa: E731
                           f"[{100 * diffs[n]['ci_low']:+.1f}, {100 * diffs[n]['ci_high']:+.1f}], {diffs[n]['n']} points)")
         winners = [n for n in diffs if diffs[n]["ci_low"] > 0]
@@ -364,8 +374,9 @@ def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bo
         head = (f"Finding: {', '.join(text(n) for n in winners)} beat `{reference}` on the worst case"
                 if winners else f"Finding: no configuration of {specs[base].label} beat `{reference}` on the worst "
                 f"case; the closest was {text(best)}")
-        out.append(f"{head}. Configurations evaluated on the same points: "
-                   + "; ".join(f"`{n}` ({_overrides(dict(specs[n].overrides)) or 'as configured'})" for n in diffs) + ".")
+        out.append(f"{head}. Configurations evaluated, each against `{reference}` under its own threat model on the "
+                   "same points: " + "; ".join(f"`{n}` ({_overrides(dict(specs[n].overrides)) or 'as configured'})"
+                                              for n in diffs) + ".")
     return out
 
 

@@ -13,6 +13,7 @@ from carso import evaluation
 from carso.evaluation import AttackCache, Verdict, _autoattack, _Judge, masking_checks, pgd_spec
 from carso.models import build_classifier
 from carso.defences import DEFENCES, defence
+from carso.params import validate
 from carso.report import comparison_sentence, comparisons
 from carso.stats import paired_difference
 
@@ -279,6 +280,24 @@ def test_report_says_whether_any_configuration_of_a_defence_beat_the_classifier(
     finding = next(line for line in lines if line.startswith("Finding:"))
     assert finding.startswith("Finding: no configuration of CARSO beat `at` on the worst case; the closest was "
                               "`carso_prob` -2.0 points")
+
+
+def test_report_pairs_defences_only_under_the_same_threat_model(tiny_params: dict) -> None:
+    for name, base in (("at_eps2", "at"), ("carso_eps2", "carso")):
+        tiny_params["evaluation"]["defences"][name] = {**tiny_params["evaluation"]["defences"][base], "variant_of": base,
+                                                      "set": {"evaluation.eps": 0.2, "evaluation.transfer_attack": "pgd_weak"}}
+    validate(tiny_params)
+    eps = {"at": 0.1, "carso": 0.1, "at_eps2": 0.2, "carso_eps2": 0.2}
+    evals = {n: {"robust_worst_case": {"confidence": 0.95}, "eps": e, "norm": "Linf"} for n, e in eps.items()}
+    robust = {"at": [True] * 50 + [False] * 50, "carso": [False] * 100, "at_eps2": [True] * 70 + [False] * 30,
+              "carso_eps2": [True] * 80 + [False] * 20}
+    lines = comparisons(evals, robust, {n: defence(n, tiny_params) for n in eps})
+    pairs = [line.split(" on this run")[0] for line in lines if "on this run" in line]
+    assert pairs == ["CARSO did worse than the classifier alone",
+                     "CARSO (evaluation.eps=0.2, evaluation.transfer_attack=pgd_weak) beat the classifier alone "
+                     "(evaluation.eps=0.2, evaluation.transfer_attack=pgd_weak)"]
+    finding = next(line for line in lines if line.startswith("Finding:"))
+    assert finding.startswith("Finding: `carso_eps2` +10.0 points") and "beat `at`" in finding and "`carso` (as configured)" in finding
 
 
 def test_report_compares_each_defence_with_those_its_registry_entry_names() -> None:
