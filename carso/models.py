@@ -41,6 +41,33 @@ class SmallCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class CnnV1(nn.Module):
+    """CARSO v1's MNIST / Fashion-MNIST classifier (METHOD.md, section 1): conv(c-16, k4 s2)-Mish-BN-
+    conv(16-32, k4 s2)-Mish-BN-FC100-Mish-BN-FC(classes)-LogSoftmax, for 28x28 inputs.
+
+    It returns log-probabilities (still logits for every loss and aggregation: softmax of them is the same
+    distribution); `log_softmax` is a module so the representation can hook the output."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], hidden: int = 100) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 16, 4, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 4, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32 * (image_size // 4) ** 2, hidden)
+        self.bn3 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, 28, 28) in [0, 1] -> (B, K) log-probabilities
+        x = self.bn1(F.mish(self.conv1(self.normalize(x))))
+        x = self.bn2(F.mish(self.conv2(x)))
+        x = self.bn3(F.mish(self.fc1(x.flatten(1))))
+        return self.log_softmax(self.fc2(x))
+
+
 class PreActBlock(nn.Module):
     """Pre-activation basic block (BN-ReLU-conv twice, projection shortcut when the shape changes),
     shared by PreAct ResNet and WideResNet."""
@@ -185,6 +212,7 @@ class DMWideResNet(nn.Module):
 # name -> (constructor, the input side it is built for; None = any side divisible by 4)
 REGISTRY: dict[str, tuple[Callable[..., nn.Module], int | None]] = {
     "cnn_small": (SmallCNN, None),
+    "cnn_v1": (CnnV1, 28),  # CARSO v1's MNIST-like classifier (ends in LogSoftmax)
     "preact_resnet18": (PreActResNet18, 32),
     "wide_resnet": (WideResNet, 32),
     "dm_wide_resnet": (DMWideResNet, 32),  # RobustBench's DMWideResNet layout, SiLU (Cui2023 WRN-28-10)

@@ -115,7 +115,10 @@ def _check_relations(params: dict[str, Any], source: str, derived: bool = True) 
 
 def _radii(params: dict[str, Any]) -> dict[str, float]:
     """Every radius of the threat model in params, by its dotted key."""
-    found = {"evaluation.eps": params["evaluation"]["eps"], "classifier.attack.eps": params["classifier"]["attack"]["eps"]}
+    trained = params["classifier"]["attack"]["eps"]
+    found = {"evaluation.eps": params["evaluation"]["eps"]}
+    found.update({"classifier.attack.eps": trained} if not isinstance(trained, list) else
+                 {f"classifier.attack.eps[{i}]": e for i, e in enumerate(trained)})
     found.update({f"adversarial.attacks.{k}.eps": a["eps"] for k, a in params["adversarial"]["attacks"].items()})
     found.update({f"evaluation.defences.{k}.sanity.large_eps": d["sanity"]["large_eps"]
                   for k, d in params["evaluation"]["defences"].items()})

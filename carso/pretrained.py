@@ -30,7 +30,7 @@ from carso.device import describe
 from carso.errors import UserError
 from carso.io import sha256_file, write_json, write_text
 from carso.models import build_classifier
-from carso.training import CURVE_COLUMNS
+from carso.training import CURVE_COLUMNS, training_radii
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def import_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str
     load_exact(model, state, source)
     model = model.to(device).eval()
     x_mon, y_mon = load_split(data_dir, "test", limit=cfg["monitor_points"])
-    eps = cfg["attack"]["eps"]
+    eps = max(training_radii(cfg))
     clean = accuracy(model, x_mon, y_mon, device, batch_size=500)
     pgd = robust_accuracy(model, x_mon, y_mon, AttackSpec("pgd", eps=eps, steps=10, step_size=eps / 4), device,
                           batch_size=500)

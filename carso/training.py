@@ -26,13 +26,28 @@ TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoi
 CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
 
 
-def training_attack(cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
-    """The attack used inside training, in the threat model's `norm` (evaluation.norm): `pgd` (Madry) or
-    `fgsm_rs` (FGSM from a random start)."""
+def training_radii(cfg: dict[str, Any]) -> list[float]:
+    """classifier.attack.eps as a list: one radius, or several that share each batch equally."""
+    eps = cfg["attack"]["eps"]
+    return list(eps) if isinstance(eps, list) else [eps]
+
+
+def training_attack(cfg: dict[str, Any], norm: str = "Linf") -> list[AttackSpec]:
+    """The attacks used inside training, one per radius of classifier.attack.eps, in the threat model's `norm`
+    (evaluation.norm): `pgd` (Madry) or `fgsm_rs` (FGSM from a random start)."""
     a = cfg["attack"]
     if a["method"] == "fgsm_rs":
-        return AttackSpec("fgsm", eps=a["eps"], steps=1, step_size=a["step_size"], random_start=True, norm=norm)
-    return AttackSpec("pgd", eps=a["eps"], steps=a["steps"], step_size=a["step_size"], random_start=True, norm=norm)
+        return [AttackSpec("fgsm", eps=e, steps=1, step_size=a["step_size"], random_start=True, norm=norm)
+                for e in training_radii(cfg)]
+    return [AttackSpec("pgd", eps=e, steps=a["steps"], step_size=a["step_size"], random_start=True, norm=norm)
+            for e in training_radii(cfg)]
+
+
+def attack_shares(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: list[AttackSpec],
+                  autocast: Any = None) -> torch.Tensor:
+    """`x` made adversarial in equal consecutive shares, the i-th share with specs[i] (one spec: the whole batch)."""
+    parts = zip(torch.tensor_split(x, len(specs)), torch.tensor_split(y, len(specs)), specs)
+    return torch.cat([attack(model, xs, ys, spec, autocast) for xs, ys, spec in parts if len(ys)])
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -69,9 +84,10 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], total_steps:
 
 
 def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor,
-                 y: torch.Tensor, cfg: dict[str, Any], spec: AttackSpec, device: torch.device, gen: torch.Generator,
+                 y: torch.Tensor, cfg: dict[str, Any], specs: list[AttackSpec], device: torch.device, gen: torch.Generator,
                  team: Team, desc: str) -> tuple[float, float]:
-    """One pass over the data: attack each batch, then step on the adversarial batch.
+    """One pass over the data: attack each batch (in equal shares, one per training radius), then step on the
+    adversarial batch.
 
     `net` is `model` as trained (wrapped for data parallelism under torchrun): every process draws the
     same order and augmentation for the global batch, then attacks and trains on its own shard. The
@@ -87,7 +103,7 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
             continue
         xb = team.shard(augment(x[idx].to(device), cfg["augment"], gen)).contiguous(memory_format=fmt)
         yb = team.shard(y[idx]).to(device)
-        xb_adv = attack(model, xb, yb, spec, autocast(device, cfg["precision"]))
+        xb_adv = attack_shares(model, xb, yb, specs, autocast(device, cfg["precision"]))
         with autocast(device, cfg["precision"]):
             logits = net(xb_adv).float()
         loss = F.cross_entropy(logits, yb)
@@ -103,9 +119,9 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
 
 def _monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
              device: torch.device, norm: str = "Linf") -> tuple[float, float]:
-    """Clean and PGD accuracy on a fixed test subset, in fp32 and eval mode."""
-    a = cfg["attack"]
-    spec = AttackSpec("pgd", eps=a["eps"], steps=10, step_size=a["eps"] / 4, norm=norm)
+    """Clean and PGD accuracy (at the largest training radius) on a fixed test subset, in fp32 and eval mode."""
+    eps = max(training_radii(cfg))
+    spec = AttackSpec("pgd", eps=eps, steps=10, step_size=eps / 4, norm=norm)
     with eval_mode(model):
         clean = accuracy(model, x, y, device, batch_size=500)
         adv = robust_accuracy(model, x, y, spec, device, batch_size=500)
@@ -140,11 +156,11 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve = checkpoint.restore({"model": model, "optimizer": opt, "scheduler": sched})
     net = parallel(model, team, device)
-    spec = training_attack(cfg, norm)
+    specs = training_attack(cfg, norm)
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         gen = seed_epoch(seed, epoch, team.rank)
-        loss, adv_acc = _train_epoch(model, net, opt, sched, x_train, y_train, cfg, spec, device, gen, team,
+        loss, adv_acc = _train_epoch(model, net, opt, sched, x_train, y_train, cfg, specs, device, gen, team,
                                      f"epoch {epoch}/{cfg['epochs']}")
         if not team.is_main:
             continue

@@ -165,7 +165,8 @@ def test_train_purifier_lowers_reconstruction_loss_and_resumes(parts, tmp_path: 
     data = {"clean": x, "labels": y,
             "fgsm": attack_dataset(clf, x, y, AttackSpec("fgsm", 0.1, 1, 0.1, False), torch.device("cpu"), 64)}
     cfg = {"epochs": 6, "batch_size": 8, "attacks": ["fgsm"], "adversarial_fraction": 0.5, "lr": 3e-3,
-           "weight_decay": 0.0, "lookahead": True, "precision": "fp32"}
+           "weight_decay": 0.0, "lookahead": True, "precision": "fp32",
+           "beta_warmup": {"delay": 0.125, "ramp": 0.042}}
     torch.manual_seed(0)
     curve = train_purifier(purifier, extractor, data, cfg, 0, torch.device("cpu"), tmp_path / "ckpt.pt", "k")
     assert [r["epoch"] for r in curve] == [1, 2, 3, 4, 5, 6]

@@ -1,12 +1,14 @@
 """CARSO's purifier: a conditional VAE from the classifier's representation to clean reconstructions.
 
-representation (one tensor per hooked layer) -> per-layer conv compressors -> condition head -> c
+representation (one tensor per hooked layer) -> per-layer conv compressors (a linear layer's output: as it is)
+-> condition head (optional hidden linear layers, then one to the condition) -> c
 training:  [pre-encoded input, c] -> joint encoder -> (mu, logvar) -> z ~ q(z | x, c)
 inference: z ~ N(0, I)
 [z, c] -> decoder (linear, transposed-conv stack, conv, sigmoid) -> image in [0, 1]
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,8 +28,9 @@ from carso.methods.carso.representation import RepresentationExtractor
 class PurifierConfig:
     """Every size of the purifier (defaults: a small one sized for 1x28x28 inputs)."""
 
-    compressor_depth: int = 3           # 3x3 unpadded convs per hooked layer, halving channels each time
+    compressor_depth: int = 3           # 3x3 unpadded convs per hooked conv layer, halving channels each time (0: none)
     condition_dim: int = 130            # size of the condition vector c
+    condition_hidden: tuple[int, ...] = ()  # linear layers between the flattened representation and c (v1: 260)
     latent_dim: int = 64                # size of z
     pre_encoder_channels: tuple[int, ...] = (6, 12)  # strided convs of the input pre-encoder
     decoder_start_side: int = 7         # side of the decoder's first feature map
@@ -37,7 +40,7 @@ class PurifierConfig:
     def from_params(cls, cfg: dict[str, Any]) -> "PurifierConfig":
         """The size keys of params.yaml's `purifier` section (the training keys are ignored)."""
         return cls(compressor_depth=cfg["compressor_depth"], condition_dim=cfg["condition_dim"],
-                   latent_dim=cfg["latent_dim"], pre_encoder_channels=tuple(cfg["pre_encoder_channels"]),
+                   condition_hidden=tuple(cfg.get("condition_hidden", ())), latent_dim=cfg["latent_dim"], pre_encoder_channels=tuple(cfg["pre_encoder_channels"]),
                    decoder_start_side=cfg["decoder_start_side"], decoder_channels=tuple(cfg["decoder_channels"]))
 
     def as_dict(self) -> dict[str, Any]:
@@ -49,10 +52,14 @@ def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class LayerCompressor(nn.Module):
-    """depth x [3x3 conv without padding, BatchNorm, LeakyReLU(0.2)], channels c -> c/2 -> c/4 ..., flattened."""
+    """depth x [3x3 conv without padding, BatchNorm, LeakyReLU(0.2)], channels c -> c/2 -> c/4 ..., flattened.
+    A linear layer's (B, F) output, or any output with depth 0, is only flattened."""
 
     def __init__(self, shape: tuple[int, ...], depth: int) -> None:
         super().__init__()
+        if len(shape) != 3 or depth == 0:
+            self.net, self.out_features = nn.Identity(), math.prod(shape)
+            return
         c, h, w = shape
         if min(h, w) - 2 * depth < 1:
             raise UserError(f"a hooked layer's {h}x{w} activations are too small for purifier.compressor_depth "
@@ -78,9 +85,9 @@ class Purifier(nn.Module):
         self.cfg, self.image_shape = cfg, image_shape
         c_img, side, _ = image_shape
         self.compressors = nn.ModuleList(LayerCompressor(s, cfg.compressor_depth) for s in shapes)
-        flat = sum(m.out_features for m in self.compressors)
-        self.condition_head = nn.Sequential(nn.Linear(flat, cfg.condition_dim), nn.BatchNorm1d(cfg.condition_dim),
-                                            nn.LeakyReLU(0.2))
+        widths = [sum(m.out_features for m in self.compressors), *cfg.condition_hidden, cfg.condition_dim]
+        self.condition_head = nn.Sequential(*(layer for w_in, w_out in zip(widths[:-1], widths[1:]) for layer in
+                                              (nn.Linear(w_in, w_out), nn.BatchNorm1d(w_out), nn.LeakyReLU(0.2))))
         self.pre_encoder = self._pre_encoder(c_img, mean, std)
         with torch.no_grad():
             pre_flat = self.pre_encoder(torch.zeros(1, *image_shape)).shape[1]
@@ -141,8 +148,11 @@ def purifier_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, l
 
 
 def beta_schedule(epoch: int, epochs: int, off_fraction: float = 0.125, ramp_fraction: float = 0.042) -> float:
-    """KL weight: 0 for the first 12.5% of epochs, then a linear ramp over ~4.2% of epochs, then 1."""
-    off, ramp = off_fraction * epochs, max(ramp_fraction * epochs, 1e-9)
+    """KL weight of 0-based `epoch`: 0 for the first off_fraction of epochs, then a linear ramp over ramp_fraction
+    of them, then 1 (published: 12.5% and ~4.2%; v1: 0 and 0, beta = 1 from the start)."""
+    off, ramp = off_fraction * epochs, ramp_fraction * epochs
+    if ramp == 0:
+        return 1.0 if epoch >= off else 0.0
     return float(min(1.0, max(0.0, (epoch - off) / ramp)))
 
 

@@ -153,7 +153,7 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         gen = seed_epoch(seed, epoch, team.rank)
-        beta = beta_schedule(epoch - 1, cfg["epochs"])
+        beta = beta_schedule(epoch - 1, cfg["epochs"], cfg["beta_warmup"]["delay"], cfg["beta_warmup"]["ramp"])
         row = _epoch(net, extractor, opt, sched, data, cfg, beta, device, gen, team,
                      f"epoch {epoch}/{cfg['epochs']}")
         if not team.is_main:

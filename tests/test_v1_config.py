@@ -1,0 +1,95 @@
+"""configs/v1_fashion_mnist.yaml: CARSO v1's recipe for MNIST-like data (METHOD.md, section 1), valid, built to the
+published sizes and one `--config params_file=...` away from a Snakemake run (a dry run; nothing is trained)."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from carso.attacks import AttackSpec
+from carso.data import dataset_spec
+from carso.models import build_classifier
+from carso.params import load_params
+from carso.training import attack_shares, training_attack
+from carso.methods.carso.purifier import PurifierConfig, beta_schedule, build_purifier
+from conftest import REPO, load_tiny, make_project, run_tool
+
+CONFIG = "configs/v1_fashion_mnist.yaml"
+
+
+@pytest.fixture(scope="module")
+def v1() -> dict[str, Any]:
+    return load_params(REPO / CONFIG)  # schema + cross-checks
+
+
+def _classifier(params: dict[str, Any]) -> nn.Module:
+    spec = dataset_spec("fashion_mnist")
+    cfg = params["classifier"]
+    return build_classifier(cfg["arch"], in_channels=spec.channels, num_classes=spec.num_classes,
+                            image_size=spec.side, mean=spec.mean, std=spec.std, **cfg["arch_kwargs"]).eval()
+
+
+def test_the_v1_classifier_ends_in_log_softmax_and_trains_at_two_radii(v1: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = _classifier(v1)
+    out = model(torch.rand(4, 1, 28, 28))
+    assert out.shape == (4, 10) and torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-5)
+    assert [type(m).__name__ for m in model.children()] == ["Normalize", "Conv2d", "BatchNorm2d", "Conv2d",
+                                                            "BatchNorm2d", "Linear", "BatchNorm1d", "Linear", "LogSoftmax"]
+    specs = training_attack(v1["classifier"])
+    assert [(s.method, s.eps, s.steps, s.step_size) for s in specs] == [("pgd", 0.15, 40, 0.01), ("pgd", 0.3, 40, 0.01)]
+
+
+def test_the_v1_purifier_has_the_published_sizes(v1: dict[str, Any]) -> None:
+    pur = v1["purifier"]
+    purifier, extractor = build_purifier(_classifier(v1), "fashion_mnist", PurifierConfig.from_params(pur),
+                                         pur["layers"])
+    shapes = extractor.shapes(torch.zeros(1, 1, 28, 28))
+    assert shapes == [(16, 14, 14), (32, 7, 7), (100,), (10,)] and sum(torch.Size(s).numel() for s in shapes) == 4814
+    linears = [m for m in purifier.condition_head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(4814, 260), (260, 130)]
+    assert purifier.cfg.latent_dim == 64 and purifier.decoder_input.in_features == 64 + 130
+    convs = [m for m in purifier.decoder if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d))]
+    assert [purifier.decoder_input.out_features // 49] + [m.out_channels for m in convs] == [97, 48, 24, 1]
+    assert purifier.decode(torch.zeros(2, 64), torch.zeros(2, 130)).shape == (2, 1, 28, 28)
+    assert (pur["epochs"], pur["batch_size"], pur["adversarial_fraction"]) == (150, 1536, 0.4)
+    assert beta_schedule(0, pur["epochs"], pur["beta_warmup"]["delay"], pur["beta_warmup"]["ramp"]) == 1.0
+    eps = sorted((a["method"], a["eps"]) for name, a in v1["adversarial"]["attacks"].items() if name in pur["attacks"])
+    assert eps == [("fgsm", 0.15), ("fgsm", 0.3), ("pgd", 0.15), ("pgd", 0.3)]
+    assert (v1["carso"]["n_samples"], v1["carso"]["latent"]) == (4, "zero")
+
+
+def test_the_published_beta_schedule_is_unchanged() -> None:
+    assert [beta_schedule(e, 48) for e in (0, 6, 7, 8, 9)] == pytest.approx([0.0, 0.0, 1 / 2.016, 2 / 2.016, 1.0])
+
+
+def test_each_share_of_a_batch_is_attacked_at_its_own_radius() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(6, 1, 4, 4) * 0.4 + 0.3, torch.tensor([0, 1, 2, 0, 1, 2])
+    specs = [AttackSpec("pgd", eps=e, steps=10, step_size=e / 4, random_start=True) for e in (0.05, 0.2)]
+    delta = (attack_shares(model, x, y, specs) - x).abs().flatten(1).amax(1)
+    assert torch.all(delta[:3] <= 0.05 + 1e-6) and torch.all(delta[:3] > 0.04)
+    assert torch.all(delta[3:] <= 0.2 + 1e-6) and torch.all(delta[3:] > 0.15)
+
+
+def test_the_v1_configuration_dry_runs(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project", load_tiny())
+    shutil.copytree(REPO / "configs", project / "configs")
+    result = run_tool(["snakemake", "-n", "-p", "--cores", "1", "--config", f"params_file={CONFIG}"], cwd=project,
+                      timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
+    assert {k: int(v) for k, v in table.items()} == {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1,
+                                                     "train_purifier": 1, "evaluate": 4, "report": 1, "all": 1,
+                                                     "total": 10}
+    commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
+    evaluated = sorted(re.search(r"--defence (\w+)", c).group(1) for c in commands if " evaluate " in c)
+    assert evaluated == ["at", "at_eps01", "carso", "carso_eps01"]
+    assert all(f"--params {CONFIG} " in c for c in commands) and not (project / "data").exists()
