@@ -49,10 +49,15 @@ def variant(name: str, section: dict[str, Any]) -> DefenceSpec:
     """The registered defence `section["variant_of"]` re-evaluated with some inference settings changed: the same
     loader, trained files and code, compared on the same points with `at` and with its base."""
     base = DEFENCES[section["variant_of"]]
-    change = ", ".join(f"{k}={v}" for k, v in section["set"].items())
+    change = overrides_text(section["set"])
     return replace(base, name=name, title=f"{base.title}, {change}", label=f"{base.label} ({change})",
                    compare_with=tuple(dict.fromkeys((*base.compare_with, base.name))), published="",
                    variant_of=base.name, overrides=tuple(section["set"].items()))
+
+
+def overrides_text(overrides: dict[str, Any]) -> str:
+    """Dotted params keys and values as the report and the logs name them: "carso.aggregation=logit, ..."."""
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def method_of(name: str) -> MethodSpec | None:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict, square_attack
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
+from carso.defences import overrides_text
 from carso.params import pgd_run_name
 from carso.stats import paired_difference, summarise
 
@@ -113,7 +114,7 @@ class PgdRun:
 
     @property
     def title(self) -> str:
-        via = f", gradients through {', '.join(f'{k}={v}' for k, v in self.surrogate.items())}" if self.surrogate else ""
+        via = f", gradients through {overrides_text(self.surrogate)}" if self.surrogate else ""
         return f"PGD-{self.spec.steps} ({self.spec.loss}, EoT {self.spec.eot}{via})"
 
 

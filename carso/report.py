@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from carso.defences import THREAT_KEYS, defence, methods_of, resolve
+from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, resolve
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.stats import paired_difference
@@ -145,7 +145,7 @@ def attack_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
 def _settings(a: dict[str, Any]) -> str:
     if a["kind"] == "pgd":
         return (f"{a['steps']} steps x {a['eot']} EoT x {a['restarts']} restarts, step {a['step_size']:.4g}, "
-                f"{LOSS_NAMES.get(a['loss'], a['loss'])} loss" + (f", gradients from {_overrides(a['surrogate'])}, "
+                f"{LOSS_NAMES.get(a['loss'], a['loss'])} loss" + (f", gradients from {overrides_text(a['surrogate'])}, "
                                                                     "verdicts on the defence" if a.get("surrogate") else ""))
     if a["kind"] == "autoattack":
         order = f", in the order {' then '.join(a['order'])}" if a.get("order") else ""
@@ -153,10 +153,6 @@ def _settings(a: dict[str, Any]) -> str:
     if a["kind"] == "square":
         return f"at most {a['n_queries']} queries per point, p_init {a['p_init']}"
     return f"stored {a.get('attack', '')}, crafted on the classifier alone"
-
-
-def _overrides(surrogate: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in surrogate.items())
 
 
 def _threat(m: dict[str, Any]) -> str:
@@ -375,7 +371,7 @@ def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bo
                 if winners else f"Finding: no configuration of {specs[base].label} beat `{reference}` on the worst "
                 f"case; the closest was {text(best)}")
         out.append(f"{head}. Configurations evaluated, each against `{reference}` under its own threat model on the "
-                   "same points: " + "; ".join(f"`{n}` ({_overrides(dict(specs[n].overrides)) or 'as configured'})"
+                   "same points: " + "; ".join(f"`{n}` ({overrides_text(dict(specs[n].overrides)) or 'as configured'})"
                                               for n in diffs) + ".")
     return out
 

@@ -1,5 +1,7 @@
-"""configs/v1_fashion_mnist.yaml: CARSO v1's recipe for MNIST-like data (METHOD.md, section 1), valid, built to the
-published sizes and one `--config params_file=...` away from a Snakemake run (a dry run; nothing is trained)."""
+"""The configurations of the CARSO question (issue 12): configs/carso_question.yaml and configs/carso_large.yaml
+differ from params.yaml only where they say; configs/v1_fashion_mnist.yaml is CARSO v1's recipe for MNIST-like data
+(METHOD.md, section 1), valid, built to the published sizes and one `--config params_file=...` away from a Snakemake
+run (a dry run; nothing is trained)."""
 from __future__ import annotations
 
 import re
@@ -20,6 +22,30 @@ from carso.methods.carso.purifier import PurifierConfig, beta_schedule, build_pu
 from conftest import REPO, load_tiny, make_project, run_tool
 
 CONFIG = "configs/v1_fashion_mnist.yaml"
+
+
+def _differences(a: Any, b: Any, path: str = "") -> set[str]:
+    """The dotted keys where two params trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {d for k in a.keys() | b.keys() for d in _differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))}
+    return set() if a == b else {path}
+
+
+@pytest.mark.parametrize("name, changed", [
+    ("carso_question", {"evaluation.defences.atop", "evaluation.defences.atop_rt", "evaluation.defences.carso_logit",
+                        "evaluation.defences.carso_prob", "evaluation.defences.carso_zero", "report.title"}),
+    ("carso_large", {"purifier.decoder_channels", "purifier.epochs", "evaluation.defences.atop",
+                     "evaluation.defences.atop_rt", "report.title"}),
+])
+def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: str, changed: set[str]) -> None:
+    default, config = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / f"{name}.yaml")
+    assert _differences(default, config) == changed
+    variants = {k: v for k, v in config["evaluation"]["defences"].items() if "variant_of" in v}
+    assert all(v["variant_of"] == "carso" for v in variants.values())
+    assert {k: v["set"] for k, v in variants.items()} == ({"carso_logit": {"carso.aggregation": "logit"},
+                                                           "carso_prob": {"carso.aggregation": "prob"},
+                                                           "carso_zero": {"carso.latent": "zero"}}
+                                                          if name == "carso_question" else {})
 
 
 @pytest.fixture(scope="module")
