@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.report import write_report
 
-    write_report(args.dataset, Path(args.root), params, Path(args.out))
+    write_report(args.dataset, Path(args.root), params, Path(args.out), args.params)
 
 
 def method_stage(stage: StageSpec) -> Callable[[argparse.Namespace, dict[str, Any]], None]:

@@ -128,8 +128,8 @@ def results_rows(evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]
               "robust (worst case over all attacks, cumulative)"]
     rows = [header]
     for name, m in evals.items():
-        rows.append([f"`{name}` ({specs[name].title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]), _strongest_alone(m),
-                     _pct(m["robust_worst_case"])])
+        rows.append([f"`{name}` ({specs[name].title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]),
+                     _strongest_alone(m), _pct(m["robust_worst_case"])])
     return rows
 
 
@@ -391,10 +391,12 @@ def gather(root: Path, defences: list[str], params: dict[str, Any]) -> dict[str,
             "robust": robust, "examples": examples, "specs": {name: defence(name, params) for name in defences}}
 
 
-def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path) -> None:
-    """Write report.html, report.md and figures/*.png for the defences of evaluation.defences."""
+def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path,
+                 params_file: str = "params.yaml") -> None:
+    """Write report.html, report.md and figures/*.png for the defences of evaluation.defences; `params_file`: the
+    file the run read, named with the command that reproduces it."""
     defences = list(params["evaluation"]["defences"])
-    sections = _sections(dataset, gather(root, defences, params), params)
+    sections = _sections(dataset, gather(root, defences, params), params, params_file)
     for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(root, params) if method.report else []
     _render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
@@ -440,7 +442,14 @@ def _imported_lines(train: dict[str, Any]) -> list[str]:
             f"{train['monitor_points']} test images, in fp32 on {train['device']}."]
 
 
-def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> list[Section]:
+def reproduce_line(params_file: str) -> str:
+    """The one command that reruns this report's pipeline from a fresh clone."""
+    extra = "" if params_file == "params.yaml" else f" --config params_file={params_file}"
+    return f"Reproduce: `bash run.sh pipeline{extra}` (settings: {params_file}, below)."
+
+
+def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
+              params_file: str = "params.yaml") -> list[Section]:
     """The shared sections; write_report puts each method's part before the last two."""
     train, man = facts["train"], facts["manifest"]["splits"]
     data_lines = [f"{split}: {info['count']} images of shape {info['shape']}, sha256 {info['sha256_images'][:16]}..."
@@ -452,7 +461,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
                    ] if "source" not in train else _imported_lines(train)
     specs = facts["specs"]
     summary = comparisons(facts["evals"], facts["robust"], specs) + summary_sentences(facts["evals"]) + \
-        saturation_sentences(facts["evals"])
+        saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]
     keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"]), params) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
     level = _level(params["evaluation"]["confidence"])
@@ -473,4 +482,4 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any]) -> li
             ("Classifier training curves", "figure", ("training_curves", curves_png(facts["curve"]))),
             ("Adversarial examples against the classifier (success rate over the clean-correct points)", "table",
              adversarial_rows(facts["adversarial"])),
-            ("Settings (params.yaml)", "code", yaml.safe_dump(settings, sort_keys=False))]
+            (f"Settings ({params_file})", "code", yaml.safe_dump(settings, sort_keys=False))]

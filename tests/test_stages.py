@@ -219,6 +219,29 @@ def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> Non
         assert re.search(rf"{pair[0]} (beat|did worse than|did not measurably beat) {pair[1]} on this run", md), pair
 
 
+def test_a_variant_is_evaluated_with_its_own_settings(chain: Path) -> None:
+    """carso_zero (z = 0: every reconstruction equal) loads carso's purifier through its `set`: AutoAttack's
+    randomness check finds it deterministic where carso is randomised, and its metrics name the variant."""
+    params = load_tiny()
+    section = params["evaluation"]["defences"]["carso"]
+    params["evaluation"]["defences"]["carso_zero"] = {**section, "variant_of": "carso", "set": {"carso.latent": "zero"},
+                                                      "pgd": section["pgd"][:1], "square": {**section["square"],
+                                                                                            "enabled": False}}
+    write_params(chain.parent.parent / "variant.yaml", params)
+    out = f"{D}/eval/carso_zero"
+    result = run_cli(["evaluate", "--params", "variant.yaml", "--dataset", "fashion_mnist", "--defence", "carso_zero",
+                      "--model", CLF, "--artifacts", *DEFENCES["carso"], "--data", f"{D}/dataset", "--adversarial",
+                      f"{D}/adversarial", "--out", out], cwd=chain.parent.parent)
+    assert result.returncode == 0, result.stderr
+    zero, carso = (json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in ("carso_zero", "carso"))
+    assert (zero["defence"], zero["variant_of"], zero["set"]) == ("carso_zero", "carso", {"carso.latent": "zero"})
+    assert zero["randomised"] is False and carso["randomised"] is True
+
+
+def test_report_names_the_command_that_reproduces_it(chain: Path) -> None:
+    assert "Reproduce: `bash run.sh pipeline` (settings: params.yaml, below)." in (chain / "report" / "report.md").read_text()
+
+
 def test_report_fails_clearly_without_inputs(tmp_path: Path) -> None:
     write_params(tmp_path / "params.yaml", load_tiny())
     result = run_cli(["report", "--dataset", "fashion_mnist", "--root", "data/none", "--out", "r"], cwd=tmp_path)

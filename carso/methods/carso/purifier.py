@@ -40,7 +40,8 @@ class PurifierConfig:
     def from_params(cls, cfg: dict[str, Any]) -> "PurifierConfig":
         """The size keys of params.yaml's `purifier` section (the training keys are ignored)."""
         return cls(compressor_depth=cfg["compressor_depth"], condition_dim=cfg["condition_dim"],
-                   condition_hidden=tuple(cfg.get("condition_hidden", ())), latent_dim=cfg["latent_dim"], pre_encoder_channels=tuple(cfg["pre_encoder_channels"]),
+                   condition_hidden=tuple(cfg.get("condition_hidden", ())), latent_dim=cfg["latent_dim"],
+                   pre_encoder_channels=tuple(cfg["pre_encoder_channels"]),
                    decoder_start_side=cfg["decoder_start_side"], decoder_channels=tuple(cfg["decoder_channels"]))
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,10 +148,10 @@ def purifier_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, l
     return bce + beta * kl, bce, kl
 
 
-def beta_schedule(epoch: int, epochs: int, off_fraction: float = 0.125, ramp_fraction: float = 0.042) -> float:
-    """KL weight of 0-based `epoch`: 0 for the first off_fraction of epochs, then a linear ramp over ramp_fraction
-    of them, then 1 (published: 12.5% and ~4.2%; v1: 0 and 0, beta = 1 from the start)."""
-    off, ramp = off_fraction * epochs, ramp_fraction * epochs
+def beta_schedule(epoch: int, epochs: int, delay: float = 0.125, ramp: float = 0.042) -> float:
+    """KL weight of 0-based `epoch` (purifier.beta_warmup): 0 for the first `delay` share of the epochs, then a
+    linear ramp over the next `ramp` share, then 1 (published: 12.5% and ~4.2%; v1: 0 and 0, beta = 1 throughout)."""
+    off, ramp = delay * epochs, ramp * epochs
     if ramp == 0:
         return 1.0 if epoch >= off else 0.0
     return float(min(1.0, max(0.0, (epoch - off) / ramp)))
