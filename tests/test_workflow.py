@@ -135,6 +135,15 @@ def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
 
 def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_run: Path) -> None:
     assert snakemake_jobs(tiny_local_run) == []  # nothing to do after a complete run
+    params = load_tiny()  # a variant added: its evaluation and the report, on the run's trained files
+    defences = params["evaluation"]["defences"]
+    defences["carso_logit"] = {**defences["carso"], "variant_of": "carso", "set": {"carso.aggregation": "logit"}}
+    write_params(tiny_local_run / "params.yaml", params)
+    try:
+        assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
+            "evaluate_carso_logit@fashion_mnist", "report@fashion_mnist"]
+    finally:
+        write_params(tiny_local_run / "params.yaml", load_tiny())
     params = load_tiny()
     params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(tiny_local_run / "params.yaml", params)
