@@ -36,10 +36,8 @@ def training_attack(cfg: dict[str, Any], norm: str = "Linf") -> list[AttackSpec]
     """The attacks used inside training, one per radius of classifier.attack.eps, in the threat model's `norm`
     (evaluation.norm): `pgd` (Madry) or `fgsm_rs` (FGSM from a random start)."""
     a = cfg["attack"]
-    if a["method"] == "fgsm_rs":
-        return [AttackSpec("fgsm", eps=e, steps=1, step_size=a["step_size"], random_start=True, norm=norm)
-                for e in training_radii(cfg)]
-    return [AttackSpec("pgd", eps=e, steps=a["steps"], step_size=a["step_size"], random_start=True, norm=norm)
+    method, steps = ("fgsm", 1) if a["method"] == "fgsm_rs" else ("pgd", a["steps"])
+    return [AttackSpec(method, eps=e, steps=steps, step_size=a["step_size"], random_start=True, norm=norm)
             for e in training_radii(cfg)]
 
 
