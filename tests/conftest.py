@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,20 @@ def make_project(dest: Path, params: dict[str, Any]) -> Path:
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     write_params(dest / "params.yaml", params)
     return dest
+
+
+def dry_run_config(tmp_path: Path, config: str) -> tuple[dict[str, int], list[str], Path]:
+    """`snakemake -n -p --config params_file=CONFIG` in a throw-away project holding configs/: the job counts
+    (Job stats), the stage commands, and the project (which must stay without data/)."""
+    project = make_project(tmp_path / "project", load_tiny())
+    shutil.copytree(REPO / "configs", project / "configs")
+    result = run_tool(["snakemake", "-n", "-p", "--cores", "1", "--config", f"params_file={config}"], cwd=project,
+                      timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
+    commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
+    return {k: int(v) for k, v in table.items()}, commands, project
 
 
 def without_timings(value: Any) -> Any:

@@ -2,8 +2,6 @@
 `--config params_file=...` away from a Snakemake run (checked with a dry run; nothing is computed)."""
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from carso.models import build_classifier
 from carso.params import load_params
 from carso.pretrained import check_pretrained
 from carso.methods.carso.purifier import PurifierConfig, build_purifier
-from conftest import REPO, load_tiny, make_project, run_tool
+from conftest import REPO, dry_run_config
 
 CONFIGS = {"cifar10": 0.5, "cifar100": 0.15}  # dataset -> published adversarial fraction of the purifier's batches
 EPS, HALF_EPS = 8 / 255, 4 / 255
@@ -99,15 +97,8 @@ def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, d
 
 @pytest.mark.parametrize("dataset", sorted(CONFIGS))
 def test_snakemake_dry_run_lists_the_eleven_jobs(dataset: str, tmp_path: Path) -> None:
-    project = make_project(tmp_path / "project", load_tiny())
-    shutil.copytree(REPO / "configs", project / "configs")
-    result = run_tool(["snakemake", "-n", "--cores", "1", "--config", f"params_file=configs/{dataset}.yaml"],
-                      cwd=project, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
-    assert {k: int(v) for k, v in table.items()} == {**STAGE_JOBS, "all": 1, "total": 12}
-    commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
+    table, commands, project = dry_run_config(tmp_path, f"configs/{dataset}.yaml")
+    assert table == {**STAGE_JOBS, "all": 1, "total": 12}
     assert len(commands) == 11
     assert all(f"--params configs/{dataset}.yaml --dataset {dataset} " in c for c in commands), commands
     assert not (project / "data").exists()

@@ -5,7 +5,6 @@ run (a dry run; nothing is trained)."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from carso.models import build_classifier
 from carso.params import load_params
 from carso.training import attack_shares, training_attack
 from carso.methods.carso.purifier import PurifierConfig, beta_schedule, build_purifier
-from conftest import REPO, load_tiny, make_project, run_tool
+from conftest import REPO, dry_run_config
 
 CONFIG = "configs/v1_fashion_mnist.yaml"
 
@@ -105,17 +104,9 @@ def test_each_share_of_a_batch_is_attacked_at_its_own_radius() -> None:
 
 
 def test_the_v1_configuration_dry_runs(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "project", load_tiny())
-    shutil.copytree(REPO / "configs", project / "configs")
-    result = run_tool(["snakemake", "-n", "-p", "--cores", "1", "--config", f"params_file={CONFIG}"], cwd=project,
-                      timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    table = dict(re.findall(r"^(\w+)\s+(\d+)$", output.split("Job stats:")[1], flags=re.M))
-    assert {k: int(v) for k, v in table.items()} == {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1,
-                                                     "train_purifier": 1, "evaluate": 4, "report": 1, "all": 1,
-                                                     "total": 10}
-    commands = re.findall(r"^Shell command: (python -m carso .*)$", output, flags=re.M)
+    table, commands, project = dry_run_config(tmp_path, CONFIG)
+    assert table == {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1, "train_purifier": 1, "evaluate": 4,
+                     "report": 1, "all": 1, "total": 10}
     evaluated = sorted(re.search(r"--defence (\w+)", c).group(1) for c in commands if " evaluate " in c)
     assert evaluated == ["at", "at_eps01", "carso", "carso_eps01"]
     assert all(f"--params {CONFIG} " in c for c in commands) and not (project / "data").exists()
