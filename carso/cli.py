@@ -115,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
     out = Path(args.out)
     metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], built["evaluation"], cfg, device,
-                                                    params["runtime"]["seed"], out, surrogates)
+                                                    params["runtime"]["seed"], out, surrogates,
+                                                    section=f"evaluation.defences.{args.defence} of {args.params}")
     examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors", {**examples, "robust_worst_case": robust},
                  {"defence": args.defence, "adversarial": f"the evaluation's strongest PGD run ({metrics['strongest_pgd']})",

@@ -19,6 +19,7 @@ from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, pred
 from carso.device import describe
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
 from carso.defences import overrides_text
+from carso.errors import UserError
 from carso.params import pgd_run_name
 from carso.stats import paired_difference, summarise
 
@@ -82,6 +83,19 @@ def is_randomised(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
         warnings.simplefilter("always")
         checks.check_randomized(model, x, y, bs=len(x))
     return any("randomized defense" in str(w.message) for w in caught)
+
+
+def deterministic_protocol(cfg: dict[str, Any]) -> list[str]:
+    """What in a defence's evaluation section attacks it as if it were deterministic (empty when nothing does):
+    a randomised defence needs AutoAttack's rand version, EoT in at least one PGD run and repeated verdicts."""
+    found = []
+    if cfg["autoattack"]["enabled"] and cfg["autoattack"]["version"] != "rand":
+        found.append(f"autoattack.version is {cfg['autoattack']['version']} (use rand: APGD with 20 EoT iterations)")
+    if all(run["eot"] == 1 for run in cfg["pgd"]):
+        found.append("every pgd run has eot: 1 (give at least one run eot > 1)")
+    if cfg["verdict_repeats"] == 1:
+        found.append("verdict_repeats is 1 (use more: a noisy verdict counts only if every repeat is correct)")
+    return found
 
 
 def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: float = 0.007,
@@ -340,7 +354,8 @@ def _strongest(runs: list[PgdRun], cascade: "Cascade", verdicts: dict[str, Verdi
 
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
-                     work_dir: Path, surrogates: dict[str, nn.Module] | None = None
+                     work_dir: Path, surrogates: dict[str, nn.Module] | None = None,
+                     section: str = "the defence's evaluation section"
                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
     """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
     (`Cascade`): transfer, AutoAttack, Square, each PGD(-EoT) run in the order listed, then the gradient-masking
@@ -350,7 +365,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). The headline
     is the per-point worst case over all attacks (and all repeated verdicts of a randomised defence). Returns
     the metrics, the adversarial points of each attack (for the report's examples) and the per-point worst-case
-    verdict (so defences can be compared on the same points).
+    verdict (so defences can be compared on the same points). A randomised defence whose `cfg` (named `section`
+    in the error) would attack it as a deterministic one is refused before any attack runs.
     """
     conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
     model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
@@ -363,6 +379,9 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     n = min(cfg["n_points"], len(y))
     xs, ys = x[:n], y[:n]
     results["randomised"] = is_randomised(model, xs[:bs].to(device), ys[:bs].to(device))
+    if results["randomised"] and (found := deterministic_protocol(cfg)):
+        raise UserError(f"this defence is randomised (repeated passes on the same inputs disagree: AutoAttack's "
+                        f"check) but {section} attacks it as a deterministic one: {'; '.join(found)}.")
     results["verdict_repeats"] = cfg["verdict_repeats"] if results["randomised"] else 1
     judge = _Judge(model, results["verdict_repeats"], device, bs)
     cache = AttackCache(work_dir / "work", model_digest(model), seed)

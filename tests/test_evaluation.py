@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyautoattack
 import pytest
 import torch
 from torch import nn
@@ -13,11 +14,13 @@ from carso import evaluation
 from carso.evaluation import AttackCache, Verdict, _autoattack, _Judge, masking_checks, pgd_spec
 from carso.models import build_classifier
 from carso.defences import DEFENCES, defence
+from carso.errors import UserError
 from carso.params import validate
 from carso.report import comparison_sentence, comparisons
 from carso.stats import paired_difference
 
 CPU = torch.device("cpu")
+REAL_AUTOATTACK = pyautoattack.AutoAttack
 
 
 @pytest.fixture()
@@ -72,14 +75,22 @@ class Noisy(nn.Module):
         return logits + self.scale * logits.std() * torch.randn_like(logits)
 
 
+def _short_autoattack(*args, **kwargs):
+    """AutoAttack as built, with 5 APGD iterations of 2 EoT samples instead of 100 of 20: what resumes is the same."""
+    adversary = REAL_AUTOATTACK(*args, **kwargs)
+    adversary.apgd.n_iter, adversary.apgd.eot_iter = 5, 2
+    return adversary
+
+
 def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pyautoattack, "AutoAttack", _short_autoattack)
     noisy = Noisy(model, scale=0.02)  # small: an untrained model's margins are small
     x, x_transfer = torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28)
     y = predict(model, x, CPU, 12)
     cfg = {"n_points": 12, "batch_size": 4, "verdict_repeats": 3,
            "pgd": [{"loss": "dlr", "steps": 3, "step_size": 0.02, "eot": 2, "restarts": 1, "zero_grad_patience": 2}],
-           "autoattack": {"enabled": True, "version": "standard"},
+           "autoattack": {"enabled": True, "version": "rand"},
            "square": {"enabled": True, "n_queries": 5, "p_init": 0.8},
            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 2, "more_steps_factor": 2}}
     common = {"eps": 0.1, "confidence": 0.95}
@@ -106,6 +117,70 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
     clean = resumed["clean_subset"]  # a point with mixed repeats: the verdicts really are random
     assert resumed["randomised"] and clean["accuracy"] < clean["mean_accuracy"]
     assert resumed["cascade"][1]["attack"] == "autoattack" and resumed["cascade"][1]["attacked_points"] > 4
+
+
+class SpyAutoAttack:
+    """pyautoattack's AutoAttack, recording what each instance was built with and which APGD losses it ran (with
+    few iterations: the test is about which attacks run, not how long)."""
+
+    built: list[dict] = []
+
+    def __new__(cls, *args, **kwargs):
+        adversary = REAL_AUTOATTACK(*args, **kwargs)
+        record = {"version": adversary.version, "attacks": list(adversary.attacks_to_run),
+                  "eot_iter": adversary.apgd.eot_iter, "ran": []}
+        cls.built.append(record)
+        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = 5  # fast; what ran is the same
+        adversary.square.n_queries = 20
+        perturb = adversary.apgd.perturb
+
+        def spy(x, y, *a, **k):
+            record["ran"].append(adversary.apgd.loss)
+            return perturb(x, y, *a, **k)
+
+        adversary.apgd.perturb = spy
+        return adversary
+
+
+PROTOCOL = {"n_points": 4, "batch_size": 4, "verdict_repeats": 3,
+            "pgd": [{"loss": "dlr", "steps": 2, "step_size": 0.02, "eot": 2, "restarts": 1, "zero_grad_patience": 2}],
+            "autoattack": {"enabled": True, "version": "rand"},
+            "square": {"enabled": False, "n_queries": 5, "p_init": 0.8},
+            "sanity": {"n_points": 4, "large_eps": 0.95, "large_eps_steps": 1, "more_steps_factor": 1}}
+
+
+def test_a_randomised_defence_gets_autoattack_rand_with_eot_and_a_deterministic_one_standard(
+        model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pyautoattack, "AutoAttack", SpyAutoAttack)
+    monkeypatch.setattr(SpyAutoAttack, "built", [])
+    x = torch.rand(4, 1, 28, 28)
+    y = predict(model, x, CPU, 4)
+    common = {"eps": 0.3, "confidence": 0.95}
+    m, _, _ = evaluation.evaluate_defence(Noisy(model, scale=0.02), x, y, x, common, PROTOCOL, CPU, 0, tmp_path / "r")
+    (rand,) = SpyAutoAttack.built
+    assert m["randomised"] and (rand["version"], rand["eot_iter"]) == ("rand", 20)
+    assert rand["ran"][0] == "dlr" and set(rand["ran"]) <= {"dlr", "ce"}  # the margin loss first (our order)
+    deterministic = {**PROTOCOL, "verdict_repeats": 1, "autoattack": {"enabled": True, "version": "standard"}}
+    m, _, _ = evaluation.evaluate_defence(model, x, y, x, common, deterministic, CPU, 0, tmp_path / "d")
+    standard = SpyAutoAttack.built[1]
+    assert not m["randomised"] and standard["version"] == "standard" and standard["eot_iter"] == 1
+    assert standard["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and standard["ran"][0] == "ce"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"autoattack": {"enabled": True, "version": "standard"}}, "autoattack.version is standard"),
+    ({"pgd": [{**PROTOCOL["pgd"][0], "eot": 1}]}, "every pgd run has eot: 1"),
+    ({"verdict_repeats": 1}, "verdict_repeats is 1"),
+])
+def test_a_randomised_defence_with_a_deterministic_protocol_is_refused_in_one_sentence(
+        model: nn.Module, tmp_path: Path, change: dict, words: str) -> None:
+    x = torch.rand(4, 1, 28, 28)
+    y = predict(model, x, CPU, 4)
+    with pytest.raises(UserError, match=f"randomised .* but evaluation.defences.carso attacks it as a deterministic "
+                                        f"one: {words}") as caught:
+        evaluation.evaluate_defence(Noisy(model, scale=0.02), x, y, x, {"eps": 0.1, "confidence": 0.95},
+                                    {**PROTOCOL, **change}, CPU, 0, tmp_path, section="evaluation.defences.carso")
+    assert str(caught.value).count(". ") == 0 and not (tmp_path / "work").exists()  # one sentence, nothing attacked
 
 
 def _rows(x: torch.Tensor, part: torch.Tensor) -> list[int]:
