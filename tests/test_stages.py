@@ -16,6 +16,7 @@ import torch
 from carso.codedeps import stage_modules
 from carso.io import load_tensors
 from conftest import load_tiny, run_cli, write_params
+from report_reader import COMPARISON, figures, html_sections, md_sections
 
 D = "data/fashion_mnist"
 CLF = f"{D}/classifier/model.safetensors"
@@ -261,3 +262,75 @@ def test_evaluation_without_the_trained_files_says_what_to_pass(chain: Path, def
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--artifacts {DEFENCES[defence][0]}" in result.stderr
     assert not (root / "elsewhere" / "metrics.json").exists()
+
+
+def _agrees(shown: dict[str, float], entry: dict[str, Any]) -> bool:
+    """A figure as printed (accuracy to 0.01 points, interval to 0.1) is the metrics entry's, rounded."""
+    return (shown["n"] == entry["n"] and abs(shown["accuracy"] - entry["accuracy"]) <= 5e-5 + 1e-9
+            and abs(shown["ci_low"] - entry["ci_low"]) <= 5e-4 + 1e-9
+            and abs(shown["ci_high"] - entry["ci_high"]) <= 5e-4 + 1e-9)
+
+
+def _one(cell: str) -> dict[str, float]:
+    (shown,) = figures(cell)
+    return shown
+
+
+@pytest.mark.parametrize("kind", ["html", "md"])
+def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str) -> None:
+    """Results, each attack alone, the cascade and the masking checks, read from the rendered page, against
+    metrics.json of every defence; the comparison sentences against paired differences recomputed from the
+    per-point verdicts; the interval level printed is the configured one (tests/tiny: 90%)."""
+    page = (chain / "report" / f"report.{kind}").read_text()
+    sections = html_sections(page) if kind == "html" else md_sections(page)
+    conf = load_tiny()["evaluation"]["confidence"]
+    metrics = {n: json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in DEFENCES}
+    assert conf != 0.95 and all(m["robust_worst_case"]["confidence"] == conf for m in metrics.values())
+    (results,) = sections[f"Robust accuracy ({100 * conf:g}% Wilson intervals, fp32 attacks)"]["tables"]
+    assert [row[0].split(" ")[0] for row in results[1:]] == list(DEFENCES)
+    for row in results[1:]:
+        m = metrics[row[0].split(" ")[0]]
+        strongest = min(a["accuracy"] for a in m["attacks"].values() if not a.get("surrogate"))
+        assert _agrees(_one(row[2]), m["clean"]) and _agrees(_one(row[3]), m["clean_subset"])
+        assert _agrees(_one(row[5]), m["robust_worst_case"]) and abs(_one(row[4])["accuracy"] - strongest) <= 5e-5
+    (alone,) = sections["Each attack alone (on the same first points)"]["tables"]
+    assert len(alone) - 1 == sum(len(m["attacks"]) for m in metrics.values())
+    for defence, title, kind_, figure, _ in alone[1:]:
+        (entry,) = [a for a in metrics[defence]["attacks"].values() if a["title"] == title]
+        assert entry["kind"] == kind_ and _agrees(_one(figure), entry)
+    (cascade,) = sections["Attack cascade (cumulative)"]["tables"]
+    shown = [(row[0], row[1], int(row[2]), _one(row[4])) for row in cascade[1:]]
+    steps = [(n, s["attack"], s["attacked_points"], s) for n, m in metrics.items() for s in m["cascade"]]
+    assert [r[:3] for r in shown] == [s[:3] for s in steps] and all(_agrees(a[3], b[3]) for a, b in zip(shown, steps))
+    (checks,) = sections["Gradient-masking checks (alone, on the same first points)"]["tables"]
+    for defence, base, more, large, masking in checks[1:]:
+        sanity = metrics[defence]["sanity"]
+        assert _agrees(_one(base), sanity["base_steps"]) and _agrees(_one(more), sanity["more_steps"])
+        assert all(_agrees(a, b) for a, b in zip(figures(large), sanity["large_eps"].values(), strict=True))
+        assert (masking == "none seen") == (not metrics[defence]["gradient_masking"])
+    _check_comparisons(chain, sections["Summary"]["items"], conf)
+
+
+def _check_comparisons(chain: Path, sentences: list[str], conf: float) -> None:
+    """Each comparison sentence's figures and verdict, recomputed from the two defences' per-point verdicts."""
+    from carso.defences import DEFENCES as REGISTRY
+    from carso.stats import paired_difference
+
+    names = {spec.label: name for name, spec in REGISTRY.items()}
+    robust = {n: load_tensors(chain / "eval" / n / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
+              for n in DEFENCES}
+    found = [m for s in sentences if (m := COMPARISON.match(s))]
+    assert {(names[m["a"]], names[m["b"]]) for m in found} == {
+        (n, other) for n in DEFENCES for other in REGISTRY[n].compare_with}
+    for m in found:
+        a, b, n = robust[names[m["a"]]], robust[names[m["b"]]], int(m["n"])
+        assert n == min(len(a), len(b)) and float(m["level"]) == pytest.approx(100 * conf)
+        d = paired_difference(a[:n], b[:n], conf)
+        for key in ("d", "lo", "hi"):
+            value = {"d": d["difference"], "lo": d["ci_low"], "hi": d["ci_high"]}[key]
+            assert abs(float(m[key]) - 100 * value) <= 0.05 + 1e-9, (m[0], key)
+        assert abs(float(m["acc_a"]) - 100 * sum(a[:n]) / n) <= 5e-3 and abs(float(m["acc_b"]) - 100 * sum(b[:n]) / n) <= 5e-3
+        assert (int(m["only_a"]), int(m["only_b"])) == (sum(x and not y for x, y in zip(a[:n], b[:n])),
+                                                        sum(y and not x for x, y in zip(a[:n], b[:n])))
+        expected = "beat" if d["ci_low"] > 0 else "did worse than" if d["ci_high"] < 0 else "did not measurably beat"
+        assert m["verdict"] == expected
