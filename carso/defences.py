@@ -60,6 +60,21 @@ def overrides_text(overrides: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
+def evaluation_keys(spec: DefenceSpec) -> list[str]:
+    """The params.yaml keys one defence's evaluation depends on (the evaluate rule's settings, the DVC stage's
+    params): the threat model, the intervals, its own section, the seed and what its loader reads. Another
+    defence's section is not among them, so changing it leaves this evaluation be."""
+    return ["evaluation.norm", "evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
+            f"evaluation.defences.{spec.name}", "runtime.seed", *spec.settings]
+
+
+def report_keys(methods: list[MethodSpec]) -> list[str]:
+    """The params.yaml sections the report depends on: it prints every setting of the shared stages, the
+    evaluation, its own, and those of each method it reports on."""
+    return ["runtime", "data", "classifier", "adversarial", *(s for m in methods for s in m.sections), "evaluation",
+            "report"]
+
+
 def method_of(name: str) -> MethodSpec | None:
     """The method a registered defence belongs to (None for `at`, the classifier alone)."""
     return next((m for m in METHODS if any(d.name == name for d in m.defences)), None)

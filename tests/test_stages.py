@@ -36,33 +36,26 @@ STEPS = [["fetch", "--out", f"{D}/dataset"],
          ["report", "--root", D, "--out", f"{D}/report"]]
 
 
-# `python -m carso ARGS` that writes, at exit, every carso module the stage imported (sys.modules: by an import
-# statement or by importlib, as the registry's by-name functions are) to the file $CARSO_IMPORTS.
-TRACED = """
-import atexit, json, os, runpy, sys
-atexit.register(lambda: open(os.environ["CARSO_IMPORTS"], "w").write(json.dumps(sorted(
-    m for m in sys.modules if m == "carso" or m.startswith("carso.")))))
-sys.argv = ["carso", *sys.argv[1:]]
-runpy.run_module("carso", run_name="__main__")
-"""
+TRACER = Path(__file__).with_name("stage_tracer.py")
 
 
-def run_traced(args: list[str], cwd: Path, imports: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", TRACED, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "CARSO_IMPORTS": str(imports)})
+def run_traced(args: list[str], cwd: Path, trace: Path) -> subprocess.CompletedProcess:
+    """`python -m carso ARGS`, recording in `trace` the modules, files and params keys it used (stage_tracer.py)."""
+    return subprocess.run([sys.executable, str(TRACER), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CARSO_TRACE": str(trace)})
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fetch -> train-classifier -> generate-adversarial -> train-purifier -> pretrain-inpainter ->
     finetune-inpainter -> evaluate (at, carso, atop_rt, atop) -> report, each through `python -m carso`;
-    imports/<i>.json records the carso modules step i really imported."""
+    traces/<i>.json records the carso modules, files and params keys step i really used."""
     root = tmp_path_factory.mktemp("chain")
     write_params(root / "params.yaml", load_tiny())
-    (root / "imports").mkdir()
+    (root / "traces").mkdir()
     for i, args in enumerate(STEPS):
         result = run_traced([args[0], "--dataset", "fashion_mnist", "--threads", "2", *args[1:]], root,
-                            root / "imports" / f"{i}.json")
+                            root / "traces" / f"{i}.json")
         assert result.returncode == 0, result.stderr[-3000:]
     return root / D
 
@@ -70,13 +63,47 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_module_a_stage_imports_is_declared_as_its_code(chain: Path) -> None:
     """What each stage really imported (sys.modules at its exit) must all be in the stage's declared
     code (carso.codedeps, hence the Snakemake inputs and DVC deps), the registry's by-name imports included."""
-    folder = chain.parent.parent / "imports"
+    folder = chain.parent.parent / "traces"
     for i, args in enumerate(STEPS):
-        modules = json.loads((folder / f"{i}.json").read_text())
+        modules = json.loads((folder / f"{i}.json").read_text())["imports"]
         stage = args[0].replace("-", "_")
         defences = [args[args.index("--defence") + 1]] if stage == "evaluate" else list(DEFENCES)
         assert "carso.cli" in modules and "carso.params" in modules, stage
         assert set(modules) <= stage_modules(stage, defences), (stage, set(modules) - stage_modules(stage, defences))
+
+
+# Read by stages without being a dependency: `datasets` (is --dataset one of them?) and `runtime.device` (where a
+# stage runs, like --threads; each stage's metrics record the device, as they record the host).
+NOT_DEPENDENCIES = {"datasets", "runtime.device"}
+
+
+def _covered(item: str, declared: list[str], sep: str = ".") -> bool:
+    """Is `item` (a dotted params key, or a path with sep "/") one of `declared` or inside one of them?"""
+    return any(item == d or item.startswith(f"{d}{sep}") for d in declared)
+
+
+def test_each_stage_declares_every_file_and_params_key_it_reads(chain: Path) -> None:
+    """What each stage really read (files under data/ and params keys, traced while it ran on the tiny config) must
+    be declared by its DVC stage in dvc.yaml (deps, params; its own output folders for resuming), which
+    test_workflow.py holds equal to the Snakemake rule's inputs and settings."""
+    from test_workflow import dvc_stages
+    from conftest import REPO
+
+    stages = dvc_stages(REPO)
+    folder = chain.parent.parent / "traces"
+    missing = {}
+    for i, args in enumerate(STEPS):
+        trace = json.loads((folder / f"{i}.json").read_text())
+        stage = args[0].replace("-", "_")
+        name = f"evaluate_{args[args.index('--defence') + 1]}" if stage == "evaluate" else stage
+        declared = stages[f"{name}@fashion_mnist"]
+        files = [f for f in trace["reads"] if f.startswith("data/")]
+        own = [str(Path(out).parent) for out in declared["outs"]]  # its resumable state (checkpoint, attack batches)
+        undeclared_files = [f for f in files if not _covered(f, declared["deps"] + own, "/")]
+        undeclared_keys = [k for k in trace["keys"] if k not in NOT_DEPENDENCIES and not _covered(k, declared["params"])]
+        if undeclared_files or undeclared_keys:
+            missing[name] = {"files": undeclared_files, "keys": undeclared_keys}
+    assert not missing, missing
 
 
 def test_fetch_writes_tensors_and_manifest(chain: Path) -> None:

@@ -28,9 +28,6 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
 TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter"]
-# evaluate's settings depend on the defence wildcard (workflow/rules/evaluate.smk, evaluate_settings)
-EVALUATE_SETTINGS = ["evaluation.confidence", "evaluation.eps", "evaluation.norm", "evaluation.transfer_attack",
-                     "runtime.seed"]
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
@@ -81,15 +78,14 @@ def stage_name(job: dict[str, Any]) -> str:
 
 
 def expected_settings(job: dict[str, Any], settings: dict[str, list[str]]) -> list[str]:
-    """What each rule declares: literally (settings(...)), or per defence (evaluate), or per method (report)."""
-    from carso.defences import METHODS, defence as defence_spec
+    """What each rule declares: literally (settings(...)), or per defence (evaluate) and per method (report) through
+    the registry functions the rules call (carso.defences.evaluation_keys, report_keys)."""
+    from carso.defences import METHODS, defence as defence_spec, evaluation_keys, report_keys
 
     if job["rule"] == "evaluate":
-        defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
-        return sorted(EVALUATE_SETTINGS + [f"evaluation.defences.{defence}", *defence_spec(defence).settings])
+        return sorted(evaluation_keys(defence_spec(re.search(r"--defence (\w+)", job["shell"]).group(1))))
     if job["rule"] == "report":
-        return sorted(["runtime", "data", "classifier", "adversarial", "evaluation", "report",
-                       *(s for m in METHODS for s in m.sections)])
+        return sorted(report_keys(list(METHODS)))
     return settings[job["rule"]]
 
 

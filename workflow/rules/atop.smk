@@ -7,6 +7,7 @@ rule pretrain_inpainter:
         code=code("pretrain_inpainter"),
         model="data/{dataset}/classifier/model.safetensors",
         train="data/{dataset}/dataset/train.safetensors",
+        manifest="data/{dataset}/dataset/manifest.json",
         test="data/{dataset}/adversarial/test.safetensors",
     output:
         model="data/{dataset}/atop/pretrain/inpainter.safetensors",
@@ -41,6 +42,7 @@ rule finetune_inpainter:
         code=code("finetune_inpainter"),
         model="data/{dataset}/classifier/model.safetensors",
         train="data/{dataset}/dataset/train.safetensors",
+        manifest="data/{dataset}/dataset/manifest.json",
         test="data/{dataset}/adversarial/test.safetensors",
         inpainter="data/{dataset}/atop/pretrain/inpainter.safetensors",
         discriminator="data/{dataset}/atop/pretrain/discriminator.safetensors",

@@ -9,7 +9,7 @@ rule train_classifier:
         curve="data/{dataset}/classifier/curve.csv",
         metrics="data/{dataset}/classifier/train_metrics.json",
     params:
-        settings=settings("classifier", "evaluation.norm", "runtime.seed"),
+        settings=settings("classifier", "data.download_root", "evaluation.norm", "runtime.seed"),
         params_file=PARAMS_FILE,
         launch=launcher,
         data=subpath(input.manifest, parent=True),

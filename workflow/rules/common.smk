@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from carso.codedeps import stage_code
-from carso.defences import defence as defence_spec, methods_of
+from carso.defences import defence as defence_spec, evaluation_keys, methods_of, report_keys
 from carso.errors import UserError
 from carso.params import validate as validate_params
 
@@ -71,10 +71,8 @@ def evaluate_inputs(wildcards):
 
 
 def evaluate_settings(wildcards):
-    """The keys one defence's evaluation depends on: a change to another defence's section leaves it be."""
-    keys = ["evaluation.norm", "evaluation.eps", "evaluation.confidence", "evaluation.transfer_attack",
-            f"evaluation.defences.{wildcards.defence}", "runtime.seed"]
-    return settings(*keys, *SPECS[wildcards.defence].settings)
+    """The keys one defence's evaluation depends on (carso.defences.evaluation_keys, also dvc.yaml's params)."""
+    return settings(*evaluation_keys(SPECS[wildcards.defence]))
 
 
 def report_inputs(wildcards):
@@ -88,5 +86,4 @@ def report_inputs(wildcards):
 
 
 def report_settings():
-    sections = ["runtime", "data", "classifier", "adversarial", *(s for m in METHODS for s in m.sections)]
-    return settings(*sections, "evaluation", "report")
+    return settings(*report_keys(METHODS))

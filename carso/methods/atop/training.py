@@ -224,12 +224,13 @@ def _start(stage: str, args: Namespace, atop: dict[str, Any],
 
 
 def _adversary(stage: str, cfg: dict[str, Any], classifier: nn.Module, nets: Networks,
-               norm: str = "Linf") -> Adversary | None:
-    """Fine-tuning's FGSM, against the classifier alone or the whole purified pipeline; none for pre-training."""
+               params: dict[str, Any]) -> Adversary | None:
+    """Fine-tuning's FGSM under the threat model's norm (evaluation.norm), against the classifier alone or the
+    whole purified pipeline; none for pre-training, which reads no attack setting."""
     if stage == "pretrain_inpainter":
         return None
     target = classifier if cfg["adversary"]["target"] == "classifier" else AtopDefence(classifier, nets.purifier)
-    return Adversary(target, cfg["adversary"]["eps"], norm)
+    return Adversary(target, cfg["adversary"]["eps"], params["evaluation"]["norm"])
 
 
 def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -245,13 +246,13 @@ def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch
     x, y = load_split(Path(args.data), "train", limit=cfg["train_points"])
     monitor = load_adversarial(Path(args.adversarial) / "test.safetensors", [cfg["monitor_attack"]],
                                cfg["monitor_points"])
-    norm = params["evaluation"]["norm"]
+    adversary = _adversary(stage, cfg, classifier, nets, params)
     key = {"cfg": cfg, "atop": {k: atop[k] for k in ("transform", "inpainter", "discriminator")}, "seed": seed,
            "data": read_json(Path(args.data) / "manifest.json")["splits"]["train"],
            "classifier": sha256_file(classifier_path), "code": code_digest(TRAINING_MODULES), **start,
-           **({"norm": norm} if stage != "pretrain_inpainter" else {})}
+           **({"norm": adversary.norm} if adversary else {})}
     log.info("%s: %d training images, %s transform, %d epochs", stage, len(y), transform.kind, cfg["epochs"])
-    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, _adversary(stage, cfg, classifier, nets, norm),
+    curve = train_inpainter(nets, classifier, x, y, monitor, cfg, adversary,
                             seed, device, EpochCheckpoint(out_dir / "checkpoint.pt", fingerprint(key)))
     return _finish(stage, nets, curve, args.dataset, transform, cfg, len(y), len(monitor["labels"]),
                    sha256_file(classifier_path), out_dir, device)
