@@ -129,6 +129,34 @@ def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
         assert "AutoAttack (rand)" in (tiny_local_run / "logs" / "fashion_mnist" / f"evaluate_{name}.log").read_text()
 
 
+def evaluation_changes() -> list[tuple[str, Any, set[str]]]:
+    """Each key of the evaluation (the shared ones, and each defence's section), a new value for it, and the stages
+    a change to it must rerun: the evaluations that read it and the report, nothing upstream."""
+    every = {f"evaluate_{name}@fashion_mnist" for name in DEFENCES}
+    changes = [("evaluation.eps", 0.12, every), ("evaluation.confidence", 0.8, every),
+               ("evaluation.transfer_attack", "pgd_weak", every),
+               *((f"evaluation.defences.{name}.verdict_repeats", 3, {f"evaluate_{name}@fashion_mnist"})
+                 for name in DEFENCES)]
+    return [(key, value, stages | {"report@fashion_mnist"}) for key, value, stages in changes]
+
+
+def with_value(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    node = params
+    for part in dotted.split(".")[:-1]:
+        node = node[part]
+    node[dotted.split(".")[-1]] = value
+    return params
+
+
+def test_snakemake_reruns_exactly_what_each_evaluation_key_reaches(tiny_local_run: Path) -> None:
+    try:
+        for key, value, stages in evaluation_changes():
+            write_params(tiny_local_run / "params.yaml", with_value(load_tiny(), key, value))
+            assert {stage_name(j) for j in snakemake_jobs(tiny_local_run)} == stages, key
+    finally:
+        write_params(tiny_local_run / "params.yaml", load_tiny())
+
+
 def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_run: Path) -> None:
     assert snakemake_jobs(tiny_local_run) == []  # nothing to do after a complete run
     params = load_tiny()  # a variant added: its evaluation and the report, on the run's trained files
@@ -203,6 +231,11 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
                 json.loads(path.read_text())), name
     _sh("git add -A && git commit -qm results", project)
 
+    for key, value, stages in evaluation_changes():  # what DVC would rerun for each evaluation key
+        write_params(project / "params.yaml", with_value(load_tiny(), key, value))
+        _sh(f"dvc status --json > {tmp_path / 'status.json'}", project)
+        assert set(json.loads((tmp_path / "status.json").read_text())) == stages, key
+    write_params(project / "params.yaml", load_tiny())
     model = project / D / "classifier" / "model.safetensors"
     before = model.stat().st_mtime_ns
     params = load_tiny()
