@@ -69,3 +69,48 @@ def test_registry_models_map_unit_images_to_logits(arch: str, side: int, channel
 def test_architecture_that_does_not_fit_the_images_is_refused() -> None:
     with pytest.raises(UserError, match="built for 32x32"):
         _model("preact_resnet18", 28, 1)
+
+
+def _lookahead(device: str = "cpu") -> tuple[torch.nn.Module, "torch.optim.Optimizer"]:
+    from carso.methods.carso.training import Lookahead
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3, device=device)
+    return net, Lookahead(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), k=3, alpha=0.5)
+
+
+def _steps(net: torch.nn.Module, opt: "torch.optim.Optimizer", first: int, last: int) -> None:
+    for i in range(first, last):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+
+
+def test_lookahead_resumed_from_a_checkpoint_continues_exactly(tmp_path: Path) -> None:
+    """The slow weights and the step counter are part of the state: a run resumed between two slow updates
+    ends where an uninterrupted one does."""
+    net, opt = _lookahead()
+    _steps(net, opt, 0, 8)
+    half, half_opt = _lookahead()
+    _steps(half, half_opt, 0, 4)  # one slow update done, the next one due in 2 steps
+    save_checkpoint(tmp_path / "c.pt", {"model": half.state_dict(), "optimizer": half_opt.state_dict()})
+    state = load_checkpoint(tmp_path / "c.pt")
+    resumed, resumed_opt = _lookahead()
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["optimizer"])
+    _steps(resumed, resumed_opt, 4, 8)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), resumed.parameters()))
+
+
+def test_lookahead_state_is_restored_on_the_device_of_the_run(tmp_path: Path) -> None:
+    """A checkpoint loads onto the CPU; on a GPU run every restored tensor must follow the parameters. The meta
+    device stands in for the GPU here: anything left on the CPU would fail the first step there."""
+    net, opt = _lookahead()
+    _steps(net, opt, 0, 2)
+    save_checkpoint(tmp_path / "c.pt", {"optimizer": opt.state_dict()})
+    other_net, other_opt = _lookahead(device="meta")
+    other_opt.load_state_dict(load_checkpoint(tmp_path / "c.pt")["optimizer"])
+    restored = [t for group in other_opt.slow for t in group]
+    restored += [v for s in other_opt.inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert len(restored) == 4 and all(t.device.type == "meta" for t in restored)

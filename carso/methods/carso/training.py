@@ -51,8 +51,12 @@ class Lookahead(torch.optim.Optimizer):
         return {"inner": self.inner.state_dict(), "slow": self.slow, "counter": self.counter}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the inner optimizer and the slow weights, each slow weight on its parameter's device and dtype
+        (a checkpoint is loaded onto the CPU; the run may train on a GPU)."""
         self.inner.load_state_dict(state["inner"])
-        self.slow, self.counter = state["slow"], state["counter"]
+        self.slow = [[s.to(device=p.device, dtype=p.dtype) for s, p in zip(slow, group["params"], strict=True)]
+                     for slow, group in zip(state["slow"], self.param_groups, strict=True)]
+        self.counter = state["counter"]
 
 
 def lr_factor(step: int, total: int, warmup: float = 0.125, flat: float = 0.125) -> float:
