@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from carso.checkpoint import load_classifier
 from carso.distributed import Team, require_single
 from carso.errors import UserError
 from carso.data import load_split
-from carso.io import sha256_file
+from carso.io import load_checkpoint, sha256_file
 from carso.methods.carso.purifier import load_purifier
 from conftest import load_tiny, run_cli, write_params
 
@@ -24,10 +25,12 @@ D = "data/fashion_mnist"
 EPOCHS = 4
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m carso ARGS`, as the Snakemake rules launch it."""
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m carso ARGS`, as the Snakemake rules launch it (or `script`
+    in place of `-m carso`)."""
+    target = [str(script)] if script else ["-m", "carso"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "carso", *args]
+           *target, *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -114,3 +117,22 @@ def test_other_stages_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
         require_single()
     monkeypatch.setenv("WORLD_SIZE", "1")
     require_single()
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_training_resumes_to_the_same_weights(trained: Path, tmp_path: Path) -> None:
+    """The 2-process classifier training SIGKILLed after its first epoch's checkpoint (rank 0 writes it and dies;
+    torchrun stops rank 1), rerun under torchrun: bit-identical to the uninterrupted 2-process run."""
+    root = tmp_path / "killed"
+    shutil.copytree(trained / D / "dataset", root / D / "dataset")
+    shutil.copy(trained / "params.yaml", root / "params.yaml")
+    args = ["train-classifier", "--dataset", "fashion_mnist", "--threads", "2", "--data", f"{D}/dataset",
+            "--out", f"{D}/classifier"]
+    killed = torchrun(args, root, script=Path(__file__).with_name("kill_after_first_epoch.py"))
+    assert killed.returncode != 0 and load_checkpoint(root / D / "classifier" / "checkpoint.pt")["epoch"] == 1
+    assert not (root / D / "classifier" / "model.safetensors").exists()
+    resumed = torchrun(args, root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1" in resumed.stderr
+    assert sha256_file(root / D / "classifier" / "model.safetensors") == sha256_file(
+        trained / D / "classifier" / "model.safetensors")
