@@ -177,7 +177,7 @@ def test_cli_imports_instead_of_training(tiny_entry: dict[str, Any], cifar_dir: 
     monkeypatch.setattr(training, "train_classifier", lambda *a, **k: pytest.fail("trained instead of importing"))
     tiny_entry["pretrained"]["file"] = str(robustbench_file(tmp_path / "rb.pt", dm_wrn(depth=10, width=1)))
     params = yaml.safe_load((REPO / "configs" / "cifar10.yaml").read_text())
-    params["classifier"] = tiny_entry
+    params["classifier"], params["runtime"]["device"] = tiny_entry, "cpu"  # the tests run on the CPU anywhere
     args = argparse.Namespace(dataset="cifar10", data=str(cifar_dir), out=str(tmp_path / "out"),
                               threads=torch.get_num_threads())
     cli.cmd_train_classifier(args, params)

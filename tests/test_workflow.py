@@ -245,8 +245,9 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     assert ran_stages(second) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
     assert model.stat().st_mtime_ns == before and model.exists()
     assert "evaluation.defences.at.n_points" in _sh("dvc params diff", project)
-    metrics_diff = _sh("dvc metrics diff", project)
-    assert "robust_worst_case.n" in metrics_diff and "20" in metrics_diff and "10" in metrics_diff
+    _sh(f"dvc metrics diff --json > {tmp_path / 'diff.json'}", project)
+    diff = json.loads((tmp_path / "diff.json").read_text())[f"{D}/eval/at/metrics.json"]
+    assert (diff["robust_worst_case.n"]["old"], diff["robust_worst_case.n"]["new"]) == (20, 10)
 
 
 def test_snakemake_lint_is_clean() -> None:
@@ -257,6 +258,7 @@ def test_snakemake_lint_is_clean() -> None:
 def test_snakemake_profile_and_gpu_resources_are_real(tmp_path: Path) -> None:
     """Heavy rules ask for a GPU unless runtime.device is cpu; the default profile is picked up."""
     params = load_tiny()
+    params["runtime"]["device"] = "auto"  # (the tests' configuration runs on the CPU on any machine)
     project = make_project(tmp_path / "gpu", params)
     result = run_tool(["snakemake", "-n", "--cores", "2"], cwd=project)
     assert "Using workflow specific profile workflow/profiles/default" in result.stdout + result.stderr
