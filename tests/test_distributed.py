@@ -19,7 +19,7 @@ from carso.errors import UserError
 from carso.data import load_split
 from carso.io import load_checkpoint, sha256_file
 from carso.methods.carso.purifier import load_purifier
-from conftest import load_tiny, run_cli, write_params
+from conftest import HANG_GUARD_S, load_tiny, run_cli, write_params
 
 D = "data/fashion_mnist"
 EPOCHS = 4
@@ -31,7 +31,7 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2, script: Path | None = N
     target = [str(script)] if script else ["-m", "carso"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            *target, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def rows(path: Path) -> list[dict[str, float]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from carso.io import load_checkpoint, load_tensors
-from conftest import load_tiny, run_cli, write_params
+from conftest import HANG_GUARD_S, load_tiny, run_cli, write_params
 
 EPOCHS = 5
 
@@ -34,7 +34,7 @@ KILLER = Path(__file__).with_name("kill_after_first_epoch.py")
 
 def killed_after_first_epoch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The stage `python -m carso ARGS`, SIGKILLed right after it checkpointed its first epoch."""
-    return subprocess.run([sys.executable, str(KILLER), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(KILLER), *args], cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_killed_training_resumes_and_matches_uninterrupted(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from carso.codedeps import stage_modules
 from carso.io import load_tensors
-from conftest import load_tiny, run_cli, write_params
+from conftest import HANG_GUARD_S, load_tiny, run_cli, write_params
 from report_reader import COMPARISON, figures, html_sections, md_sections
 
 D = "data/fashion_mnist"
@@ -42,7 +42,7 @@ TRACER = Path(__file__).with_name("stage_tracer.py")
 def run_traced(args: list[str], cwd: Path, trace: Path) -> subprocess.CompletedProcess:
     """`python -m carso ARGS`, recording in `trace` the modules, files and params keys it used (stage_tracer.py)."""
     return subprocess.run([sys.executable, str(TRACER), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "CARSO_TRACE": str(trace)})
+                          timeout=HANG_GUARD_S, env={**os.environ, "CARSO_TRACE": str(trace)})
 
 
 @pytest.fixture(scope="module")
