@@ -93,7 +93,7 @@ def _stubs(monkeypatch: pytest.MonkeyPatch, left_out: str | None, surrogate: nn.
 
 CFG: dict[str, Any] = {
     "n_points": N, "batch_size": 4, "verdict_repeats": 5,
-    "pgd": [{"loss": "ce", "steps": 3, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": None},
+    "pgd": [{"loss": "ce", "steps": 3, "step_size": 0.01, "eot": 2, "restarts": 1, "zero_grad_patience": None},
             {"loss": "dlr", "steps": 3, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": None},
             {"loss": "ce", "steps": 2, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": None,
              "surrogate": {"carso.aggregation": "logit"}}],
