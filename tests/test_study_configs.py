@@ -47,6 +47,14 @@ def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: s
                                                           if name == "carso_question" else {})
 
 
+def test_the_short_v1_config_cuts_only_the_schedules() -> None:
+    v1, short = load_params(REPO / CONFIG), load_params(REPO / "configs" / "v1_fashion_mnist_short.yaml")
+    assert _differences(v1, short) == {"classifier.epochs", "adversarial.train_points", "purifier.epochs",
+                                       "purifier.batch_size", "report.title"}
+    assert (short["classifier"]["epochs"], short["adversarial"]["train_points"], short["purifier"]["epochs"]) == (
+        4, 20000, 30)
+
+
 @pytest.fixture(scope="module")
 def v1() -> dict[str, Any]:
     return load_params(REPO / CONFIG)  # schema + cross-checks
