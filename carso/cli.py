@@ -91,7 +91,7 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.data import load_adversarial, load_split
     from carso.defences import defence, resolve
-    from carso.evaluation import evaluate_defence, example_tensors
+    from carso.evaluation import evaluate_defence, example_tensors, headline
     from carso.params import defence_params, pgd_run_name, with_overrides
     from carso.io import save_tensors, write_json
 
@@ -123,6 +123,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
                   "robust_worst_case": "per attacked point: survived every attack (and every repeated verdict)"})
     variant = {"variant_of": spec.variant_of, "set": cfg["set"]} if spec.variant_of else {}
     write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **variant, **metrics})
+    write_json(out / "headline.json", headline(metrics))
 
 
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -160,7 +161,7 @@ FINAL_STAGES: dict[str, Stage] = {
                                 ("--artifacts*", "the defence's trained files, in the order of its registry entry"),
                                 ("--data", "fetched dataset folder"),
                                 ("--adversarial", "generate_adversarial's folder (transfer attack)"),
-                                ("--out", "folder for metrics.json and examples.safetensors")],
+                                ("--out", "folder for metrics.json, headline.json and examples.safetensors")],
                  "evaluate one defence with the full protocol"),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
                             ("--out", "folder for report.html, report.md and figures/")], "write the report"),

@@ -452,6 +452,17 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     return results, adversarial, cascade.worst.ok
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The figures a person diffs (DVC's metrics file of an evaluation): clean accuracy, each attack alone (on the
+    sanity subset, as the masking checks compare them) and the per-point worst case, each with its number of points.
+    The intervals, settings, timings and diagnostics stay in metrics.json."""
+    def entry(e: dict[str, Any]) -> dict[str, Any]:
+        return {"acc": round(e["accuracy"], 4), "n": e["n"]}
+
+    return {"clean": entry(metrics["clean"]), "worst_case": entry(metrics["robust_worst_case"]),
+            "alone": {name: entry(e) for name, e in metrics["attacks"].items()}}
+
+
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, idx: torch.Tensor, eot: int,
                device: torch.device, bs: int) -> dict[str, Any]:
     """Each attack loss's gradient diagnostics on the subset's clean-correct points, clean and after PGD."""

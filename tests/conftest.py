@@ -20,7 +20,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def load_tiny() -> dict[str, Any]:
-    return yaml.safe_load(TINY_PARAMS.read_text())
+    """The tiny configuration as a throw-away project's own params.yaml: its outputs in the project's data/, logs/,
+    benchmarks/ (`output_root: .`, the layout of dvc.yaml), where tests/tiny/params.yaml itself says runs/tiny."""
+    return {**yaml.safe_load(TINY_PARAMS.read_text()), "output_root": "."}
 
 
 @pytest.fixture()

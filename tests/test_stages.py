@@ -149,6 +149,10 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
         assert e["n"] == (alone if key in attacks else cfg["n_points"])
         assert e["ci_low"] <= e["accuracy"] <= e["ci_high"]
         assert e["accuracy"] <= e["mean_accuracy"] + 1e-9  # all repeats correct <= the mean verdict
+    head = json.loads((chain / "eval" / defence / "headline.json").read_text())  # DVC's metrics: the same figures
+    assert head == {"clean": {"acc": round(m["clean"]["accuracy"], 4), "n": m["clean"]["n"]},
+                    "worst_case": {"acc": round(m["robust_worst_case"]["accuracy"], 4), "n": cfg["n_points"]},
+                    "alone": {k: {"acc": round(m["attacks"][k]["accuracy"], 4), "n": alone} for k in attacks}}
     assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["norm"] == "Linf"
     robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
     worst = robust["robust_worst_case"].bool()

@@ -32,9 +32,10 @@ def _differences(a: Any, b: Any, path: str = "") -> set[str]:
 
 @pytest.mark.parametrize("name, changed", [
     ("carso_question", {"evaluation.defences.atop", "evaluation.defences.atop_rt", "evaluation.defences.carso_logit",
-                        "evaluation.defences.carso_prob", "evaluation.defences.carso_zero", "report.title"}),
+                        "evaluation.defences.carso_prob", "evaluation.defences.carso_zero", "report.title",
+                        "output_root"}),
     ("carso_large", {"purifier.decoder_channels", "purifier.epochs", "evaluation.defences.atop",
-                     "evaluation.defences.atop_rt", "report.title"}),
+                     "evaluation.defences.atop_rt", "report.title", "output_root"}),
 ])
 def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: str, changed: set[str]) -> None:
     default, config = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / f"{name}.yaml")
@@ -50,9 +51,15 @@ def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: s
 def test_the_short_v1_config_cuts_only_the_schedules() -> None:
     v1, short = load_params(REPO / CONFIG), load_params(REPO / "configs" / "v1_fashion_mnist_short.yaml")
     assert _differences(v1, short) == {"classifier.epochs", "adversarial.train_points", "purifier.epochs",
-                                       "purifier.batch_size", "report.title"}
+                                       "purifier.batch_size", "report.title", "output_root"}
     assert (short["classifier"]["epochs"], short["adversarial"]["train_points"], short["purifier"]["epochs"]) == (
         4, 20000, 30)
+
+
+def test_every_shipped_params_file_writes_under_a_root_of_its_own() -> None:
+    files = [REPO / "params.yaml", REPO / "tests" / "tiny" / "params.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
+    roots = [load_params(f)["output_root"] for f in files]
+    assert roots[0] == "." and roots[1] == "runs/tiny" and len(set(roots)) == len(files) >= 8
 
 
 @pytest.fixture(scope="module")

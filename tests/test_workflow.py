@@ -24,21 +24,22 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
            f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
            f"{D}/atop/finetune/inpainter.safetensors", f"{D}/atop/finetune/curve.csv",
-           *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "examples.safetensors")),
+           *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "headline.json",
+                                                                     "examples.safetensors")),
            f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
 TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter"]
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
-    """The jobs of a dry run, as {rule, input, output, shell} (parsed from `snakemake -n -p`)."""
+    """The jobs of a dry run, as {rule, input, output, log, shell} (parsed from `snakemake -n -p`)."""
     result = run_tool(["snakemake", "-n", "-p", "--cores", "2", *extra], cwd=project, timeout=120)
     assert result.returncode == 0, result.stderr
     jobs: list[dict[str, Any]] = []
     for line in result.stdout.splitlines():
         if m := re.match(r"^(?:local)?rule (\w+):$", line):
-            jobs.append({"rule": m.group(1), "input": [], "output": [], "shell": None})
-        elif jobs and (m := re.match(r"^    (input|output): (.*)$", line)):
+            jobs.append({"rule": m.group(1), "input": [], "output": [], "log": [], "shell": None})
+        elif jobs and (m := re.match(r"^    (input|output|log): (.*)$", line)):
             jobs[-1][m.group(1)] = m.group(2).split(", ")
         elif jobs and line.startswith("Shell command: "):
             jobs[-1]["shell"] = line.removeprefix("Shell command: ")
@@ -246,8 +247,17 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     assert model.stat().st_mtime_ns == before and model.exists()
     assert "evaluation.defences.at.n_points" in _sh("dvc params diff", project)
     _sh(f"dvc metrics diff --json > {tmp_path / 'diff.json'}", project)
-    diff = json.loads((tmp_path / "diff.json").read_text())[f"{D}/eval/at/metrics.json"]
-    assert (diff["robust_worst_case.n"]["old"], diff["robust_worst_case.n"]["new"]) == (20, 10)
+    diff = json.loads((tmp_path / "diff.json").read_text())
+    assert set(diff) == {f"{D}/eval/at/headline.json"}, diff  # what changed, and nothing else
+    assert (diff[f"{D}/eval/at/headline.json"]["worst_case.n"]["old"],
+            diff[f"{D}/eval/at/headline.json"]["worst_case.n"]["new"]) == (20, 10)
+    _sh(f"dvc metrics show --json > {tmp_path / 'show.json'}", project)
+    [workspace] = json.loads((tmp_path / "show.json").read_text()).values()  # one revision: the working tree
+    shown = workspace["data"]
+    assert set(shown) == {f"{D}/eval/{name}/headline.json" for name in DEFENCES}  # only the headlines
+    for name, entry in shown.items():
+        assert entry["data"] == json.loads((project / name).read_text())
+        assert len(entry["data"]["alone"]) <= 7  # at most 2 x (2 + 7) columns per defence
 
 
 def test_snakemake_lint_is_clean() -> None:
@@ -305,8 +315,21 @@ def test_a_variant_is_one_more_evaluation_of_its_base_s_trained_files(tmp_path: 
     assert f"{D}/eval/carso_logit/metrics.json" in report["input"]
 
 
-def test_another_params_file_is_passed_to_every_stage(tmp_path: Path) -> None:
+def test_another_params_file_is_passed_to_every_stage_and_writes_under_its_own_root(tmp_path: Path) -> None:
+    """A try of another params file (the tiny one, a paper configuration) never touches the default run's files:
+    every file its jobs read or write (code aside) is under its output_root."""
     project = make_project(tmp_path / "p", load_tiny())
-    write_params(project / "other.yaml", load_tiny())
+    write_params(project / "other.yaml", {**load_tiny(), "output_root": "runs/other"})
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
     assert len(jobs) == 11 and all("--params other.yaml" in j["shell"] for j in jobs)
+    files = [f for j in jobs for f in j["input"] + j["output"] + j["log"] if not f.startswith("carso/")]
+    assert len(files) > 40 and all(f.startswith("runs/other/") for f in files), files
+    assert all(" --out runs/other/data/fashion_mnist/" in j["shell"] for j in jobs if " --out " in j["shell"])
+    default = [f for j in snakemake_jobs(project) for f in j["output"] + j["log"]]
+    assert all(f.startswith(("data/fashion_mnist/", "logs/fashion_mnist/")) for f in default), default
+
+
+def test_params_yaml_keeps_the_layout_dvc_uses(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", {**load_tiny(), "output_root": "runs/mine"})
+    result = run_tool(["snakemake", "-n", "--cores", "1"], cwd=project, timeout=120)
+    assert result.returncode != 0 and "params.yaml: output_root must stay `.`" in result.stderr + result.stdout

@@ -1,13 +1,13 @@
 rule generate_adversarial:
     input:
         code=code("generate_adversarial"),
-        model="data/{dataset}/classifier/model.safetensors",
-        train="data/{dataset}/dataset/train.safetensors",
-        test="data/{dataset}/dataset/test.safetensors",
+        model=out("data/{dataset}/classifier/model.safetensors"),
+        train=out("data/{dataset}/dataset/train.safetensors"),
+        test=out("data/{dataset}/dataset/test.safetensors"),
     output:
-        train="data/{dataset}/adversarial/train.safetensors",
-        test="data/{dataset}/adversarial/test.safetensors",
-        summary="data/{dataset}/adversarial/summary.json",
+        train=out("data/{dataset}/adversarial/train.safetensors"),
+        test=out("data/{dataset}/adversarial/test.safetensors"),
+        summary=out("data/{dataset}/adversarial/summary.json"),
     params:
         settings=settings("adversarial", "evaluation.norm", "runtime.seed"),
         params_file=PARAMS_FILE,
@@ -16,9 +16,9 @@ rule generate_adversarial:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/generate_adversarial.log",
+        out("logs/{dataset}/generate_adversarial.log"),
     benchmark:
-        "benchmarks/{dataset}/generate_adversarial.tsv"
+        out("benchmarks/{dataset}/generate_adversarial.tsv")
     threads: workflow.cores
     resources:
         **heavy_resources(mem_mb=8000),

@@ -5,15 +5,15 @@
 rule pretrain_inpainter:
     input:
         code=code("pretrain_inpainter"),
-        model="data/{dataset}/classifier/model.safetensors",
-        train="data/{dataset}/dataset/train.safetensors",
-        manifest="data/{dataset}/dataset/manifest.json",
-        test="data/{dataset}/adversarial/test.safetensors",
+        model=out("data/{dataset}/classifier/model.safetensors"),
+        train=out("data/{dataset}/dataset/train.safetensors"),
+        manifest=out("data/{dataset}/dataset/manifest.json"),
+        test=out("data/{dataset}/adversarial/test.safetensors"),
     output:
-        model="data/{dataset}/atop/pretrain/inpainter.safetensors",
-        discriminator="data/{dataset}/atop/pretrain/discriminator.safetensors",
-        curve="data/{dataset}/atop/pretrain/curve.csv",
-        metrics="data/{dataset}/atop/pretrain/train_metrics.json",
+        model=out("data/{dataset}/atop/pretrain/inpainter.safetensors"),
+        discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
+        curve=out("data/{dataset}/atop/pretrain/curve.csv"),
+        metrics=out("data/{dataset}/atop/pretrain/train_metrics.json"),
     params:
         settings=settings(
             "atop.transform", "atop.inpainter", "atop.discriminator", "atop.pretrain", "runtime.seed"
@@ -25,9 +25,9 @@ rule pretrain_inpainter:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/pretrain_inpainter.log",
+        out("logs/{dataset}/pretrain_inpainter.log"),
     benchmark:
-        "benchmarks/{dataset}/pretrain_inpainter.tsv"
+        out("benchmarks/{dataset}/pretrain_inpainter.tsv")
     threads: workflow.cores
     resources:
         **heavy_resources(mem_mb=8000),
@@ -40,16 +40,16 @@ rule pretrain_inpainter:
 rule finetune_inpainter:
     input:
         code=code("finetune_inpainter"),
-        model="data/{dataset}/classifier/model.safetensors",
-        train="data/{dataset}/dataset/train.safetensors",
-        manifest="data/{dataset}/dataset/manifest.json",
-        test="data/{dataset}/adversarial/test.safetensors",
-        inpainter="data/{dataset}/atop/pretrain/inpainter.safetensors",
-        discriminator="data/{dataset}/atop/pretrain/discriminator.safetensors",
+        model=out("data/{dataset}/classifier/model.safetensors"),
+        train=out("data/{dataset}/dataset/train.safetensors"),
+        manifest=out("data/{dataset}/dataset/manifest.json"),
+        test=out("data/{dataset}/adversarial/test.safetensors"),
+        inpainter=out("data/{dataset}/atop/pretrain/inpainter.safetensors"),
+        discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
     output:
-        model="data/{dataset}/atop/finetune/inpainter.safetensors",
-        curve="data/{dataset}/atop/finetune/curve.csv",
-        metrics="data/{dataset}/atop/finetune/train_metrics.json",
+        model=out("data/{dataset}/atop/finetune/inpainter.safetensors"),
+        curve=out("data/{dataset}/atop/finetune/curve.csv"),
+        metrics=out("data/{dataset}/atop/finetune/train_metrics.json"),
     params:
         settings=settings(
             "atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune", "evaluation.norm",
@@ -63,9 +63,9 @@ rule finetune_inpainter:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/finetune_inpainter.log",
+        out("logs/{dataset}/finetune_inpainter.log"),
     benchmark:
-        "benchmarks/{dataset}/finetune_inpainter.tsv"
+        out("benchmarks/{dataset}/finetune_inpainter.tsv")
     threads: workflow.cores
     resources:
         **heavy_resources(mem_mb=8000),

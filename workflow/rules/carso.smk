@@ -1,13 +1,13 @@
 rule train_purifier:
     input:
         code=code("train_purifier"),
-        model="data/{dataset}/classifier/model.safetensors",
-        train="data/{dataset}/adversarial/train.safetensors",
-        test="data/{dataset}/adversarial/test.safetensors",
+        model=out("data/{dataset}/classifier/model.safetensors"),
+        train=out("data/{dataset}/adversarial/train.safetensors"),
+        test=out("data/{dataset}/adversarial/test.safetensors"),
     output:
-        model="data/{dataset}/purifier/model.safetensors",
-        curve="data/{dataset}/purifier/curve.csv",
-        metrics="data/{dataset}/purifier/train_metrics.json",
+        model=out("data/{dataset}/purifier/model.safetensors"),
+        curve=out("data/{dataset}/purifier/curve.csv"),
+        metrics=out("data/{dataset}/purifier/train_metrics.json"),
     params:
         settings=settings("purifier", "runtime.seed"),
         params_file=PARAMS_FILE,
@@ -17,9 +17,9 @@ rule train_purifier:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/train_purifier.log",
+        out("logs/{dataset}/train_purifier.log"),
     benchmark:
-        "benchmarks/{dataset}/train_purifier.tsv"
+        out("benchmarks/{dataset}/train_purifier.tsv")
     threads: workflow.cores
     resources:
         **training_resources(mem_mb=8000),

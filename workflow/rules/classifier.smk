@@ -1,13 +1,13 @@
 rule train_classifier:
     input:
         code=code("train_classifier"),
-        train="data/{dataset}/dataset/train.safetensors",
-        test="data/{dataset}/dataset/test.safetensors",
-        manifest="data/{dataset}/dataset/manifest.json",
+        train=out("data/{dataset}/dataset/train.safetensors"),
+        test=out("data/{dataset}/dataset/test.safetensors"),
+        manifest=out("data/{dataset}/dataset/manifest.json"),
     output:
-        model="data/{dataset}/classifier/model.safetensors",
-        curve="data/{dataset}/classifier/curve.csv",
-        metrics="data/{dataset}/classifier/train_metrics.json",
+        model=out("data/{dataset}/classifier/model.safetensors"),
+        curve=out("data/{dataset}/classifier/curve.csv"),
+        metrics=out("data/{dataset}/classifier/train_metrics.json"),
     params:
         settings=settings("classifier", "data.download_root", "evaluation.norm", "runtime.seed"),
         params_file=PARAMS_FILE,
@@ -17,9 +17,9 @@ rule train_classifier:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/train_classifier.log",
+        out("logs/{dataset}/train_classifier.log"),
     benchmark:
-        "benchmarks/{dataset}/train_classifier.tsv"
+        out("benchmarks/{dataset}/train_classifier.tsv")
     threads: workflow.cores
     resources:
         **training_resources(mem_mb=8000),

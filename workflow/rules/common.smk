@@ -1,5 +1,6 @@
 # Validation of params.yaml and the small helpers shared by all stages. The defences, the methods behind them
 # and the code each stage runs come from the library's registry (carso.defences) and carso.codedeps.
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,20 @@ try:  # the shared schema, every method's schema fragment and the cross-key rule
     validate_params({k: v for k, v in config.items() if k != "params_file"}, PARAMS_FILE)
 except UserError as err:
     sys.exit(f"error: {err}")
+
+ROOT = os.path.normpath(config["output_root"])  # every output of this params file, logs and benchmarks included
+if Path(PARAMS_FILE).resolve() == Path("params.yaml").resolve() and ROOT != ".":
+    sys.exit("error: params.yaml: output_root must stay `.`: dvc.yaml reads and writes data/ and logs/ "
+             "at the project root; give another run a root of its own in a params file of its own "
+             "(snakemake --config params_file=PATH)")
+
+
+def out(path):
+    """`path` (data/..., logs/..., benchmarks/...) under the params file's output_root: params.yaml's `.` keeps the
+    layout dvc.yaml uses; any other file writes under its own root (configs/*.yaml: runs/<name>), so runs of
+    different params files never overwrite each other."""
+    return path if ROOT == "." else f"{ROOT}/{path}"
+
 
 DATASETS = config["datasets"]
 DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: evaluation.defences, in its order
@@ -26,7 +41,7 @@ def code(stage, defences=()):
 
 
 def all_targets():
-    return expand("data/{dataset}/report/report.html", dataset=DATASETS)
+    return expand(out("data/{dataset}/report/report.html"), dataset=DATASETS)
 
 
 def settings(*keys):
@@ -62,7 +77,7 @@ def launcher(wildcards, resources):
 def evaluate_inputs(wildcards):
     """Every defence needs the classifier, the test set and the stored transfer examples, plus the trained files
     its registry entry names (`DefenceSpec.artifacts`)."""
-    d = f"data/{wildcards.dataset}"
+    d = out(f"data/{wildcards.dataset}")
     spec = SPECS[wildcards.defence]
     inputs = {"code": code("evaluate", [spec.base]), "model": f"{d}/classifier/model.safetensors",
               "test": f"{d}/dataset/test.safetensors", "adversarial": f"{d}/adversarial/test.safetensors"}
@@ -77,7 +92,7 @@ def evaluate_settings(wildcards):
 
 def report_inputs(wildcards):
     """The shared results, every evaluated defence's metrics and examples, and each method's report files."""
-    d = f"data/{wildcards.dataset}"
+    d = out(f"data/{wildcards.dataset}")
     inputs = {"code": code("report", sorted({s.base for s in SPECS.values()})), "manifest": f"{d}/dataset/manifest.json",
               "curve": f"{d}/classifier/curve.csv", "train": f"{d}/classifier/train_metrics.json",
               "adversarial": f"{d}/adversarial/summary.json",

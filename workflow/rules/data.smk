@@ -2,9 +2,9 @@ rule fetch:
     input:
         code=code("fetch"),
     output:
-        train="data/{dataset}/dataset/train.safetensors",
-        test="data/{dataset}/dataset/test.safetensors",
-        manifest="data/{dataset}/dataset/manifest.json",
+        train=out("data/{dataset}/dataset/train.safetensors"),
+        test=out("data/{dataset}/dataset/test.safetensors"),
+        manifest=out("data/{dataset}/dataset/manifest.json"),
     params:
         settings=settings("data"),
         params_file=PARAMS_FILE,
@@ -12,7 +12,7 @@ rule fetch:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/fetch.log",
+        out("logs/{dataset}/fetch.log"),
     resources:
         mem_mb=4000,
     shell:

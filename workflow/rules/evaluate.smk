@@ -2,8 +2,9 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        metrics="data/{dataset}/eval/{defence}/metrics.json",
-        examples="data/{dataset}/eval/{defence}/examples.safetensors",
+        metrics=out("data/{dataset}/eval/{defence}/metrics.json"),
+        headline=out("data/{dataset}/eval/{defence}/headline.json"),
+        examples=out("data/{dataset}/eval/{defence}/examples.safetensors"),
     params:
         settings=evaluate_settings,
         params_file=PARAMS_FILE,
@@ -16,9 +17,9 @@ rule evaluate:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/evaluate_{defence}.log",
+        out("logs/{dataset}/evaluate_{defence}.log"),
     benchmark:
-        "benchmarks/{dataset}/evaluate_{defence}.tsv"
+        out("benchmarks/{dataset}/evaluate_{defence}.tsv")
     threads: workflow.cores
     resources:
         **heavy_resources(mem_mb=8000),

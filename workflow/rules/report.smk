@@ -2,9 +2,9 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        html="data/{dataset}/report/report.html",
-        md="data/{dataset}/report/report.md",
-        figures=directory("data/{dataset}/report/figures"),
+        html=out("data/{dataset}/report/report.html"),
+        md=out("data/{dataset}/report/report.md"),
+        figures=directory(out("data/{dataset}/report/figures")),
     params:
         settings=report_settings(),
         params_file=PARAMS_FILE,
@@ -13,7 +13,7 @@ rule report:
     conda:
         "../envs/carso.yaml"
     log:
-        "logs/{dataset}/report.log",
+        out("logs/{dataset}/report.log"),
     resources:
         mem_mb=2000,
     shell:
