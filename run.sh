@@ -55,6 +55,19 @@ install_slurm() {
         slurmctld slurmd slurm-client munge >/dev/null
 }
 
+install_browser() {
+    # A real browser for the tests that open the pages we write (tests/browser.py): Debian's chromium-headless-shell.
+    if command -v chromium-headless-shell >/dev/null; then return; fi
+    if ! command -v apt-get >/dev/null || { [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; }; then
+        echo "chromium-headless-shell is missing and cannot be installed here: the browser tests will be skipped" \
+             "(they fail under CI)" >&2
+        return
+    fi
+    echo "==> installing chromium-headless-shell (apt)"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium-headless-shell >/dev/null
+}
+
 install_python() {
     local stamp="$VENV/.installed" want
     want=$(sha256sum pyproject.toml | cut -c1-16)
@@ -72,6 +85,7 @@ install_python() {
 setup() {
     install_dataset
     install_slurm
+    install_browser
     install_python
     # shellcheck disable=SC1091
     source "$VENV/bin/activate"

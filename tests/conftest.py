@@ -15,6 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PARAMS = REPO / "tests" / "tiny" / "params.yaml"
+ARTIFACTS = REPO / "test-artifacts"  # what the tests keep for a person to look at (screenshots of the pages)
 LOCAL_CORES = os.cpu_count() or 1  # threads of the local reference run, as `dvc repro` uses them: all cores
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 

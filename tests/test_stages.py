@@ -15,7 +15,8 @@ import torch
 
 from carso.codedeps import stage_modules
 from carso.io import load_tensors
-from conftest import HANG_GUARD_S, load_tiny, run_cli, write_params
+from browser import Rendered, render
+from conftest import ARTIFACTS, HANG_GUARD_S, load_tiny, run_cli, write_params
 from report_reader import COMPARISON, figures, html_sections, md_sections
 
 D = "data/fashion_mnist"
@@ -252,6 +253,19 @@ def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> Non
         assert re.search(rf"{pair[0]} (beat|did worse than|did not measurably beat) {pair[1]} on this run", md), pair
 
 
+@pytest.fixture(scope="module")
+def rendered_report(chain: Path) -> Rendered:
+    """The report as Chromium renders it; its screenshot is kept in test-artifacts/."""
+    return render(chain / "report" / "report.html", ARTIFACTS / "report.png")
+
+
+def test_the_report_renders_in_a_browser_without_errors(chain: Path, rendered_report: Rendered) -> None:
+    assert rendered_report.console == []  # no console error or warning, no uncaught script error
+    html = (chain / "report" / "report.html").read_text()
+    assert len(rendered_report.images) == html.count("<img ") >= 2 + len(DEFENCES)  # curves, one examples figure each
+    assert all(image["ok"] for image in rendered_report.images), rendered_report.images  # every image decodes
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
 def test_a_variant_is_evaluated_with_its_own_settings(chain: Path) -> None:
     """carso_zero (z = 0: every reconstruction equal) loads carso's purifier through its `set`: AutoAttack's
     randomness check finds it deterministic where carso is randomised, and its metrics name the variant."""
@@ -308,13 +322,17 @@ def _one(cell: str) -> dict[str, float]:
     return shown
 
 
-@pytest.mark.parametrize("kind", ["html", "md"])
-def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str) -> None:
-    """Results, each attack alone, the cascade and the masking checks, read from the rendered page, against
-    metrics.json of every defence; the comparison sentences against paired differences recomputed from the
-    per-point verdicts; the interval level printed is the configured one (tests/tiny: 90%)."""
-    page = (chain / "report" / f"report.{kind}").read_text()
-    sections = html_sections(page) if kind == "html" else md_sections(page)
+@pytest.mark.parametrize("kind", ["html", "md", "browser"])
+def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    """Results, each attack alone, the cascade and the masking checks, read from the HTML source, the Markdown and
+    the page as Chromium renders it, against metrics.json of every defence; the comparison sentences against paired
+    differences recomputed from the per-point verdicts; the interval level printed is the configured one (tests/tiny:
+    90%)."""
+    if kind == "browser":
+        sections = request.getfixturevalue("rendered_report").sections
+    else:
+        page = (chain / "report" / f"report.{kind}").read_text()
+        sections = html_sections(page) if kind == "html" else md_sections(page)
     conf = load_tiny()["evaluation"]["confidence"]
     metrics = {n: json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in DEFENCES}
     assert conf != 0.95 and all(m["robust_worst_case"]["confidence"] == conf for m in metrics.values())
