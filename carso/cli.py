@@ -185,20 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag.rstrip("*"), nargs="*", default=[], help=help_text)
             else:
                 p.add_argument(flag, required=True, help=help_text)
+    text = "compare runs (each named by its params file): parameter differences, figures, paired tests"
+    p = sub.add_parser("compare", help=text, description=text)
+    p.add_argument("runs", nargs="+", metavar="PARAMS", help="the runs' params files (their output_root holds the results)")
+    p.add_argument("--dataset", required=True, help="dataset the runs evaluated")
+    p.add_argument("--out", required=True, help="folder for compare.html and compare.md")
+    p.add_argument("--log-file", default=None, help="also write the log to this file")
     return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.stage == "compare":
+        from carso.compare import write_comparison
+
+        write_comparison(args.runs, args.dataset, Path(args.out))
+        log.info("wrote %s", Path(args.out) / "compare.html")
+        return
+    from carso.params import load_params
+
+    params = load_params(args.params)
+    if args.dataset not in params["datasets"]:
+        raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
+                        f"({params['datasets']}); add it there first.")
+    STAGES[args.stage][0](args, params)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_file)
     try:
-        from carso.params import load_params
-
-        params = load_params(args.params)
-        if args.dataset not in params["datasets"]:
-            raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
-                            f"({params['datasets']}); add it there first.")
-        STAGES[args.stage][0](args, params)
+        _dispatch(args)
     except UserError as err:
         log.error("%s", err)
         return 2

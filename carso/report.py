@@ -241,7 +241,7 @@ def _md_table(rows: list[list[str]]) -> str:
 
 
 def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    head = "".join(f"<th>{html.escape(c.replace('`', ''))}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c.replace('`', ''))}</td>" for c in r) + "</tr>"
                    for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -399,10 +399,11 @@ def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path
     sections = _sections(dataset, gather(root, defences, params), params, params_file)
     for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(root, params) if method.report else []
-    _render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
+    render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
 
 
-def _render(title: str, dataset: str, sections: list[Section], out_dir: Path) -> None:
+def render(title: str, dataset: str, sections: list[Section], out_dir: Path, stem: str = "report") -> None:
+    """Write `sections` as <stem>.html (self-contained), <stem>.md and figures/*.png under `out_dir`."""
     md, body = [f"# {title}"], [f"<h1>{html.escape(title)}</h1>"]
     figures: dict[str, bytes] = {}
     for heading, kind, content in sections:
@@ -423,14 +424,16 @@ def _render(title: str, dataset: str, sections: list[Section], out_dir: Path) ->
         else:
             md.append("\n".join(f"- {s}" for s in content))
             body.append("<ul>" + "".join(f"<li>{html.escape(s.replace('`', ''))}</li>" for s in content) + "</ul>")
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figures:
+        (out_dir / "figures").mkdir(exist_ok=True)
     for name, data in figures.items():
         with atomic_path(out_dir / "figures" / f"{name}.png") as tmp:
             tmp.write_bytes(data)
-    write_text(out_dir / "report.md", "\n".join(md) + "\n")
+    write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:80em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #999;padding:.3em .6em}pre{background:#f4f4f4;padding:1em}")
-    write_text(out_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
+    write_text(out_dir / f"{stem}.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
                f"{html.escape(dataset)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 

@@ -5,6 +5,7 @@ import json
 from html import escape as html_escape
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -384,3 +385,63 @@ def _check_comparisons(chain: Path, sentences: list[str], conf: float) -> None:
                                                         sum(y and not x for x, y in zip(a[:n], b[:n])))
         expected = "beat" if d["ci_low"] > 0 else "did worse than" if d["ci_high"] < 0 else "did not measurably beat"
         assert m["verdict"] == expected
+
+
+def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -> None:
+    """Two runs that differ in one evaluation key (`at` attacked on 10 points instead of 20, under its own
+    output_root; the other defences' results are what their unchanged settings give): `carso compare` lists that key
+    alone, puts each defence's figures side by side, pairs the worst-case verdicts on the points both attacked (a
+    McNemar test recomputed here), and its page renders in a browser without errors."""
+    from carso.compare import paired_test
+
+    project = chain.parent.parent
+    params = load_tiny()
+    params["output_root"] = "runs/fewer"
+    params["evaluation"]["defences"]["at"]["n_points"] = 10
+    write_params(project / "fewer.yaml", params)
+    fewer = project / "runs" / "fewer" / D
+    for part in ("dataset", "classifier", "adversarial", "purifier", "atop", "eval"):
+        shutil.copytree(chain / part, fewer / part, dirs_exist_ok=True)
+    shutil.rmtree(fewer / "eval" / "at")
+    step = next(s for s in STEPS if s[:3] == ["evaluate", "--defence", "at"])
+    result = run_cli([step[0], "--params", "fewer.yaml", "--dataset", "fashion_mnist",
+                      *[a.replace(D, f"runs/fewer/{D}") for a in step[1:]]], cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["compare", "params.yaml", "fewer.yaml", "--dataset", "fashion_mnist", "--out", "cmp"], cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rendered = render(project / "cmp" / "compare.html", ARTIFACTS / "compare.png")
+    assert rendered.console == [] and rendered.images == []
+    for sections in (rendered.sections, md_sections((project / "cmp" / "compare.md").read_text())):
+        (differences,) = sections["Parameter differences"]["tables"]
+        assert differences == [["key", "params.yaml", "fewer.yaml"], ["evaluation.defences.at.n_points", "20", "10"]]
+        (side,) = [s["tables"][0] for h, s in sections.items() if h.startswith("Results side by side (90% Wilson")]
+        (tests,) = sections["Paired tests of the worst case (same first points)"]["tables"]
+        assert [row[0] for row in side[1:]] == list(DEFENCES) and [row[0] for row in tests[1:]] == list(DEFENCES)
+        for row, test_row in zip(side[1:], tests[1:]):
+            name = row[0]
+            before = json.loads((chain / "eval" / name / "metrics.json").read_text())
+            after = json.loads((fewer / "eval" / name / "metrics.json").read_text())
+            assert _agrees(_one(row[1]), before["clean"]) and _agrees(_one(row[2]), before["robust_worst_case"])
+            assert _agrees(_one(row[3]), after["clean"]) and _agrees(_one(row[4]), after["robust_worst_case"])
+            a, b = (load_tensors(r / "eval" / name / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
+                    for r in (chain, fewer))
+            n = min(len(a), len(b))
+            assert int(test_row[3]) == n == (10 if name == "at" else len(a))
+            t = paired_test(a[:n], b[:n], 0.9)
+            assert test_row[6] == f"{t['only_first']} / {t['only_second']}" and test_row[8] == t["verdict"]
+            if name != "at":  # unchanged settings: the same verdicts, no difference
+                assert (test_row[6], test_row[8]) == ("0 / 0", "within noise")
+    assert (ARTIFACTS / "compare.png").stat().st_size > 5_000
+
+
+def test_compare_names_the_run_that_has_not_finished(chain: Path) -> None:
+    project = chain.parent.parent
+    params = load_tiny()
+    params["output_root"] = "runs/never"
+    write_params(project / "never.yaml", params)
+    result = run_cli(["compare", "params.yaml", "never.yaml", "--dataset", "fashion_mnist", "--out", "cmp2"],
+                     cwd=project)
+    assert result.returncode == 2 and not (project / "cmp2").exists()
+    assert "never.yaml: no results for defence 'at' in runs/never/data/fashion_mnist/eval/at; run " \
+           "`snakemake --cores all --config params_file=never.yaml` first." in result.stderr

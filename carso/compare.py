@@ -1,0 +1,143 @@
+"""Compare runs: which differences between them are real.
+
+A run is named by its params file: the file says what was run, and its `output_root` says where the results are.
+For every defence evaluated in two runs on the same test set, the per-point worst-case verdicts of the first
+points both runs attacked are paired, and an exact McNemar test on the points where they disagree says whether
+the runs differ for real or within noise (at the level 1 - evaluation.confidence of the first run). The page shows
+the parameter differences, every defence's figures side by side with their intervals, and the paired tests.
+
+Writes compare.html (self-contained) and compare.md, through the report's renderer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carso.errors import UserError
+from carso.io import load_tensors, read_json
+from carso.params import load_params
+from carso.report import Section, _level, _pct, render
+from carso.stats import paired_difference
+
+
+@dataclass
+class Run:
+    """One run's settings and the results of its evaluated defences on one dataset."""
+    name: str  # the params file, as given
+    params: dict[str, Any]
+    results: Path  # <output_root>/data/<dataset>
+    metrics: dict[str, dict[str, Any]]  # defence -> metrics.json
+    robust: dict[str, list[bool]]  # defence -> per-point worst-case verdicts
+    test_set: str  # sha256 of the test split (manifest.json): pairs need the same points
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: under no difference, each of the b + c discordant points is equally likely to
+    favour either run (a binomial with p = 1/2)."""
+    n, k = only_first + only_second, min(only_first, only_second)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_test(first: list[bool], second: list[bool], confidence: float) -> dict[str, Any]:
+    """first minus second on the same points: Newcombe's paired interval, the exact McNemar p-value, and the verdict
+    ("real" when p < 1 - confidence, else "within noise")."""
+    d = paired_difference(first, second, confidence)
+    p = mcnemar_exact(d["only_first"], d["only_second"])
+    return {**d, "p_value": p, "verdict": "real" if p < 1 - confidence else "within noise"}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def parameter_differences(runs: list[Run]) -> list[list[str]]:
+    """key | value in each run, for every dotted params key whose value differs (output_root aside)."""
+    flats = [_flat(r.params) for r in runs]
+    keys = sorted({k for f in flats for k in f} - {"output_root"})
+    missing = "(absent)"
+    rows = [[f"`{k}`", *(str(f.get(k, missing)) for f in flats)] for k in keys
+            if len({repr(f.get(k, missing)) for f in flats}) > 1]
+    return [["key", *(f"`{r.name}`" for r in runs)], *rows]
+
+
+def load_run(params_file: str, dataset: str) -> Run:
+    """A run's params (validated) and the metrics and worst-case verdicts of every defence it evaluates; one sentence
+    naming the missing file and the command that makes it when the run has not finished."""
+    params = load_params(params_file)
+    if dataset not in params["datasets"]:
+        raise UserError(f"{params_file} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
+    results = Path(params["output_root"]) / "data" / dataset
+    metrics, robust = {}, {}
+    for name in params["evaluation"]["defences"]:
+        folder = results / "eval" / name
+        if not (folder / "metrics.json").exists() or not (folder / "examples.safetensors").exists():
+            raise UserError(f"{params_file}: no results for defence '{name}' in {folder}; run "
+                            f"`snakemake --cores all --config params_file={params_file}` first.")
+        metrics[name] = read_json(folder / "metrics.json")
+        robust[name] = load_tensors(folder / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
+    test_set = read_json(results / "dataset" / "manifest.json")["splits"]["test"]
+    return Run(params_file, params, results, metrics, robust, str(test_set))
+
+
+def _defences(runs: list[Run]) -> list[str]:
+    return list(dict.fromkeys(name for r in runs for name in r.metrics))
+
+
+def results_rows(runs: list[Run]) -> list[list[str]]:
+    """defence | clean and worst case in each run (with intervals and n)."""
+    rows = [["defence", *(f"{what}, `{r.name}`" for r in runs for what in ("clean", "worst case"))]]
+    for name in _defences(runs):
+        cells = [_pct(r.metrics[name][k]) if name in r.metrics else "not evaluated"
+                 for r in runs for k in ("clean", "robust_worst_case")]
+        rows.append([f"`{name}`", *cells])
+    return rows
+
+
+def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
+    """Every defence evaluated in two runs on the same test set: the paired worst-case test of the pair."""
+    rows = [["defence", "first run", "second run", "same first points", "worst case (first, second)",
+             f"difference ({_level(confidence)} CI), points", "only first / only second", "exact McNemar p",
+             "verdict"]]
+    for name in _defences(runs):
+        having = [r for r in runs if name in r.robust]
+        for i, a in enumerate(having):
+            for b in having[i + 1:]:
+                if a.test_set != b.test_set:
+                    rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", "0 (different test sets)", "", "", "", "",
+                                 "not comparable"])
+                    continue
+                n = min(len(a.robust[name]), len(b.robust[name]))
+                t = paired_test(a.robust[name][:n], b.robust[name][:n], confidence)
+                rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", str(n),
+                             f"{100 * sum(a.robust[name][:n]) / n:.2f}%, {100 * sum(b.robust[name][:n]) / n:.2f}%",
+                             f"{100 * t['difference']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}]",
+                             f"{t['only_first']} / {t['only_second']}", f"{t['p_value']:.3g}", t["verdict"]])
+    return rows
+
+
+def compare_sections(runs: list[Run], dataset: str) -> list[Section]:
+    confidence = runs[0].params["evaluation"]["confidence"]
+    about = [f"`{r.name}`: results in {r.results}" for r in runs] + [
+        f"A paired test pairs one defence's per-point worst-case verdicts in two runs on the first test points both "
+        f"attacked; the difference is real when the exact McNemar test on the points where they disagree gives "
+        f"p < {1 - confidence:.2g} (evaluation.confidence {confidence:g} of `{runs[0].name}`), and within noise "
+        f"otherwise."]
+    return [("Runs", "list", about),
+            ("Parameter differences", "table", parameter_differences(runs)),
+            (f"Results side by side ({_level(confidence)} Wilson intervals, {dataset})", "table", results_rows(runs)),
+            ("Paired tests of the worst case (same first points)", "table", paired_rows(runs, confidence))]
+
+
+def write_comparison(params_files: list[str], dataset: str, out_dir: Path) -> None:
+    if len(params_files) < 2:
+        raise UserError("compare needs two runs or more: give their params files (e.g. params.yaml "
+                        "configs/carso_large.yaml).")
+    runs = [load_run(f, dataset) for f in params_files]
+    render(f"Comparison of {len(runs)} runs ({dataset})", dataset, compare_sections(runs, dataset), out_dir,
+           stem="compare")

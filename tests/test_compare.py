@@ -1,0 +1,49 @@
+"""The paired test that says whether two runs differ for real (carso.compare), against hand-computed cases and an
+independent implementation (scipy's exact binomial test)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from carso.compare import mcnemar_exact, paired_test
+
+
+def test_identical_verdicts_are_no_difference() -> None:
+    verdicts = [True, False, True, True, False] * 8
+    t = paired_test(verdicts, verdicts, 0.95)
+    assert (t["difference"], t["only_first"], t["only_second"], t["p_value"]) == (0.0, 0, 0, 1.0)
+    assert t["verdict"] == "within noise"
+
+
+@pytest.mark.parametrize("only_first, only_second, p, verdict", [
+    (10, 0, 2 / 2 ** 10, "real"),             # every disagreement one way, on enough points
+    (6, 0, 2 / 2 ** 6, "real"),
+    (5, 0, 2 / 2 ** 5, "within noise"),       # the same, on too few points: 0.0625
+    (7, 2, 2 * (1 + 9 + 36) / 2 ** 9, "within noise"),
+    (0, 12, 2 / 2 ** 12, "real"),             # either direction
+    (4, 4, 1.0, "within noise"),
+])
+def test_mcnemar_against_hand_computed_cases(only_first: int, only_second: int, p: float, verdict: str) -> None:
+    both = 20  # points both runs kept: they do not enter the test
+    first = [True] * both + [True] * only_first + [False] * only_second + [False] * 5
+    second = [True] * both + [False] * only_first + [True] * only_second + [False] * 5
+    t = paired_test(first, second, 0.95)
+    assert (t["only_first"], t["only_second"]) == (only_first, only_second)
+    assert t["p_value"] == pytest.approx(p, rel=1e-12) and t["verdict"] == verdict
+    assert t["difference"] == pytest.approx((only_first - only_second) / len(first))
+
+
+def test_mcnemar_agrees_with_scipy_s_exact_binomial_test() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for _ in range(200):
+        b, c = rng.randint(0, 60), rng.randint(0, 60)
+        expected = 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
+        assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9, abs=1e-15), (b, c)
+
+
+def test_the_level_decides_the_verdict() -> None:
+    first, second = [True] * 6 + [False] * 4, [False] * 6 + [False] * 4  # p = 2 / 64 = 0.03125
+    assert paired_test(first, second, 0.95)["verdict"] == "real"
+    assert paired_test(first, second, 0.99)["verdict"] == "within noise"
