@@ -13,10 +13,11 @@ import csv
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from carso.datasets import DATASETS, dataset_spec
 from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, resolve
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
@@ -89,14 +90,15 @@ def example_columns(ex: dict[str, Any], per_stage: int = 3) -> list[tuple[str, s
     return cols
 
 
-def examples_png(ex: dict[str, Any], label: str) -> bytes:
+def examples_png(ex: dict[str, Any], label: str, classes: Callable[[int], str] = str) -> bytes:
     """Per example (a row): the clean image and what the defence made of it (each stage's images), then the
-    evaluation's PGD adversarial image and what the defence made of that; titled with the true label (y), the
-    defence's prediction (p) and, under each stage image, the classifier's prediction on it."""
+    evaluation's PGD adversarial image and what the defence made of that; titled with the true class, the
+    defence's prediction and, under each stage image, the classifier's prediction on it (`classes`: a label's name)."""
+    name = lambda t: classes(int(t))[:12]  # noqa: E731
     plt = pyplot()
     cols = example_columns(ex)
     k = ex["clean"].shape[0]
-    fig, axes = plt.subplots(k, len(cols), figsize=(1.3 * len(cols), 1.45 * k), squeeze=False)
+    fig, axes = plt.subplots(k, len(cols), figsize=(1.3 * len(cols), 1.6 * k), squeeze=False)
     for row in range(k):
         for col, (key, stage, i) in enumerate(cols):
             img = ex[key][row] if i is None else ex[key][row, i]
@@ -105,13 +107,35 @@ def examples_png(ex: dict[str, Any], label: str) -> bytes:
             ax.set_xticks([])
             ax.set_yticks([])
             if stage is None:
-                title = f"{key[:5]} y{int(ex['labels'][row])} p{int(ex['pred_' + key][row])}"
+                title = f"{key[:5]}: {name(ex['labels'][row])}\n-> {name(ex['pred_' + key][row])}"
             else:
-                title = f"{stage} p{int(ex[key + '_pred'][row, i])}"
+                title = f"{stage}\n-> {name(ex[key + '_pred'][row, i])}"
             ax.set_title(title, fontsize=7)
     stages = ", ".join(sorted({s for _, s, _ in cols if s})) or "none"
-    fig.suptitle(f"{label}: clean, then its stages ({stages}); the evaluation's PGD adversarial, then its stages",
-                 fontsize=8)
+    fig.suptitle(f"{label}\nclean (true class, then -> the defence's prediction), then its stages ({stages}, -> the "
+                 f"classifier's prediction);\nthe evaluation's PGD adversarial, then its stages", fontsize=8)
+    fig.tight_layout()
+    return png(fig)
+
+
+def headline_png(evals: dict[str, dict[str, Any]]) -> bytes:
+    """Clean and worst-case robust accuracy of every defence on the points it was attacked on, as bars with their
+    Wilson intervals."""
+    plt = pyplot()
+    names = list(evals)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(names), 3.2))
+    for offset, key, label, colour in ((-0.2, "clean_subset", "clean", "#8aa7c7"),
+                                       (0.2, "robust_worst_case", "worst case over all attacks", "#c0504d")):
+        entries = [evals[n][key] for n in names]
+        acc = [100 * e["accuracy"] for e in entries]
+        err = [[a - 100 * e["ci_low"] for a, e in zip(acc, entries)], [100 * e["ci_high"] - a for a, e in zip(acc, entries)]]
+        ax.bar([i + offset for i in range(len(names))], acc, 0.4, yerr=err, capsize=3, color=colour, label=label)
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={evals[n]['robust_worst_case']['n']})" for n in names], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    level = _level(next(iter(evals.values()))["robust_worst_case"]["confidence"])
+    ax.set_title(f"On the attacked points, with {level} Wilson intervals", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return png(fig)
 
@@ -348,8 +372,19 @@ def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
         found = [s for p in partners if (s := comparison_sentence(name, p, evals, robust, specs))]
         out += found
         if found and specs[name].published:
-            out.append(specs[name].published)
+            out.append(published_sentence(specs[name], evals[name]))
     return out + variant_findings(evals, robust, specs)
+
+
+def published_sentence(spec: DefenceSpec, m: dict[str, Any]) -> str:
+    """What the defence's paper reports, and whether it reports this run's dataset and threat model."""
+    dataset = dataset_spec(m["dataset"]) if m.get("dataset") in DATASETS else None
+    title = dataset.title if dataset else m.get("dataset", "this dataset")
+    same = any(d == m.get("dataset") and norm == m.get("norm", "Linf") and abs(eps - m["eps"]) < 1e-9
+               for d, norm, eps in spec.published_settings)
+    tail = (f"This run's setting ({title}, {_threat(m)}) is one of them." if same else
+            f"It gives no figure for {title} at {_threat(m)}, this run's setting.")
+    return f"{spec.published} {tail}"
 
 
 def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
@@ -431,8 +466,11 @@ def render(title: str, dataset: str, sections: list[Section], out_dir: Path, ste
         with atomic_path(out_dir / "figures" / f"{name}.png") as tmp:
             tmp.write_bytes(data)
     write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;max-width:80em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #999;padding:.3em .6em}pre{background:#f4f4f4;padding:1em}")
+    style = ("body{font-family:system-ui,sans-serif;max-width:80em;margin:2em auto;padding:0 1em;color:#222;"
+             "line-height:1.45}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}"
+             "table{border-collapse:collapse;font-size:.9em;margin:.5em 0}th{background:#eef2f7;text-align:left}"
+             "td,th{border:1px solid #c8ccd2;padding:.3em .6em;vertical-align:top}tbody tr:nth-child(even){"
+             "background:#f8f9fb}li{margin:.25em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}")
     write_text(out_dir / f"{stem}.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
                f"{html.escape(dataset)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
@@ -469,10 +507,13 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
     settings = {k: params[k] for k in keys if k in params}
     level = _level(params["evaluation"]["confidence"])
     examples = [(f"What `{name}` makes of a few test points", "figure",
-                 (f"examples_{name}", examples_png(ex, f"{name} ({specs[name].title})")))
+                 (f"examples_{name}", examples_png(ex, f"{name} ({specs[name].title})",
+                                                   dataset_spec(dataset).class_name)))
                 for name, ex in facts["examples"].items()]
     return [("Summary", "list", summary),
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
+            ("Clean and worst-case robust accuracy on the same attacked points", "figure",
+             ("headline", headline_png(facts["evals"]))),
             ("Each attack alone (on the same first points)", "table", attack_rows(facts["evals"])),
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),

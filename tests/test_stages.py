@@ -244,12 +244,13 @@ def test_report_is_self_contained_and_shows_measured_numbers(chain: Path) -> Non
             assert row in html, row
     md = (chain / "report" / "report.md").read_text()
     assert "| defence |" in md and (chain / "report" / "figures" / "training_curves.png").stat().st_size > 1000
-    figures = ["purifier_curves", "inpainter_curves", *(f"examples_{name}" for name in DEFENCES)]
+    figures = ["headline", "purifier_curves", "inpainter_curves", *(f"examples_{name}" for name in DEFENCES)]
     for figure in figures:
         assert (chain / "report" / "figures" / f"{figure}.png").stat().st_size > 1000 and f"figures/{figure}.png" in md
     assert "`carso` (classifier + CARSO purifier)" in md and "the classifier alone on this run" in md
     for name in DEFENCES:
         assert f"| `{name}` (" in md
+    assert md.count("It gives no figure for Fashion-MNIST at L-inf eps 0.1, this run's setting.") == 2  # both papers
     for pair in (("AToP", "the classifier alone"), ("AToP", "AToP without fine-tuning"), ("AToP", "CARSO")):
         assert re.search(rf"{pair[0]} (beat|did worse than|did not measurably beat) {pair[1]} on this run", md), pair
 

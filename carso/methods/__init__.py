@@ -37,6 +37,7 @@ class DefenceSpec:
     settings: tuple[str, ...] = ()           # params.yaml keys the loaded defence reads (beyond its weights)
     compare_with: tuple[str, ...] = ()       # defences the report compares it with, on the same points
     published: str = ""                      # what its paper reports, for the report's comparisons
+    published_settings: tuple[tuple[str, str, float], ...] = ()  # (dataset, norm, eps) the paper reports figures for
     variant_of: str = ""                     # a variant (evaluation.defences.<name>.variant_of): its registered base
     overrides: tuple[tuple[str, object], ...] = ()  # the variant's `set`: dotted params keys and their values
 

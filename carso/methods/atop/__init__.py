@@ -10,7 +10,8 @@ from carso.methods import DefenceSpec, MethodSpec, StageSpec
 
 PUBLISHED = ("The AToP paper reports, on CIFAR-10 at eps 8/255 with AutoAttack on the whole RT2 + GAN-inpainter "
              "pipeline, 72.85% with fine-tuning and 59.57% without (CIFAR-100: 43.55% and 38.89%); its own "
-             "evaluation used a 10-step AutoAttack without EoT, and it gives no FashionMNIST figure.")
+             "evaluation used a 10-step AutoAttack without EoT.")
+PUBLISHED_SETTINGS = (("cifar10", "Linf", 8 / 255), ("cifar100", "Linf", 8 / 255))
 _OPTIONS = (("--model", "classifier .safetensors"),
             ("--data", "fetched dataset folder (clean training images)"),
             ("--adversarial", "generate_adversarial's folder (monitor images)"))
@@ -33,7 +34,7 @@ METHOD = MethodSpec(
               DefenceSpec("atop", "random transform + adversarially fine-tuned inpainter (AToP)", "AToP",
                           "carso.methods.atop.defence:load", artifacts=("atop/finetune/inpainter.safetensors",),
                           settings=("atop.transform",), compare_with=("at", "atop_rt", "carso"),
-                          published=PUBLISHED)),
+                          published=PUBLISHED, published_settings=PUBLISHED_SETTINGS)),
     check_params="carso.methods.atop.params:check",
     report="carso.methods.atop.report:sections",
     report_files=("atop/pretrain/curve.csv", "atop/pretrain/train_metrics.json", "atop/finetune/curve.csv",

@@ -8,7 +8,8 @@ Params sections: `purifier` (training) and `carso` (inference); schema in schema
 from carso.methods import DefenceSpec, MethodSpec, StageSpec
 
 PUBLISHED = ("The CARSO paper reports CARSO above its classifier alone on CIFAR-10 (AutoAttack rand 76.13% vs 67.73%, "
-             "eps 8/255) and CIFAR-100 (66.65% vs 39.18%); it gives no FashionMNIST figure at eps 0.1.")
+             "eps 8/255) and CIFAR-100 (66.65% vs 39.18%).")
+PUBLISHED_SETTINGS = (("cifar10", "Linf", 8 / 255), ("cifar100", "Linf", 8 / 255))
 
 METHOD = MethodSpec(
     name="carso",
@@ -21,7 +22,7 @@ METHOD = MethodSpec(
                       data_parallel=True, help="train CARSO's purifier (the classifier frozen)"),),
     defences=(DefenceSpec("carso", "classifier + CARSO purifier", "CARSO", "carso.methods.carso.defence:load",
                           artifacts=("purifier/model.safetensors",), settings=("carso",), compare_with=("at",),
-                          published=PUBLISHED),),
+                          published=PUBLISHED, published_settings=PUBLISHED_SETTINGS),),
     check_params="carso.methods.carso.params:check",
     report="carso.methods.carso.report:sections",
     report_files=("purifier/curve.csv", "purifier/train_metrics.json"),
