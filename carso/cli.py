@@ -194,27 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dispatch(args: argparse.Namespace) -> None:
-    if args.stage == "compare":
-        from carso.compare import write_comparison
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Not a stage: reads finished runs (carso.compare), so no stage depends on its code."""
+    from carso.compare import write_comparison
 
-        write_comparison(args.runs, args.dataset, Path(args.out))
-        log.info("wrote %s", Path(args.out) / "compare.html")
-        return
-    from carso.params import load_params
-
-    params = load_params(args.params)
-    if args.dataset not in params["datasets"]:
-        raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
-                        f"({params['datasets']}); add it there first.")
-    STAGES[args.stage][0](args, params)
+    write_comparison(args.runs, args.dataset, Path(args.out))
+    log.info("wrote %s", Path(args.out) / "compare.html")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_file)
     try:
-        _dispatch(args)
+        if args.stage == "compare":
+            cmd_compare(args)
+            return 0
+        from carso.params import load_params
+
+        params = load_params(args.params)
+        if args.dataset not in params["datasets"]:
+            raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
+                            f"({params['datasets']}); add it there first.")
+        STAGES[args.stage][0](args, params)
     except UserError as err:
         log.error("%s", err)
         return 2
