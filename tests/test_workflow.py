@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, load_tiny, make_project, run_tool, without_timings, write_params
+from conftest import ARTIFACTS, REPO, load_tiny, make_project, run_tool, without_timings, write_params
 
 pytestmark = pytest.mark.slow
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
@@ -333,3 +333,24 @@ def test_params_yaml_keeps_the_layout_dvc_uses(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", {**load_tiny(), "output_root": "runs/mine"})
     result = run_tool(["snakemake", "-n", "--cores", "1"], cwd=project, timeout=120)
     assert result.returncode != 0 and "params.yaml: output_root must stay `.`" in result.stderr + result.stdout
+
+
+def test_snakemake_s_own_report_holds_the_results_with_their_provenance(tiny_local_run: Path) -> None:
+    """`snakemake --report`: the standard Snakemake report (rules, code, software, run times) with our report page,
+    its figures, every defence's headline and the training curves, each with its caption; it opens in Chromium
+    without a script error (its screenshot is kept in test-artifacts/)."""
+    from browser import render
+
+    target = ARTIFACTS / "snakemake_report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    result = run_tool(["snakemake", "--cores", "1", "--report", str(target)], cwd=tiny_local_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = target.read_text()
+    for rule in ("fetch", "train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter",
+                 "finetune_inpainter", "evaluate", "report"):
+        assert f'"{rule}"' in page, rule
+    for name in ("report.html", "headline.png", *(f"eval/{d}/headline.json" for d in DEFENCES), "purifier/curve.csv",
+                 "The pipeline's own report for fashion_mnist", "Headline figures of defence carso"):
+        assert name in page, name
+    rendered = render(target, ARTIFACTS / "snakemake_report.png")
+    assert not [m for m in rendered.console if m.startswith("page error")], rendered.console

@@ -12,7 +12,11 @@ rule pretrain_inpainter:
     output:
         model=out("data/{dataset}/atop/pretrain/inpainter.safetensors"),
         discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
-        curve=out("data/{dataset}/atop/pretrain/curve.csv"),
+        curve=report(
+            out("data/{dataset}/atop/pretrain/curve.csv"),
+            caption="../report/curve.rst",
+            category="Training",
+        ),
         metrics=out("data/{dataset}/atop/pretrain/train_metrics.json"),
     params:
         settings=settings(
@@ -48,7 +52,11 @@ rule finetune_inpainter:
         discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
     output:
         model=out("data/{dataset}/atop/finetune/inpainter.safetensors"),
-        curve=out("data/{dataset}/atop/finetune/curve.csv"),
+        curve=report(
+            out("data/{dataset}/atop/finetune/curve.csv"),
+            caption="../report/curve.rst",
+            category="Training",
+        ),
         metrics=out("data/{dataset}/atop/finetune/train_metrics.json"),
     params:
         settings=settings(

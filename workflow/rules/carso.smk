@@ -6,7 +6,11 @@ rule train_purifier:
         test=out("data/{dataset}/adversarial/test.safetensors"),
     output:
         model=out("data/{dataset}/purifier/model.safetensors"),
-        curve=out("data/{dataset}/purifier/curve.csv"),
+        curve=report(
+            out("data/{dataset}/purifier/curve.csv"),
+            caption="../report/curve.rst",
+            category="Training",
+        ),
         metrics=out("data/{dataset}/purifier/train_metrics.json"),
     params:
         settings=settings("purifier", "runtime.seed"),

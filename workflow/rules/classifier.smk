@@ -6,7 +6,11 @@ rule train_classifier:
         manifest=out("data/{dataset}/dataset/manifest.json"),
     output:
         model=out("data/{dataset}/classifier/model.safetensors"),
-        curve=out("data/{dataset}/classifier/curve.csv"),
+        curve=report(
+            out("data/{dataset}/classifier/curve.csv"),
+            caption="../report/curve.rst",
+            category="Training",
+        ),
         metrics=out("data/{dataset}/classifier/train_metrics.json"),
     params:
         settings=settings("classifier", "data.download_root", "evaluation.norm", "runtime.seed"),

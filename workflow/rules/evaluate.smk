@@ -3,7 +3,12 @@ rule evaluate:
         unpack(evaluate_inputs),
     output:
         metrics=out("data/{dataset}/eval/{defence}/metrics.json"),
-        headline=out("data/{dataset}/eval/{defence}/headline.json"),
+        headline=report(
+            out("data/{dataset}/eval/{defence}/headline.json"),
+            caption="../report/headline.rst",
+            category="Evaluation",
+            subcategory="{defence}",
+        ),
         examples=out("data/{dataset}/eval/{defence}/examples.safetensors"),
     params:
         settings=evaluate_settings,

@@ -2,9 +2,18 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        html=out("data/{dataset}/report/report.html"),
+        html=report(
+            out("data/{dataset}/report/report.html"),
+            caption="../report/results_page.rst",
+            category="Results",
+        ),
         md=out("data/{dataset}/report/report.md"),
-        figures=directory(out("data/{dataset}/report/figures")),
+        figures=report(
+            directory(out("data/{dataset}/report/figures")),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
     params:
         settings=report_settings(),
         params_file=PARAMS_FILE,
