@@ -7,13 +7,14 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import ARTIFACTS, REPO, load_tiny, make_project, run_tool, without_timings, write_params
+from conftest import ARTIFACTS, HANG_GUARD_S, REPO, load_tiny, make_project, run_tool, without_timings, write_params
 
 pytestmark = pytest.mark.slow
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
@@ -215,7 +216,7 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, tiny_local_run: Path) -> None:
+def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation_also_as_a_queued_experiment(tmp_path: Path, tiny_local_run: Path) -> None:
     project = make_project(tmp_path / "dvc", load_tiny())
     shutil.copy(REPO / ".gitignore", project / ".gitignore")  # data/ ignored by git, as in the repo
     _sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init",
@@ -231,6 +232,7 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
             assert without_timings(json.loads((project / name).read_text())) == without_timings(
                 json.loads(path.read_text())), name
     _sh("git add -A && git commit -qm results", project)
+    shutil.copy(project / D / "eval" / "at" / "headline.json", tmp_path / "first_at_headline.json")
 
     for key, value, stages in evaluation_changes():  # what DVC would rerun for each evaluation key
         write_params(project / "params.yaml", with_value(load_tiny(), key, value))
@@ -258,6 +260,31 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation(tmp_path: Path, 
     for name, entry in shown.items():
         assert entry["data"] == json.loads((project / name).read_text())
         assert len(entry["data"]["alone"]) <= 7  # at most 2 x (2 + 7) columns per defence
+    _sh("git add -A && git commit -qm 'at on 10 points'", project)
+    _queued_experiment_reruns_only_what_its_key_reaches(project, tmp_path)
+
+
+def _queued_experiment_reruns_only_what_its_key_reaches(project: Path, tmp_path: Path) -> None:
+    """The README's DVC experiment example: `dvc exp run --queue -S key=value`, `dvc queue start`, then
+    `dvc exp show`: the experiment reruns only the stages the key reaches, and its figures are the ones a plain run
+    with that value gives (here the first run's, at on 20 points again)."""
+    queued = _sh("dvc exp run --queue -S evaluation.defences.at.n_points=20", project)
+    (name,) = re.findall(r"Queued experiment '([\w-]+)'", queued)
+    _sh("dvc queue start", project)
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not re.search(rf"{name}.*(Success|Failed)", status := _sh("dvc queue status", project)):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert re.search(rf"{name}.*Success", status), _sh(f"dvc queue logs {name}", project)
+    assert ran_stages(_sh(f"dvc queue logs {name}", project)) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+    _sh(f"dvc exp show --json > {tmp_path / 'exps.json'}", project)
+    rows = [exp for rev in json.loads((tmp_path / "exps.json").read_text())
+            for exp in [rev, *[e for e in (rev.get("experiments") or []) for e in e.get("revs", [])]]]
+    (exp,) = [r for r in rows if r.get("name") == name]
+    headline = exp["data"]["metrics"][f"{D}/eval/at/headline.json"]["data"]
+    first = json.loads((tmp_path / "first_at_headline.json").read_text())
+    assert headline == first and headline["worst_case"]["n"] == 20
+    assert exp["data"]["params"]["params.yaml"]["data"]["evaluation"]["defences"]["at"]["n_points"] == 20
 
 
 def test_snakemake_lint_is_clean() -> None:
