@@ -377,7 +377,10 @@ def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
 
 
 def published_sentence(spec: DefenceSpec, m: dict[str, Any]) -> str:
-    """What the defence's paper reports, and whether it reports this run's dataset and threat model."""
+    """What the defence's paper reports, and whether it reports this run's dataset and threat model (when the
+    metrics name them)."""
+    if "eps" not in m:
+        return spec.published
     dataset = dataset_spec(m["dataset"]) if m.get("dataset") in DATASETS else None
     title = dataset.title if dataset else m.get("dataset", "this dataset")
     same = any(d == m.get("dataset") and norm == m.get("norm", "Linf") and abs(eps - m["eps"]) < 1e-9
