@@ -55,8 +55,10 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     """AutoAttack (pyautoattack, the reference attack code) at `norm` radius `eps`; returns per-point robustness
     and the adversarial points (the clean point where no attack succeeded in this run).
 
-    Resumable: AutoAttack records in `state_path` which attacks already ran and which points are still
-    robust, so a killed evaluation continues where it stopped. The file is removed once the run is complete.
+    The caller resumes batch by batch (`_autoattack`). A state file left by a run killed inside this batch is
+    discarded and the batch runs again from its start: pyautoattack 0.2.0 cannot read its own state back (it writes
+    the set of attacks as a string, and every later run refuses the file), and a fresh run keeps the batch's result
+    identical to an uninterrupted one's. The file is removed once the run is complete.
     """
     from pyautoattack import AutoAttack
     from pyautoattack.state import EvaluationState
@@ -66,6 +68,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         assert set(AUTOATTACK_ORDER[version]) == set(adversary.attacks_to_run)  # reordered, never changed
         adversary.attacks_to_run = list(AUTOATTACK_ORDER[version])
     state_path = state_path.resolve()
+    if state_path.exists():
+        log.warning("%s: left by a run killed inside this AutoAttack batch; running the batch again", state_path)
+        state_path.unlink()
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
     flags = EvaluationState.from_disk(state_path).robust_flags
     state_path.unlink()

@@ -63,6 +63,28 @@ def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> 
     assert files[1].exists() and files[0].stat().st_mtime_ns == kept  # only the lost batch ran again
 
 
+def test_a_batch_killed_inside_autoattack_runs_again(model: nn.Module, tmp_path: Path) -> None:
+    """A run killed inside an AutoAttack batch leaves pyautoattack's state file (its own format, which it cannot
+    read back); the rerun discards it and gives the uninterrupted batch's result."""
+    from pyautoattack.state import EvaluationState
+
+    x = torch.rand(4, 1, 28, 28)
+    y = predict(model, x, CPU, 4)
+    run = lambda folder: evaluation.run_autoattack(model, x, y, 0.05, "standard", CPU, 4, 0,  # noqa: E731
+                                                   folder / "batch_00000_autoattack_state.json")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    flags, x_adv = run(tmp_path / "a")
+    stale = EvaluationState({"apgd-ce", "apgd-t", "fab-t", "square"},
+                            path=tmp_path / "b" / "batch_00000_autoattack_state.json")
+    stale.run_attacks.add("apgd-ce")
+    stale.to_disk(force=True)  # what a kill during the batch leaves behind
+    torch.manual_seed(123)
+    again, x_again = run(tmp_path / "b")
+    assert torch.equal(flags, again) and torch.equal(x_adv, x_again)
+    assert not list((tmp_path / "b").iterdir())  # the state file is gone once the batch is complete
+
+
 class Noisy(nn.Module):
     """A randomised defence: the classifier's logits plus fresh noise on every pass."""
 
