@@ -127,9 +127,10 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.layout import Results
     from carso.report import write_report
 
-    write_report(args.dataset, Path(args.root), params, Path(args.out), args.params)
+    write_report(args.dataset, Results.parse(args.root, args.folders), params, Path(args.out), args.params)
 
 
 def method_stage(stage: StageSpec) -> Callable[[argparse.Namespace, dict[str, Any]], None]:
@@ -164,6 +165,8 @@ FINAL_STAGES: dict[str, Stage] = {
                                 ("--out", "folder for metrics.json, headline.json and examples.safetensors")],
                  "evaluate one defence with the full protocol"),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
+                            ("--folders*", "stage folders kept elsewhere (a study's shared stages): FOLDER=PATH, "
+                                           "e.g. eval/at=data/fashion_mnist/eval/at"),
                             ("--out", "folder for report.html, report.md and figures/")], "write the report"),
 }
 STAGES: dict[str, Stage] = {**SHARED_STAGES,
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, required=True, help=help_text)
     text = "compare runs (each named by its params file): parameter differences, figures, paired tests"
     p = sub.add_parser("compare", help=text, description=text)
-    p.add_argument("runs", nargs="+", metavar="PARAMS", help="the runs' params files (their output_root holds the results)")
+    p.add_argument("runs", nargs="*", metavar="PARAMS", help="the runs' params files (their output_root holds the results)")
+    p.add_argument("--study", default=None, help="instead: a study file; compares its variants (studies/*.yaml)")
     p.add_argument("--dataset", required=True, help="dataset the runs evaluated")
     p.add_argument("--out", required=True, help="folder for compare.html and compare.md")
     p.add_argument("--log-file", default=None, help="also write the log to this file")
@@ -198,7 +202,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Not a stage: reads finished runs (carso.compare), so no stage depends on its code."""
     from carso.compare import write_comparison
 
-    write_comparison(args.runs, args.dataset, Path(args.out))
+    write_comparison(args.runs, args.dataset, Path(args.out), args.study)
     log.info("wrote %s", Path(args.out) / "compare.html")
 
 

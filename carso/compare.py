@@ -5,6 +5,7 @@ For every defence evaluated in two runs on the same test set, the per-point wors
 points both runs attacked are paired, and an exact McNemar test on the points where they disagree says whether
 the runs differ for real or within noise (at the level 1 - evaluation.confidence of the first run). The page shows
 the parameter differences, every defence's figures side by side with their intervals, and the paired tests.
+A study (carso.study) is compared the same way, variant by variant, with a plot against its axis when it has one.
 
 Writes compare.html (self-contained) and compare.md, through the report's renderer.
 """
@@ -18,16 +19,18 @@ from typing import Any
 from carso.errors import UserError
 from carso.io import load_tensors, read_json
 from carso.params import load_params
-from carso.report import Section, _level, _pct, render
+from carso.layout import Results
+from carso.report import Section, _level, _pct, png, pyplot, render
 from carso.stats import paired_difference
+from carso.study import Plan, Study, load_study
 
 
 @dataclass
 class Run:
     """One run's settings and the results of its evaluated defences on one dataset."""
-    name: str  # the params file, as given
+    name: str  # the params file, as given (a study's variant: its label)
     params: dict[str, Any]
-    results: Path  # <output_root>/data/<dataset>
+    results: Results  # <output_root>/data/<dataset>, or where a study variant's stage folders are
     metrics: dict[str, dict[str, Any]]  # defence -> metrics.json
     robust: dict[str, list[bool]]  # defence -> per-point worst-case verdicts
     test_set: str  # sha256 of the test split (manifest.json): pairs need the same points
@@ -72,17 +75,30 @@ def load_run(params_file: str, dataset: str) -> Run:
     params = load_params(params_file)
     if dataset not in params["datasets"]:
         raise UserError(f"{params_file} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
-    results = Path(params["output_root"]) / "data" / dataset
+    results = Results(Path(params["output_root"]) / "data" / dataset)
+    return read_run(params_file, params, results, f"snakemake --cores all --config params_file={params_file}")
+
+
+def read_run(name: str, params: dict[str, Any], results: Results, command: str) -> Run:
     metrics, robust = {}, {}
-    for name in params["evaluation"]["defences"]:
-        folder = results / "eval" / name
-        if not (folder / "metrics.json").exists() or not (folder / "examples.safetensors").exists():
-            raise UserError(f"{params_file}: no results for defence '{name}' in {folder}; run "
-                            f"`snakemake --cores all --config params_file={params_file}` first.")
-        metrics[name] = read_json(folder / "metrics.json")
-        robust[name] = load_tensors(folder / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
-    test_set = read_json(results / "dataset" / "manifest.json")["splits"]["test"]
-    return Run(params_file, params, results, metrics, robust, str(test_set))
+    for defence in params["evaluation"]["defences"]:
+        files = [results.path(f"eval/{defence}/{f}") for f in ("metrics.json", "examples.safetensors")]
+        if not all(f.exists() for f in files):
+            raise UserError(f"{name}: no results for defence '{defence}' in {files[0].parent}; run `{command}` first.")
+        metrics[defence] = read_json(files[0])
+        robust[defence] = load_tensors(files[1])[0]["robust_worst_case"].bool().tolist()
+    test_set = read_json(results.path("dataset/manifest.json"))["splits"]["test"]
+    return Run(name, params, results, metrics, robust, str(test_set))
+
+
+def study_runs(study: Study, dataset: str) -> list[Run]:
+    """Every variant of a study, its results where the study's plan put them."""
+    if dataset not in study.base_params["datasets"]:
+        raise UserError(f"{study.base} does not run dataset '{dataset}' (its `datasets`: "
+                        f"{study.base_params['datasets']}).")
+    plan = Plan(study.base, study.base_params, study)
+    command = f"snakemake --cores all --config study={study.source}"
+    return [read_run(v.label, v.params, plan.results(i, dataset), command) for i, v in enumerate(study.variants)]
 
 
 def _defences(runs: list[Run]) -> list[str]:
@@ -108,6 +124,8 @@ def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
         having = [r for r in runs if name in r.robust]
         for i, a in enumerate(having):
             for b in having[i + 1:]:
+                if a.results.path(f"eval/{name}") == b.results.path(f"eval/{name}"):
+                    continue  # one evaluation shared by both (a study stage no changed key reaches)
                 if a.test_set != b.test_set:
                     rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", "0 (different test sets)", "", "", "", "",
                                  "not comparable"])
@@ -123,21 +141,75 @@ def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
 
 def compare_sections(runs: list[Run], dataset: str) -> list[Section]:
     confidence = runs[0].params["evaluation"]["confidence"]
-    about = [f"`{r.name}`: results in {r.results}" for r in runs] + [
+    about = [f"`{r.name}`: results in {r.results.root}" for r in runs] + [
         f"A paired test pairs one defence's per-point worst-case verdicts in two runs on the first test points both "
         f"attacked; the difference is real when the exact McNemar test on the points where they disagree gives "
         f"p < {1 - confidence:.2g} (evaluation.confidence {confidence:g} of `{runs[0].name}`), and within noise "
-        f"otherwise."]
+        f"otherwise. Two runs that share one evaluation (a study's stage that no changed key reaches) are not "
+        f"paired: their verdicts are the same by construction."]
     return [("Runs", "list", about),
             ("Parameter differences", "table", parameter_differences(runs)),
             (f"Results side by side ({_level(confidence)} Wilson intervals, {dataset})", "table", results_rows(runs)),
             ("Paired tests of the worst case (same first points)", "table", paired_rows(runs, confidence))]
 
 
-def write_comparison(params_files: list[str], dataset: str, out_dir: Path) -> None:
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def axis_png(runs: list[Run], key: str, values: list[Any], labels: list[str]) -> bytes:
+    """Clean (attacked points) and worst-case robust accuracy of every defence against a study's one axis, with
+    the Wilson intervals."""
+    plt = pyplot()
+    x = values if _numeric(values) else list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for index, name in enumerate(_defences(runs)):
+        colour = f"C{index}"
+        for metric, style, what in (("clean_subset", "--", "clean"), ("robust_worst_case", "-", "worst case")):
+            entries = [r.metrics[name][metric] for r in runs]
+            acc = [100 * e["accuracy"] for e in entries]
+            err = [[a - 100 * e["ci_low"] for a, e in zip(acc, entries)],
+                   [100 * e["ci_high"] - a for a, e in zip(acc, entries)]]
+            ax.errorbar(x, acc, yerr=err, fmt="o" + style, color=colour, capsize=3, markersize=4,
+                        label=f"{name}, {what}")
+    if not _numeric(values):
+        ax.set_xticks(x, labels)
+    ax.set_xlabel(key)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    level = _level(runs[0].params["evaluation"]["confidence"])
+    ax.set_title(f"On each defence's attacked points, with {level} Wilson intervals", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return png(fig)
+
+
+def study_sections(study: Study, runs: list[Run], dataset: str) -> list[Section]:
+    """The comparison of a study's variants, with the plot against its axis when it has one."""
+    axes = ", ".join(f"`{k}` in {v}" for k, v in study.axes.items())
+    lines = [f"Study file: `{study.source}`; base params: `{study.base}`; axes ({study.mode}): {axes}; "
+             f"{len(runs)} variants."]
+    sections = [("Study", "list", lines), *compare_sections(runs, dataset)]
+    if len(study.axes) == 1:
+        key = next(iter(study.axes))
+        figure = axis_png(runs, key, study.axes[key], study.labels[key])
+        sections.insert(1, (f"Accuracy against `{key}`", "figure", ("study_axis", figure)))
+    return sections
+
+
+def write_comparison(params_files: list[str], dataset: str, out_dir: Path, study_file: str | None = None) -> None:
+    """compare.html and compare.md of the runs named by their params files, or of a study's variants."""
+    if study_file:
+        if params_files:
+            raise UserError("compare: give either params files or --study, not both.")
+        study = load_study(study_file)
+        runs = study_runs(study, dataset)
+        render(f"Study {study.name}: {len(runs)} variants ({dataset})", dataset, study_sections(study, runs, dataset),
+               out_dir, stem="compare")
+        return
     if len(params_files) < 2:
         raise UserError("compare needs two runs or more: give their params files (e.g. params.yaml "
-                        "configs/carso_large.yaml).")
+                        "configs/carso_large.yaml), or a study (--study studies/carso_samples.yaml).")
     runs = [load_run(f, dataset) for f in params_files]
     render(f"Comparison of {len(runs)} runs ({dataset})", dataset, compare_sections(runs, dataset), out_dir,
            stem="compare")

@@ -21,6 +21,7 @@ from carso.datasets import DATASETS, dataset_spec
 from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, resolve
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
+from carso.layout import Results
 from carso.stats import paired_difference
 
 # (title, kind, content): kind "list" (sentences), "table" (rows, the first is the header), "code" (text) or
@@ -414,29 +415,29 @@ def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bo
     return out
 
 
-def gather(root: Path, defences: list[str], params: dict[str, Any]) -> dict[str, Any]:
-    """Read the shared results of one dataset's folder and every evaluated defence's metrics and examples."""
+def gather(results: Results, defences: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """Read the shared results of one dataset and every evaluated defence's metrics and examples."""
     evals, robust, examples = {}, {}, {}
     for name in defences:
-        evals[name] = read_json(root / "eval" / name / "metrics.json")
-        tensors, _ = load_tensors(root / "eval" / name / "examples.safetensors")
+        evals[name] = read_json(results.path(f"eval/{name}/metrics.json"))
+        tensors, _ = load_tensors(results.path(f"eval/{name}/examples.safetensors"))
         robust[name] = tensors.pop("robust_worst_case").bool().tolist()
         examples[name] = tensors
-    return {"manifest": read_json(root / "dataset" / "manifest.json"),
-            "train": read_json(root / "classifier" / "train_metrics.json"),
-            "curve": read_curve(root / "classifier" / "curve.csv"),
-            "adversarial": read_json(root / "adversarial" / "summary.json"), "evals": evals,
+    return {"manifest": read_json(results.path("dataset/manifest.json")),
+            "train": read_json(results.path("classifier/train_metrics.json")),
+            "curve": read_curve(results.path("classifier/curve.csv")),
+            "adversarial": read_json(results.path("adversarial/summary.json")), "evals": evals,
             "robust": robust, "examples": examples, "specs": {name: defence(name, params) for name in defences}}
 
 
-def write_report(dataset: str, root: Path, params: dict[str, Any], out_dir: Path,
+def write_report(dataset: str, results: Results, params: dict[str, Any], out_dir: Path,
                  params_file: str = "params.yaml") -> None:
     """Write report.html, report.md and figures/*.png for the defences of evaluation.defences; `params_file`: the
     file the run read, named with the command that reproduces it."""
     defences = list(params["evaluation"]["defences"])
-    sections = _sections(dataset, gather(root, defences, params), params, params_file)
+    sections = _sections(dataset, gather(results, defences, params), params, params_file)
     for method in methods_of(defences, params):
-        sections[-2:-2] = resolve(method.report)(root, params) if method.report else []
+        sections[-2:-2] = resolve(method.report)(results, params) if method.report else []
     render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
 
 

@@ -79,26 +79,15 @@ def stage_name(job: dict[str, Any]) -> str:
     return f"{job['rule']}@{dataset}"
 
 
-def expected_settings(job: dict[str, Any], settings: dict[str, list[str]]) -> list[str]:
-    """What each rule declares: literally (settings(...)), or per defence (evaluate) and per method (report) through
-    the registry functions the rules call (carso.defences.evaluation_keys, report_keys)."""
-    from carso.defences import METHODS, defence as defence_spec, evaluation_keys, report_keys
+def expected_settings(job: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """What each rule declares through `settings(stage)`: the keys carso.stages says the stage reads (per defence
+    for evaluate, through carso.defences.evaluation_keys; per method for the report)."""
+    from carso.stages import evaluate_stage, graph
 
-    if job["rule"] == "evaluate":
-        return sorted(evaluation_keys(defence_spec(re.search(r"--defence (\w+)", job["shell"]).group(1))))
-    if job["rule"] == "report":
-        return sorted(report_keys(list(METHODS)))
-    return settings[job["rule"]]
-
-
-def snakemake_settings() -> dict[str, list[str]]:
-    """The params.yaml keys each rule declares through `settings(...)` in workflow/rules/*.smk."""
-    found = {}
-    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        text = smk.read_text()
-        for rule, keys in re.findall(r"^rule (\w+):.*?settings=settings\(([^)]*)\)", text, re.S | re.M):
-            found[rule] = sorted(k.strip().strip('"') for k in keys.split(","))
-    return found
+    stage = job["rule"]
+    if stage == "evaluate":
+        stage = evaluate_stage(re.search(r"--defence (\w+)", job["shell"]).group(1))
+    return sorted(graph(params)[stage].keys)
 
 
 def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
@@ -108,7 +97,6 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", params)
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
-    settings = snakemake_settings()
     assert len(jobs) == len(stages) == 22  # 11 per dataset: 5 trainings, 4 evaluations, fetch, report
     for job in jobs:
         name = stage_name(job)
@@ -116,7 +104,7 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
         assert normalise(job["shell"]) == normalise(stage["cmd"]), name
         assert sorted(job["output"]) == stage["outs"], name
         assert sorted(job["input"]) == stage["deps"], name
-        assert expected_settings(job, settings) == stage["params"], name
+        assert expected_settings(job, params) == stage["params"], name
     assert not stages
 
 

@@ -19,6 +19,9 @@ class StageSpec:
     options: tuple[tuple[str, str], ...]     # CLI flags beyond --params/--dataset/--threads/--log-file, with help
     data_parallel: bool = False              # may run under torchrun (every other stage refuses it)
     help: str = ""
+    settings: tuple[str, ...] = ()           # params.yaml keys it reads (the rule's settings, dvc.yaml's params)
+    after: tuple[str, ...] = ()              # the stages whose outputs it reads (carso.stages adds their closure)
+    out: str = ""                            # its folder under data/<dataset>/, e.g. "purifier"
 
     @property
     def command(self) -> str:

@@ -1,16 +1,16 @@
 rule generate_adversarial:
     input:
         code=code("generate_adversarial"),
-        model=out("data/{dataset}/classifier/model.safetensors"),
-        train=out("data/{dataset}/dataset/train.safetensors"),
-        test=out("data/{dataset}/dataset/test.safetensors"),
+        model=src("data/{dataset}/classifier/model.safetensors"),
+        train=src("data/{dataset}/dataset/train.safetensors"),
+        test=src("data/{dataset}/dataset/test.safetensors"),
     output:
         train=out("data/{dataset}/adversarial/train.safetensors"),
         test=out("data/{dataset}/adversarial/test.safetensors"),
         summary=out("data/{dataset}/adversarial/summary.json"),
     params:
-        settings=settings("adversarial", "evaluation.norm", "runtime.seed"),
-        params_file=PARAMS_FILE,
+        settings=settings("generate_adversarial"),
+        params_file=params_file,
         data=subpath(input.train, parent=True),
         out=subpath(output.summary, parent=True),
     conda:

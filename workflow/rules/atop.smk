@@ -5,10 +5,10 @@
 rule pretrain_inpainter:
     input:
         code=code("pretrain_inpainter"),
-        model=out("data/{dataset}/classifier/model.safetensors"),
-        train=out("data/{dataset}/dataset/train.safetensors"),
-        manifest=out("data/{dataset}/dataset/manifest.json"),
-        test=out("data/{dataset}/adversarial/test.safetensors"),
+        model=src("data/{dataset}/classifier/model.safetensors"),
+        train=src("data/{dataset}/dataset/train.safetensors"),
+        manifest=src("data/{dataset}/dataset/manifest.json"),
+        test=src("data/{dataset}/adversarial/test.safetensors"),
     output:
         model=out("data/{dataset}/atop/pretrain/inpainter.safetensors"),
         discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
@@ -19,10 +19,8 @@ rule pretrain_inpainter:
         ),
         metrics=out("data/{dataset}/atop/pretrain/train_metrics.json"),
     params:
-        settings=settings(
-            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.pretrain", "runtime.seed"
-        ),
-        params_file=PARAMS_FILE,
+        settings=settings("pretrain_inpainter"),
+        params_file=params_file,
         data=subpath(input.train, parent=True),
         adversarial=subpath(input.test, parent=True),
         out=subpath(output.model, parent=True),
@@ -44,12 +42,12 @@ rule pretrain_inpainter:
 rule finetune_inpainter:
     input:
         code=code("finetune_inpainter"),
-        model=out("data/{dataset}/classifier/model.safetensors"),
-        train=out("data/{dataset}/dataset/train.safetensors"),
-        manifest=out("data/{dataset}/dataset/manifest.json"),
-        test=out("data/{dataset}/adversarial/test.safetensors"),
-        inpainter=out("data/{dataset}/atop/pretrain/inpainter.safetensors"),
-        discriminator=out("data/{dataset}/atop/pretrain/discriminator.safetensors"),
+        model=src("data/{dataset}/classifier/model.safetensors"),
+        train=src("data/{dataset}/dataset/train.safetensors"),
+        manifest=src("data/{dataset}/dataset/manifest.json"),
+        test=src("data/{dataset}/adversarial/test.safetensors"),
+        inpainter=src("data/{dataset}/atop/pretrain/inpainter.safetensors"),
+        discriminator=src("data/{dataset}/atop/pretrain/discriminator.safetensors"),
     output:
         model=out("data/{dataset}/atop/finetune/inpainter.safetensors"),
         curve=report(
@@ -59,11 +57,8 @@ rule finetune_inpainter:
         ),
         metrics=out("data/{dataset}/atop/finetune/train_metrics.json"),
     params:
-        settings=settings(
-            "atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune", "evaluation.norm",
-            "runtime.seed"
-        ),
-        params_file=PARAMS_FILE,
+        settings=settings("finetune_inpainter"),
+        params_file=params_file,
         data=subpath(input.train, parent=True),
         adversarial=subpath(input.test, parent=True),
         pretrained=subpath(input.inpainter, parent=True),

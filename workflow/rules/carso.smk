@@ -1,9 +1,9 @@
 rule train_purifier:
     input:
         code=code("train_purifier"),
-        model=out("data/{dataset}/classifier/model.safetensors"),
-        train=out("data/{dataset}/adversarial/train.safetensors"),
-        test=out("data/{dataset}/adversarial/test.safetensors"),
+        model=src("data/{dataset}/classifier/model.safetensors"),
+        train=src("data/{dataset}/adversarial/train.safetensors"),
+        test=src("data/{dataset}/adversarial/test.safetensors"),
     output:
         model=out("data/{dataset}/purifier/model.safetensors"),
         curve=report(
@@ -13,8 +13,8 @@ rule train_purifier:
         ),
         metrics=out("data/{dataset}/purifier/train_metrics.json"),
     params:
-        settings=settings("purifier", "runtime.seed"),
-        params_file=PARAMS_FILE,
+        settings=settings("train_purifier"),
+        params_file=params_file,
         launch=launcher,
         adversarial=subpath(input.train, parent=True),
         out=subpath(output.model, parent=True),

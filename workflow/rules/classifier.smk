@@ -1,9 +1,9 @@
 rule train_classifier:
     input:
         code=code("train_classifier"),
-        train=out("data/{dataset}/dataset/train.safetensors"),
-        test=out("data/{dataset}/dataset/test.safetensors"),
-        manifest=out("data/{dataset}/dataset/manifest.json"),
+        train=src("data/{dataset}/dataset/train.safetensors"),
+        test=src("data/{dataset}/dataset/test.safetensors"),
+        manifest=src("data/{dataset}/dataset/manifest.json"),
     output:
         model=out("data/{dataset}/classifier/model.safetensors"),
         curve=report(
@@ -13,8 +13,8 @@ rule train_classifier:
         ),
         metrics=out("data/{dataset}/classifier/train_metrics.json"),
     params:
-        settings=settings("classifier", "data.download_root", "evaluation.norm", "runtime.seed"),
-        params_file=PARAMS_FILE,
+        settings=settings("train_classifier"),
+        params_file=params_file,
         launch=launcher,
         data=subpath(input.manifest, parent=True),
         out=subpath(output.model, parent=True),

@@ -5,12 +5,16 @@ import sys
 from pathlib import Path
 
 from carso.codedeps import stage_code
-from carso.defences import defence as defence_spec, evaluation_keys, methods_of, report_keys
+from carso.defences import defence as defence_spec, methods_of
 from carso.errors import UserError
 from carso.params import validate as validate_params
+from carso.stages import evaluate_stage, producer
+from carso.study import Plan, load_study
 
+CONFIG = {k: v for k, v in config.items() if k not in ("params_file", "study")}  # the params file's own keys
 try:  # the shared schema, every method's schema fragment and the cross-key rules, in one sentence on failure
-    validate_params({k: v for k, v in config.items() if k != "params_file"}, PARAMS_FILE)
+    validate_params(CONFIG, PARAMS_FILE)
+    STUDY = load_study(config["study"]) if "study" in config else None  # every variant validated too
 except UserError as err:
     sys.exit(f"error: {err}")
 
@@ -20,12 +24,36 @@ if Path(PARAMS_FILE).resolve() == Path("params.yaml").resolve() and ROOT != ".":
              "at the project root; give another run a root of its own in a params file of its own "
              "(snakemake --config params_file=PATH)")
 
+# Where each stage of each variant writes (carso.study.Plan): the `root` wildcard of every path, "" for params.yaml's
+# `.`. Without a study every stage writes under output_root; in a study a stage that no axis reaches is shared with
+# the base run and one that some axis reaches writes under runs/studies/<study>/<those axes' values>/.
+PLAN = Plan(PARAMS_FILE, CONFIG, STUDY)
+PLAN.write_params_files()
+
 
 def out(path):
-    """`path` (data/..., logs/..., benchmarks/...) under the params file's output_root: params.yaml's `.` keeps the
-    layout dvc.yaml uses; any other file writes under its own root (configs/*.yaml: runs/<name>), so runs of
-    different params files never overwrite each other."""
-    return path if ROOT == "." else f"{ROOT}/{path}"
+    """`path` (data/..., logs/..., benchmarks/...) under the job's root: params.yaml's `.` keeps the layout dvc.yaml
+    uses; any other file writes under its own root (configs/*.yaml: runs/<name>), so runs of different params files
+    never overwrite each other."""
+    return f"{{root}}{path}"
+
+
+def made(wildcards, path):
+    """The file `path` (data/{dataset}/<stage folder>/...) that the stage owning that folder wrote for this job's
+    variants: under the same root, or under the shared one when the axes reaching this job do not reach it."""
+    relative = path.format(**dict(wildcards.items())).split("/", 2)[2]
+    stage = producer(PLAN.graph, relative)
+    return f"{PLAN.upstream_prefix(wildcards.root, stage)}{path.format(**dict(wildcards.items()))}"
+
+
+def src(path):
+    """An input written by an upstream stage (see `made`), for a rule's input section."""
+    return lambda wildcards: made(wildcards, path)
+
+
+def params_file(wildcards):
+    """The params file the job's stage runs with: the base file, or the study folder's own (PLAN)."""
+    return PLAN.params_file_of(wildcards.root)
 
 
 DATASETS = config["datasets"]
@@ -41,17 +69,26 @@ def code(stage, defences=()):
 
 
 def all_targets():
-    return expand(out("data/{dataset}/report/report.html"), dataset=DATASETS)
+    """Each variant's report (without a study: the params file's), and a study's comparison page."""
+    reports = {f"{PLAN.prefix('report', i)}data/{d}/report/report.html" for i in range(len(PLAN.variants))
+               for d in DATASETS}
+    pages = [f"{STUDY.root}/compare/{d}/compare.html" for d in DATASETS] if STUDY else []
+    return sorted(reports) + pages
 
 
-def settings(*keys):
-    """The params.yaml keys (dotted for nested ones) a stage depends on; a change there reruns it."""
-    values = {}
-    for key in keys:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
+def _lookup(params, key):
+    node = params
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def settings(stage):
+    """The values of the params.yaml keys (dotted for nested ones) `stage` reads (carso.stages), in the params of
+    the job's root; a change there reruns it. `stage` may be a function of the wildcards (evaluate)."""
+    def values(wildcards):
+        name = stage(wildcards) if callable(stage) else stage
+        return {key: _lookup(PLAN.params_of(wildcards.root), key) for key in PLAN.graph[name].keys}
     return values
 
 
@@ -77,28 +114,29 @@ def launcher(wildcards, resources):
 def evaluate_inputs(wildcards):
     """Every defence needs the classifier, the test set and the stored transfer examples, plus the trained files
     its registry entry names (`DefenceSpec.artifacts`)."""
-    d = out(f"data/{wildcards.dataset}")
     spec = SPECS[wildcards.defence]
-    inputs = {"code": code("evaluate", [spec.base]), "model": f"{d}/classifier/model.safetensors",
-              "test": f"{d}/dataset/test.safetensors", "adversarial": f"{d}/adversarial/test.safetensors"}
-    artifacts = [f"{d}/{a}" for a in spec.artifacts]
+    d = "data/{dataset}"
+    inputs = {"code": code("evaluate", [spec.base]), "model": made(wildcards, f"{d}/classifier/model.safetensors"),
+              "test": made(wildcards, f"{d}/dataset/test.safetensors"),
+              "adversarial": made(wildcards, f"{d}/adversarial/test.safetensors")}
+    artifacts = [made(wildcards, f"{d}/{a}") for a in spec.artifacts]
     return {**inputs, "artifacts": artifacts} if artifacts else inputs
-
-
-def evaluate_settings(wildcards):
-    """The keys one defence's evaluation depends on (carso.defences.evaluation_keys, also dvc.yaml's params)."""
-    return settings(*evaluation_keys(SPECS[wildcards.defence]))
 
 
 def report_inputs(wildcards):
     """The shared results, every evaluated defence's metrics and examples, and each method's report files."""
-    d = out(f"data/{wildcards.dataset}")
-    inputs = {"code": code("report", sorted({s.base for s in SPECS.values()})), "manifest": f"{d}/dataset/manifest.json",
-              "curve": f"{d}/classifier/curve.csv", "train": f"{d}/classifier/train_metrics.json",
-              "adversarial": f"{d}/adversarial/summary.json",
-              "evals": [f"{d}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "examples.safetensors")]}
-    return {**inputs, "methods": [f"{d}/{f}" for m in METHODS for f in m.report_files]}
+    d = "data/{dataset}"
+    inputs = {"code": code("report", sorted({s.base for s in SPECS.values()})),
+              "manifest": made(wildcards, f"{d}/dataset/manifest.json"),
+              "curve": made(wildcards, f"{d}/classifier/curve.csv"),
+              "train": made(wildcards, f"{d}/classifier/train_metrics.json"),
+              "adversarial": made(wildcards, f"{d}/adversarial/summary.json"),
+              "evals": [made(wildcards, f"{d}/eval/{name}/{f}") for name in DEFENCES
+                        for f in ("metrics.json", "examples.safetensors")]}
+    return {**inputs, "methods": [made(wildcards, f"{d}/{f}") for m in METHODS for f in m.report_files]}
 
 
-def report_settings():
-    return settings(*report_keys(METHODS))
+def report_folders(wildcards):
+    """The report's --folders: the stage folders of its variant that live under another root (none in a plain run)."""
+    moved = PLAN.results_at(wildcards.root, wildcards.dataset).arguments()
+    return f" --folders {' '.join(moved)}" if moved else ""

@@ -6,8 +6,8 @@ rule fetch:
         test=out("data/{dataset}/dataset/test.safetensors"),
         manifest=out("data/{dataset}/dataset/manifest.json"),
     params:
-        settings=settings("data"),
-        params_file=PARAMS_FILE,
+        settings=settings("fetch"),
+        params_file=params_file,
         out=subpath(output.manifest, parent=True),
     conda:
         "../envs/carso.yaml"

@@ -11,8 +11,8 @@ rule evaluate:
         ),
         examples=out("data/{dataset}/eval/{defence}/examples.safetensors"),
     params:
-        settings=evaluate_settings,
-        params_file=PARAMS_FILE,
+        settings=settings(lambda wildcards: evaluate_stage(wildcards.defence)),
+        params_file=params_file,
         artifacts=lambda wildcards, input: (
             f" --artifacts {' '.join(input.artifacts)}" if "artifacts" in input.keys() else ""
         ),

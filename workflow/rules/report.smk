@@ -15,9 +15,10 @@ rule report:
             category="Figures",
         ),
     params:
-        settings=report_settings(),
-        params_file=PARAMS_FILE,
-        root=lambda wildcards, input: str(Path(input.manifest).parent.parent),
+        settings=settings("report"),
+        params_file=params_file,
+        root="{root}data/{dataset}",
+        folders=report_folders,
         out=subpath(output.html, parent=True),
     conda:
         "../envs/carso.yaml"
@@ -27,4 +28,4 @@ rule report:
         mem_mb=2000,
     shell:
         "python -m carso report --params {params.params_file} --dataset {wildcards.dataset}"
-        " --root {params.root} --out {params.out} --log-file {log}"
+        " --root {params.root}{params.folders} --out {params.out} --log-file {log}"

@@ -1,10 +1,10 @@
 """AToP's part of the report: how the inpainter was pre-trained and fine-tuned, and its curves."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from carso.io import read_json
+from carso.layout import Results
 from carso.report import Section, png, pyplot, read_curve
 
 
@@ -51,9 +51,9 @@ def stage_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def sections(root: Path, params: dict[str, Any]) -> list[Section]:
+def sections(results: Results, params: dict[str, Any]) -> list[Section]:
     """The inpainter's pre-training and fine-tuning summaries and curves."""
-    pre, fine = root / "atop" / "pretrain", root / "atop" / "finetune"
+    pre, fine = results.path("atop/pretrain"), results.path("atop/finetune")
     lines = stage_lines(read_json(pre / "train_metrics.json")) + stage_lines(read_json(fine / "train_metrics.json"))
     figure = inpainter_curves_png(read_curve(pre / "curve.csv"), read_curve(fine / "curve.csv"))
     return [("AToP: inpainter training", "list", lines),

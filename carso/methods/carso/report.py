@@ -1,10 +1,10 @@
 """CARSO's part of the report: how the purifier trained, its curves, and a note on posterior collapse."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from carso.io import read_json
+from carso.layout import Results
 from carso.report import Section, png, pyplot, read_curve
 
 COLLAPSE_KL = 1.0  # nats per image: below this the latent carries almost no information
@@ -39,8 +39,8 @@ def purifier_lines(pur: dict[str, Any]) -> list[str]:
                "and the defence is only weakly random."] if pur["final_kl"] < COLLAPSE_KL else [])]
 
 
-def sections(root: Path, params: dict[str, Any]) -> list[Section]:
+def sections(results: Results, params: dict[str, Any]) -> list[Section]:
     """The purifier's training summary and curves (train_purifier's files)."""
-    curve = read_curve(root / "purifier" / "curve.csv")
-    return [("CARSO: purifier training", "list", purifier_lines(read_json(root / "purifier" / "train_metrics.json"))),
+    curve = read_curve(results.path("purifier/curve.csv"))
+    return [("CARSO: purifier training", "list", purifier_lines(read_json(results.path("purifier/train_metrics.json")))),
             ("CARSO: purifier training curves", "figure", ("purifier_curves", purifier_curves_png(curve)))]

@@ -1,0 +1,81 @@
+"""The pipeline's stages as a graph: the params.yaml keys each stage reads, the stages whose outputs it reads and
+the folder it writes under data/<dataset>/.
+
+The Snakemake rules take their settings from here (dvc.yaml's params must match; tests/test_workflow.py checks
+it), and a study (carso.study) uses the graph to tell which stages a changed key reaches: a stage is reached when
+it, or any stage upstream of it, reads the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from carso.defences import defence, evaluation_keys, methods_of, report_keys
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                   # the rule's name; the evaluate rule's jobs are evaluate:<defence>
+    keys: tuple[str, ...]       # the params.yaml keys it reads (dotted for nested ones)
+    after: tuple[str, ...]      # the stages whose outputs it reads
+    out: str                    # its folder under data/<dataset>/
+
+
+SHARED = (
+    Stage("fetch", ("data",), (), "dataset"),
+    Stage("train_classifier", ("classifier", "data.download_root", "evaluation.norm", "runtime.seed"), ("fetch",),
+          "classifier"),
+    Stage("generate_adversarial", ("adversarial", "evaluation.norm", "runtime.seed"), ("fetch", "train_classifier"),
+          "adversarial"),
+)
+
+
+def evaluate_stage(name: str) -> str:
+    return f"evaluate:{name}"
+
+
+def producer(graph: dict[str, Stage], artifact: str) -> str:
+    """The stage that writes `artifact` (a path under data/<dataset>/, e.g. purifier/model.safetensors)."""
+    return next(s.name for s in graph.values() if artifact.startswith(s.out + "/"))
+
+
+def graph(params: dict[str, Any]) -> dict[str, Stage]:
+    """Every stage the params file runs, upstream stages first: the shared ones, the training stages of the
+    methods behind evaluation.defences, one evaluation per defence and the report."""
+    names = list(params["evaluation"]["defences"])
+    methods = methods_of(names, params)
+    stages = {s.name: s for s in SHARED}
+    for method in methods:
+        for st in method.stages:
+            stages[st.name] = Stage(st.name, st.settings, st.after, st.out)
+    training = [s for s in stages if s not in {x.name for x in SHARED}]
+    for name in names:
+        spec = defence(name, params)
+        producers = tuple(dict.fromkeys(producer(stages, a) for a in spec.artifacts))
+        stages[evaluate_stage(name)] = Stage(evaluate_stage(name), tuple(evaluation_keys(spec)),
+                                             ("generate_adversarial", *producers), f"eval/{name}")
+    stages["report"] = Stage("report", tuple(report_keys(methods)),
+                             (*training, *(evaluate_stage(n) for n in names)), "report")
+    return stages
+
+
+def upstream(stages: dict[str, Stage], name: str) -> list[str]:
+    """`name` and every stage it depends on, directly or not."""
+    seen, todo = [], [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.append(current)
+            todo.extend(stages[current].after)
+    return seen
+
+
+def overlaps(read: str, changed: str) -> bool:
+    """A stage that reads `read` sees a change of `changed` when one of the two dotted keys contains the other
+    (reading `classifier` sees `classifier.epochs`; reading `evaluation.eps` does not see `evaluation.norm`)."""
+    return read == changed or changed.startswith(read + ".") or read.startswith(changed + ".")
+
+
+def reached(stages: dict[str, Stage], name: str, changed: str) -> bool:
+    """Whether changing the key `changed` changes what stage `name` makes."""
+    return any(overlaps(k, changed) for s in upstream(stages, name) for k in stages[s].keys)
