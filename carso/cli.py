@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     text = "compare runs (each named by its params file): parameter differences, figures, paired tests"
     p = sub.add_parser("compare", help=text, description=text)
     p.add_argument("runs", nargs="*", metavar="PARAMS", help="the runs' params files (their output_root holds the results)")
+    p.add_argument("--rev", action="append", default=[], metavar="REV",
+                   help="a git revision or DVC experiment of this DVC project as one more run (repeatable)")
     p.add_argument("--study", default=None, help="instead: a study file; compares its variants (studies/*.yaml)")
     p.add_argument("--dataset", required=True, help="dataset the runs evaluated")
     p.add_argument("--out", required=True, help="folder for compare.html and compare.md")
@@ -202,7 +204,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Not a stage: reads finished runs (carso.compare), so no stage depends on its code."""
     from carso.compare import write_comparison
 
-    write_comparison(args.runs, args.dataset, Path(args.out), args.study)
+    write_comparison(args.runs, args.dataset, Path(args.out), args.study, args.rev)
     log.info("wrote %s", Path(args.out) / "compare.html")
 
 

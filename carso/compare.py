@@ -5,6 +5,7 @@ For every defence evaluated in two runs on the same test set, the per-point wors
 points both runs attacked are paired, and an exact McNemar test on the points where they disagree says whether
 the runs differ for real or within noise (at the level 1 - evaluation.confidence of the first run). The page shows
 the parameter differences, every defence's figures side by side with their intervals, and the paired tests.
+A git revision or DVC experiment (--rev) is a run too: its params.yaml from git, its results from DVC's cache.
 A study (carso.study) is compared the same way, variant by variant, with a plot against its axis when it has one.
 
 Writes compare.html (self-contained) and compare.md, through the report's renderer.
@@ -12,13 +13,15 @@ Writes compare.html (self-contained) and compare.md, through the report's render
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from carso.errors import UserError
 from carso.io import load_tensors, read_json
-from carso.params import load_params
+from carso.params import load_params, validate
 from carso.layout import Results
 from carso.report import Section, _level, _pct, png, pyplot, render
 from carso.stats import paired_difference
@@ -34,6 +37,7 @@ class Run:
     metrics: dict[str, dict[str, Any]]  # defence -> metrics.json
     robust: dict[str, list[bool]]  # defence -> per-point worst-case verdicts
     test_set: str  # sha256 of the test split (manifest.json): pairs need the same points
+    where: str = ""  # where the results come from, in words (default: the results folder)
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:
@@ -91,6 +95,38 @@ def read_run(name: str, params: dict[str, Any], results: Results, command: str) 
     return Run(name, params, results, metrics, robust, str(test_set))
 
 
+def load_revision(rev: str, dataset: str, scratch: Path) -> Run:
+    """A git revision or DVC experiment of the DVC project in the working directory: its params.yaml from git, its
+    evaluations from DVC's cache (dvc.api), copied under `scratch`. One sentence when either is not there."""
+    import dvc.api
+    import yaml
+
+    try:
+        params = yaml.safe_load(dvc.api.read("params.yaml", rev=rev))
+    except Exception as err:  # dvc raises many kinds (unknown revision, no DVC repo, no such file)
+        raise UserError(f"--rev {rev}: cannot read params.yaml at that revision ({type(err).__name__}); give a git "
+                        "revision or a DVC experiment of this project (`git log`, `dvc exp show`).") from None
+    params = validate(params, f"params.yaml at {rev}")
+    if dataset not in params["datasets"]:
+        raise UserError(f"params.yaml at {rev} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
+    root = scratch / re.sub(r"[^\w.-]", "_", rev) / "data" / dataset
+    wanted = ["dataset/manifest.json", *(f"eval/{d}/{f}" for d in params["evaluation"]["defences"]
+                                        for f in ("metrics.json", "examples.safetensors"))]
+    for relative in wanted:
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with dvc.api.open(f"data/{dataset}/{relative}", rev=rev, mode="rb") as source:
+                target.write_bytes(source.read())
+        except Exception as err:
+            raise UserError(f"--rev {rev}: data/{dataset}/{relative} is not in DVC's cache for that revision "
+                            f"({type(err).__name__}); run `dvc repro` (or `dvc exp apply {rev}` and `dvc pull`) "
+                            "first.") from None
+    run = read_run(rev, params, Results(root), f"dvc repro at {rev}")
+    run.where = f"params.yaml from git and results from DVC's cache at revision {rev}"
+    return run
+
+
 def study_runs(study: Study, dataset: str) -> list[Run]:
     """Every variant of a study, its results where the study's plan put them."""
     if dataset not in study.base_params["datasets"]:
@@ -106,12 +142,14 @@ def _defences(runs: list[Run]) -> list[str]:
 
 
 def results_rows(runs: list[Run]) -> list[list[str]]:
-    """defence | clean and worst case in each run (with intervals and n)."""
-    rows = [["defence", *(f"{what}, `{r.name}`" for r in runs for what in ("clean", "worst case"))]]
+    """defence | run | clean | worst case (with intervals and n): one row per defence and run, so that the table
+    keeps its width however many runs a study has."""
+    rows = [["defence", "run", "clean (full test set)", "worst case (attacked points)"]]
     for name in _defences(runs):
-        cells = [_pct(r.metrics[name][k]) if name in r.metrics else "not evaluated"
-                 for r in runs for k in ("clean", "robust_worst_case")]
-        rows.append([f"`{name}`", *cells])
+        for r in runs:
+            cells = [_pct(r.metrics[name][k]) if name in r.metrics else "not evaluated"
+                     for k in ("clean", "robust_worst_case")]
+            rows.append([f"`{name}`", f"`{r.name}`", *cells])
     return rows
 
 
@@ -141,7 +179,7 @@ def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
 
 def compare_sections(runs: list[Run], dataset: str) -> list[Section]:
     confidence = runs[0].params["evaluation"]["confidence"]
-    about = [f"`{r.name}`: results in {r.results.root}" for r in runs] + [
+    about = [f"`{r.name}`: {r.where or f'results in {r.results.root}'}" for r in runs] + [
         f"A paired test pairs one defence's per-point worst-case verdicts in two runs on the first test points both "
         f"attacked; the difference is real when the exact McNemar test on the points where they disagree gives "
         f"p < {1 - confidence:.2g} (evaluation.confidence {confidence:g} of `{runs[0].name}`), and within noise "
@@ -161,19 +199,25 @@ def axis_png(runs: list[Run], key: str, values: list[Any], labels: list[str]) ->
     """Clean (attacked points) and worst-case robust accuracy of every defence against a study's one axis, with
     the Wilson intervals."""
     plt = pyplot()
-    x = values if _numeric(values) else list(range(len(values)))
+    numeric = _numeric(values)
+    doubling = numeric and min(values) > 0 and max(values) / min(values) >= 8  # e.g. N = 1, 2, 4, 8, 16
+    x = values if numeric else list(range(len(values)))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for index, name in enumerate(_defences(runs)):
+    names = _defences(runs)
+    for index, name in enumerate(names):
         colour = f"C{index}"
+        shift = (index - (len(names) - 1) / 2) * 0.03  # side by side, so that equal figures stay readable
+        xs = [v * 2 ** shift for v in x] if doubling else [v + shift * (max(x) - min(x) or 1) for v in x]
         for metric, style, what in (("clean_subset", "--", "clean"), ("robust_worst_case", "-", "worst case")):
             entries = [r.metrics[name][metric] for r in runs]
             acc = [100 * e["accuracy"] for e in entries]
             err = [[a - 100 * e["ci_low"] for a, e in zip(acc, entries)],
                    [100 * e["ci_high"] - a for a, e in zip(acc, entries)]]
-            ax.errorbar(x, acc, yerr=err, fmt="o" + style, color=colour, capsize=3, markersize=4,
+            ax.errorbar(xs, acc, yerr=err, fmt="o" + style, color=colour, capsize=3, markersize=4,
                         label=f"{name}, {what}")
-    if not _numeric(values):
-        ax.set_xticks(x, labels)
+    if doubling:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(x, labels)
     ax.set_xlabel(key)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -193,23 +237,29 @@ def study_sections(study: Study, runs: list[Run], dataset: str) -> list[Section]
     if len(study.axes) == 1:
         key = next(iter(study.axes))
         figure = axis_png(runs, key, study.axes[key], study.labels[key])
-        sections.insert(1, (f"Accuracy against `{key}`", "figure", ("study_axis", figure)))
+        sections.insert(1, (f"Accuracy against {key}", "figure", ("study_axis", figure)))
     return sections
 
 
-def write_comparison(params_files: list[str], dataset: str, out_dir: Path, study_file: str | None = None) -> None:
-    """compare.html and compare.md of the runs named by their params files, or of a study's variants."""
+def write_comparison(params_files: list[str], dataset: str, out_dir: Path, study_file: str | None = None,
+                     revisions: list[str] | None = None) -> None:
+    """compare.html and compare.md of the runs named by their params files and of git revisions or DVC experiments
+    (`revisions`), or of a study's variants."""
+    revisions = revisions or []
     if study_file:
-        if params_files:
-            raise UserError("compare: give either params files or --study, not both.")
+        if params_files or revisions:
+            raise UserError("compare: give either runs (params files, --rev) or --study, not both.")
         study = load_study(study_file)
         runs = study_runs(study, dataset)
         render(f"Study {study.name}: {len(runs)} variants ({dataset})", dataset, study_sections(study, runs, dataset),
                out_dir, stem="compare")
         return
-    if len(params_files) < 2:
+    if len(params_files) + len(revisions) < 2:
         raise UserError("compare needs two runs or more: give their params files (e.g. params.yaml "
-                        "configs/carso_large.yaml), or a study (--study studies/carso_samples.yaml).")
-    runs = [load_run(f, dataset) for f in params_files]
+                        "configs/carso_large.yaml), git revisions or DVC experiments (--rev HEAD~1 --rev HEAD), or a "
+                        "study (--study studies/carso_samples.yaml).")
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = [load_run(f, dataset) for f in params_files]
+        runs += [load_revision(rev, dataset, Path(scratch)) for rev in revisions]
     render(f"Comparison of {len(runs)} runs ({dataset})", dataset, compare_sections(runs, dataset), out_dir,
            stem="compare")

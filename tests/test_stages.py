@@ -418,13 +418,14 @@ def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -
         assert differences == [["key", "params.yaml", "fewer.yaml"], ["evaluation.defences.at.n_points", "20", "10"]]
         (side,) = [s["tables"][0] for h, s in sections.items() if h.startswith("Results side by side (90% Wilson")]
         (tests,) = sections["Paired tests of the worst case (same first points)"]["tables"]
-        assert [row[0] for row in side[1:]] == list(DEFENCES) and [row[0] for row in tests[1:]] == list(DEFENCES)
-        for row, test_row in zip(side[1:], tests[1:]):
-            name = row[0]
+        assert [row[:2] for row in side[1:]] == [[d, r] for d in DEFENCES for r in ("params.yaml", "fewer.yaml")]
+        assert [row[0] for row in tests[1:]] == list(DEFENCES)
+        for first, second, test_row in zip(side[1::2], side[2::2], tests[1:]):
+            name = first[0]
             before = json.loads((chain / "eval" / name / "metrics.json").read_text())
             after = json.loads((fewer / "eval" / name / "metrics.json").read_text())
-            assert _agrees(_one(row[1]), before["clean"]) and _agrees(_one(row[2]), before["robust_worst_case"])
-            assert _agrees(_one(row[3]), after["clean"]) and _agrees(_one(row[4]), after["robust_worst_case"])
+            assert _agrees(_one(first[2]), before["clean"]) and _agrees(_one(first[3]), before["robust_worst_case"])
+            assert _agrees(_one(second[2]), after["clean"]) and _agrees(_one(second[3]), after["robust_worst_case"])
             a, b = (load_tensors(r / "eval" / name / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
                     for r in (chain, fewer))
             n = min(len(a), len(b))

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import ARTIFACTS, HANG_GUARD_S, REPO, load_tiny, make_project, run_tool, without_timings, write_params
+from report_reader import md_sections
 
 pytestmark = pytest.mark.slow
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
@@ -191,12 +192,23 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
         write_params(tiny_local_run / "params.yaml", load_tiny())
 
 
-def _sh(cmd: str, cwd: Path, timeout: int = 600) -> str:  # `dvc repro` of the tiny DAG: 2 to 4 min (conftest)
+def _shell(cmd: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, **GIT_ENV, "DVC_NO_ANALYTICS": "1"}
     venv_bin = Path(os.sys.executable).parent
     env["PATH"] = f"{venv_bin}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _sh(cmd: str, cwd: Path, timeout: int = 600) -> str:  # `dvc repro` of the tiny DAG: 2 to 4 min (conftest)
+    result = _shell(cmd, cwd, timeout)
     assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def _sh_fails(cmd: str, cwd: Path) -> str:
+    """A command that must fail: its output."""
+    result = _shell(cmd, cwd, HANG_GUARD_S)
+    assert result.returncode != 0, result.stdout
     return result.stdout + result.stderr
 
 
@@ -273,6 +285,26 @@ def _queued_experiment_reruns_only_what_its_key_reaches(project: Path, tmp_path:
     first = json.loads((tmp_path / "first_at_headline.json").read_text())
     assert headline == first and headline["worst_case"]["n"] == 20
     assert exp["data"]["params"]["params.yaml"]["data"]["evaluation"]["defences"]["at"]["n_points"] == 20
+    _compare_revisions(project, name)
+
+
+def _compare_revisions(project: Path, experiment: str) -> None:
+    """`carso compare --rev`: git revisions and a DVC experiment as runs, their results read from DVC's cache. The
+    first run (HEAD~1, at on 20 points), the second (HEAD, 10 points) and the experiment (20 again): the page lists
+    the one changed key, and pairs at's verdicts on the points both attacked (the experiment's equal the first's)."""
+    _sh(f"python -m carso compare --rev HEAD~1 --rev HEAD --rev {experiment} --dataset fashion_mnist --out cmp",
+        project)
+    sections = md_sections((project / "cmp" / "compare.md").read_text())
+    assert sections["Parameter differences"]["tables"] == [[
+        ["key", "HEAD~1", "HEAD", experiment], ["evaluation.defences.at.n_points", "20", "10", "20"]]]
+    (tests,) = sections["Paired tests of the worst case (same first points)"]["tables"]
+    at = {(row[1], row[2]): row for row in tests[1:] if row[0] == "at"}
+    same = at[("HEAD~1", experiment)]
+    assert (same[3], same[6], same[8]) == ("20", "0 / 0", "within noise")
+    assert at[("HEAD~1", "HEAD")][3] == "10" and at[("HEAD", experiment)][3] == "10"
+    missing = _sh_fails("python -m carso compare --rev HEAD --rev no-such-rev --dataset fashion_mnist --out cmp2",
+                        project)
+    assert "--rev no-such-rev: cannot read params.yaml at that revision" in missing
 
 
 def test_snakemake_lint_is_clean() -> None:
