@@ -5,11 +5,11 @@ a grid (every combination) or zipped (the i-th value of every axis together). Ev
 params.yaml before anything runs.
 
 Where outputs go (`Plan`): a stage's outputs depend only on the axes that reach it (carso.stages: the stage or a
-stage upstream of it reads the key). A stage no axis reaches is shared by every variant and lives under the base
-file's own output_root, so a sweep over carso.n_samples trains one classifier and one purifier and reuses the
-base run's. A stage every axis reaches lives under runs/studies/<study>/<variant>/; one that only some axes
-reach lives under runs/studies/<study>/<those axes' values>/ and is shared by the variants that agree on them.
-Each such folder holds the params file its stages run with.
+stage upstream of it reads the key). A stage that no axis reaches, or whose axes all hold the base's values in a
+variant, is the base run's own and lives under the base file's output_root: a sweep over carso.n_samples trains
+one classifier and one purifier (the base run's) and evaluates CARSO once per N. Any other stage lives under
+runs/studies/<study>/<the values of the axes that reach it>/ (e.g. n_samples=16/), shared by the variants that
+agree on them; each such folder holds the params file its stages run with.
 """
 from __future__ import annotations
 

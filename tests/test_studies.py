@@ -46,8 +46,8 @@ def study_project(tmp_path: Path) -> Path:
     return project
 
 
-def dry_run(project: Path, study: str) -> tuple[dict[str, int], list[str]]:
-    result = run_tool(["snakemake", "-n", "-p", "--cores", "1", "--config", f"study=studies/{study}.yaml"],
+def dry_run(project: Path, study: str, *how: str) -> tuple[dict[str, int], list[str]]:
+    result = run_tool(["snakemake", "-n", "-p", *(how or ("--cores", "1")), "--config", f"study=studies/{study}.yaml"],
                       cwd=project, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -74,6 +74,8 @@ def test_a_shipped_study_runs_each_stage_once_per_distinct_value_of_what_it_read
     project = study_project(tmp_path)
     counts, commands = dry_run(project, study)
     assert counts == {**SHARED, **EXPECTED[study]}
+    on_slurm, _ = dry_run(project, study, "--profile", "workflow/profiles/slurm")  # the same DAG on the cluster
+    assert on_slurm == counts
     spec = yaml.safe_load((project / "studies" / f"{study}.yaml").read_text())
     variants = [dict(zip(spec["axes"], values)) for values in
                 (zip(*spec["axes"].values()) if spec.get("mode") == "zip" else _grid(spec["axes"]))]
