@@ -223,7 +223,7 @@ class Plan:
         base's value in this variant (no axis reaches it, or the variant agrees with the base there)."""
         reaching = self.axes_reaching(stage)
         changes = self.variants[variant].changes
-        if all(changes[k] == _lookup(self.base_params, k) for k in reaching):
+        if all(changes[k] == lookup(self.base_params, k) for k in reaching):
             return self.base_prefix
         assignment = {k: self._labels[variant][k] for k in reaching}
         return f"{self.study.root}/{label(assignment, self.axes)}/"
@@ -274,7 +274,8 @@ class Plan:
                 _write_atomic(Path(file), text)
 
 
-def _lookup(params: dict[str, Any], key: str) -> Any:
+def lookup(params: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key (carso.n_samples) in a params dict."""
     node = params
     for part in key.split("."):
         node = node[part]

@@ -9,7 +9,7 @@ from carso.defences import defence as defence_spec, methods_of
 from carso.errors import UserError
 from carso.params import validate as validate_params
 from carso.stages import evaluate_stage, producer
-from carso.study import Plan, load_study
+from carso.study import Plan, load_study, lookup
 
 CONFIG = {k: v for k, v in config.items() if k not in ("params_file", "study")}  # the params file's own keys
 try:  # the shared schema, every method's schema fragment and the cross-key rules, in one sentence on failure
@@ -76,19 +76,12 @@ def all_targets():
     return sorted(reports) + pages
 
 
-def _lookup(params, key):
-    node = params
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def settings(stage):
     """The values of the params.yaml keys (dotted for nested ones) `stage` reads (carso.stages), in the params of
     the job's root; a change there reruns it. `stage` may be a function of the wildcards (evaluate)."""
     def values(wildcards):
         name = stage(wildcards) if callable(stage) else stage
-        return {key: _lookup(PLAN.params_of(wildcards.root), key) for key in PLAN.graph[name].keys}
+        return {key: lookup(PLAN.params_of(wildcards.root), key) for key in PLAN.graph[name].keys}
     return values
 
 
