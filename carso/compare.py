@@ -77,10 +77,14 @@ def load_run(params_file: str, dataset: str) -> Run:
     """A run's params (validated) and the metrics and worst-case verdicts of every defence it evaluates; one sentence
     naming the missing file and the command that makes it when the run has not finished."""
     params = load_params(params_file)
-    if dataset not in params["datasets"]:
-        raise UserError(f"{params_file} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
+    _check_dataset(params, params_file, dataset)
     results = Results(Path(params["output_root"]) / "data" / dataset)
     return read_run(params_file, params, results, f"snakemake --cores all --config params_file={params_file}")
+
+
+def _check_dataset(params: dict[str, Any], source: str, dataset: str) -> None:
+    if dataset not in params["datasets"]:
+        raise UserError(f"{source} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
 
 
 def read_run(name: str, params: dict[str, Any], results: Results, command: str) -> Run:
@@ -107,8 +111,7 @@ def load_revision(rev: str, dataset: str, scratch: Path) -> Run:
         raise UserError(f"--rev {rev}: cannot read params.yaml at that revision ({type(err).__name__}); give a git "
                         "revision or a DVC experiment of this project (`git log`, `dvc exp show`).") from None
     params = validate(params, f"params.yaml at {rev}")
-    if dataset not in params["datasets"]:
-        raise UserError(f"params.yaml at {rev} does not run dataset '{dataset}' (its `datasets`: {params['datasets']}).")
+    _check_dataset(params, f"params.yaml at {rev}", dataset)
     root = scratch / re.sub(r"[^\w.-]", "_", rev) / "data" / dataset
     wanted = ["dataset/manifest.json", *(f"eval/{d}/{f}" for d in params["evaluation"]["defences"]
                                         for f in ("metrics.json", "examples.safetensors"))]
@@ -129,9 +132,7 @@ def load_revision(rev: str, dataset: str, scratch: Path) -> Run:
 
 def study_runs(study: Study, dataset: str) -> list[Run]:
     """Every variant of a study, its results where the study's plan put them."""
-    if dataset not in study.base_params["datasets"]:
-        raise UserError(f"{study.base} does not run dataset '{dataset}' (its `datasets`: "
-                        f"{study.base_params['datasets']}).")
+    _check_dataset(study.base_params, study.base, dataset)
     plan = Plan(study.base, study.base_params, study)
     command = f"snakemake --cores all --config study={study.source}"
     return [read_run(v.label, v.params, plan.results(i, dataset), command) for i, v in enumerate(study.variants)]

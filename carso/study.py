@@ -192,7 +192,6 @@ class Plan:
     variant, the params file itself, and every stage writes under its output_root."""
 
     def __init__(self, params_file: str, params: dict[str, Any], study: Study | None = None) -> None:
-        self.params_file = params_file
         self.base_params = params
         self.study = study
         self.graph = stage_graph.graph(params)
@@ -200,33 +199,28 @@ class Plan:
         base_root = params["output_root"]
         self.base_prefix = "" if base_root == "." else base_root.rstrip("/") + "/"
         self.variants = study.variants if study else [Variant("", {}, params)]
-        self._labels = [self._assignment(v) for v in self.variants]
+        reaching = {stage: [k for k in self.axes if stage_graph.reached(self.graph, stage, k)] for stage in self.graph}
+        # variant number -> stage -> its folder, computed once: the DAG's input functions look them up per job
+        self._prefixes = [{stage: self._prefix(axes, v) for stage, axes in reaching.items()} for v in self.variants]
         self.roots: dict[str, tuple[str, dict[str, Any]]] = {}  # prefix -> (params file, params)
-        for i, v in enumerate(self.variants):
-            for stage in self.graph:
-                prefix = self.prefix(stage, i)
+        for v, prefixes in zip(self.variants, self._prefixes):
+            for prefix in prefixes.values():
                 if prefix not in self.roots:
-                    file = params_file if prefix == self.base_prefix else f"{prefix}params.yaml"
-                    self.roots[prefix] = (file, v.params if prefix != self.base_prefix else params)
+                    base = prefix == self.base_prefix
+                    self.roots[prefix] = (params_file, params) if base else (f"{prefix}params.yaml", v.params)
 
-    def _assignment(self, variant: Variant) -> dict[str, str]:
-        if not self.study:
-            return {}
-        return {k: self.study.labels[k][self.study.axes[k].index(variant.changes[k])] for k in self.axes}
-
-    def axes_reaching(self, stage: str) -> list[str]:
-        return [k for k in self.axes if stage_graph.reached(self.graph, stage, k)]
+    def _prefix(self, reaching: list[str], variant: Variant) -> str:
+        """The folder (with a trailing slash, "" for the project root) of a stage that the axes `reaching` reach: the
+        base run's when each of them has the base's value in `variant` (or none reaches it), else one named by the
+        labels of their values."""
+        if all(variant.changes[k] == lookup(self.base_params, k) for k in reaching):
+            return self.base_prefix
+        assignment = {k: self.study.labels[k][self.study.axes[k].index(variant.changes[k])] for k in reaching}
+        return f"{self.study.root}/{label(assignment, self.axes)}/"
 
     def prefix(self, stage: str, variant: int) -> str:
-        """The folder (with a trailing slash, "" for the project root) under which `stage` of variant number
-        `variant` writes data/, logs/ and benchmarks/: the base run's when every axis reaching the stage has the
-        base's value in this variant (no axis reaches it, or the variant agrees with the base there)."""
-        reaching = self.axes_reaching(stage)
-        changes = self.variants[variant].changes
-        if all(changes[k] == lookup(self.base_params, k) for k in reaching):
-            return self.base_prefix
-        assignment = {k: self._labels[variant][k] for k in reaching}
-        return f"{self.study.root}/{label(assignment, self.axes)}/"
+        """The folder under which `stage` of variant number `variant` writes data/, logs/ and benchmarks/."""
+        return self._prefixes[variant][stage]
 
     def upstream_prefix(self, prefix: str, stage: str) -> str:
         """Where `stage` wrote for the jobs that write under `prefix`. The base's folder holds only stages whose axes
@@ -238,7 +232,7 @@ class Plan:
 
     def variant_at(self, prefix: str) -> int:
         """A variant (its number) with a stage writing under `prefix` (for the base's folder: the first variant)."""
-        return next(i for i in range(len(self.variants)) if prefix in {self.prefix(s, i) for s in self.graph})
+        return next(i for i, prefixes in enumerate(self._prefixes) if prefix in prefixes.values())
 
     def results_at(self, prefix: str, dataset: str) -> Results:
         """The results a report writing under `prefix` reads: the base run's own folder, or a variant's."""
@@ -283,6 +277,7 @@ def lookup(params: dict[str, Any], key: str) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """As carso.io.write_text, without importing torch (carso.io does): the Snakefile calls this at parse time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
