@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from carso.engine import draws_per_pass
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -33,6 +35,8 @@ class AttackSpec:
     zero_grad_patience: int | None = None  # PGD stops on a point after this many steps in a row whose (EoT)
                                # input gradient was exactly zero: it learns nothing there (None: never stop)
     norm: str = "Linf"         # threat model: Linf (signed-gradient steps) | L2 (steps along the normalised gradient)
+    pass_images: int | None = None  # EoT draws are batched into passes of up to this many images (each draw with its
+                               # own randomness: the same gradient estimate in fewer, larger passes); None: one per pass
 
     @property
     def alpha(self) -> float:
@@ -92,15 +96,32 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
     return margin / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def eot_logits(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    """`draws` independent passes of `model` on `x` as one batch: (draws * B, K), pass d in rows d*B .. d*B + B-1.
+    A defence with a `draws` method computes what does not change between passes once (CARSO's condition)."""
+    if draws == 1:
+        return model(x)
+    if hasattr(model, "draws"):
+        return model.draws(x, draws)
+    return model(x.repeat(draws, *([1] * (x.dim() - 1))))
+
+
+def eot_chunks(model: nn.Module, batch: int, eot: int, pass_images: int | None) -> list[int]:
+    """The draws of one EoT estimate on `batch` points, grouped into passes (`carso.engine.draws_per_pass`)."""
+    per_pass = draws_per_pass(model, batch, eot, pass_images)
+    full, rest = divmod(eot, per_pass)
+    return [per_pass] * full + ([rest] if rest else [])
+
+
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-                    autocast: contextlib.AbstractContextManager | None, eot: int = 1, loss: str = "ce"
-                    ) -> torch.Tensor:
-    """Gradient of the summed attack loss w.r.t. the input, averaged over `eot` passes."""
+                    autocast: contextlib.AbstractContextManager | None, eot: int = 1, loss: str = "ce",
+                    pass_images: int | None = None) -> torch.Tensor:
+    """Gradient of the summed attack loss w.r.t. the input, averaged over `eot` draws (batched up to `pass_images`)."""
     x_adv = x_adv.detach().requires_grad_(True)
     total = torch.zeros_like(x_adv)
-    for _ in range(eot):
+    for draws in eot_chunks(model, len(x_adv), eot, pass_images):
         with torch.enable_grad(), autocast or contextlib.nullcontext():
-            value = attack_loss(model(x_adv).float(), y, loss).sum()
+            value = attack_loss(eot_logits(model, x_adv, draws).float(), y.repeat(draws), loss).sum()
             (grad,) = torch.autograd.grad(value, x_adv)
         total += grad
     return total / eot
@@ -127,7 +148,7 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
     if spec.zero_grad_patience is not None:
         return _pgd_with_patience(model, x, y, x_adv, spec, autocast)
     for _ in range(spec.steps):
-        grad = _input_gradient(model, x_adv, y, autocast, spec.eot, spec.loss)
+        grad = _input_gradient(model, x_adv, y, autocast, spec.eot, spec.loss, spec.pass_images)
         x_adv = project(x_adv.detach() + spec.alpha * ascent_direction(grad, spec.norm), x, spec.eps, spec.norm)
     return x_adv.detach()
 
@@ -142,7 +163,7 @@ def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
     for _ in range(spec.steps):
         if len(active) == 0:
             break
-        grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot, spec.loss)
+        grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot, spec.loss, spec.pass_images)
         step = spec.alpha * ascent_direction(grad, spec.norm)
         x_adv[active] = project(x_adv[active] + step, x[active], spec.eps, spec.norm)
         zero = grad.flatten(1).abs().amax(dim=1) == 0
@@ -190,7 +211,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, device: torch.device,
-                         batch_size: int, loss: str = "ce") -> dict[str, float | int]:
+                         batch_size: int, loss: str = "ce", pass_images: int | None = None) -> dict[str, float | int]:
     """How usable an attack loss's input gradient is on `x` (averaged over `eot` passes, as the attacks see it):
     the shares of points whose gradient is exactly zero, whose loss is exactly 0 on every pass, and whose
     outputs or gradient are not finite, and the median L1 norm of the gradient (the dual of L-inf: eps times it
@@ -201,14 +222,14 @@ def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot
         yb = y[i:i + batch_size].to(device)
         grad, loss_abs, bad = torch.zeros_like(xb), torch.zeros(len(xb), device=device), torch.zeros(
             len(xb), dtype=torch.bool, device=device)
-        for _ in range(eot):
+        for draws in eot_chunks(model, len(xb), eot, pass_images):
             with torch.enable_grad():
-                logits = model(xb).float()
-                value = attack_loss(logits, yb, loss)
+                logits = eot_logits(model, xb, draws).float()
+                value = attack_loss(logits, yb.repeat(draws), loss)
                 (g,) = torch.autograd.grad(value.sum(), xb)
             grad += g / eot
-            loss_abs = torch.maximum(loss_abs, value.detach().abs())
-            bad |= ~torch.isfinite(logits.detach()).all(dim=1)
+            loss_abs = torch.maximum(loss_abs, value.detach().abs().view(draws, -1).amax(dim=0))
+            bad |= ~torch.isfinite(logits.detach()).all(dim=1).view(draws, -1).all(dim=0)
         flat = grad.flatten(1)
         bad |= ~torch.isfinite(flat).all(dim=1)
         zero_grad.append((flat.abs().amax(dim=1) == 0).cpu())

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict, square_attack
 from carso.device import describe
+from carso.engine import engine_settings, prepare
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
 from carso.defences import overrides_text
 from carso.errors import UserError
@@ -110,7 +111,7 @@ def pgd_eot_spec(eps: float, steps: int = 200, eot: int = 20, reference_step: fl
     return AttackSpec("pgd", eps=eps, steps=steps, step_size=reference_step * eps / reference_eps, eot=eot)
 
 
-def pgd_spec(eps: float, cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
+def pgd_spec(eps: float, cfg: dict[str, Any], norm: str = "Linf", pass_images: int | None = None) -> AttackSpec:
     """One run of `evaluation.defences.<name>.pgd` as an AttackSpec. step_size null: Lee & Kim's step scaled to
     eps (L-inf), or 2.5 eps / steps (L2, Madry et al.'s rule)."""
     if cfg["step_size"] is not None:
@@ -118,7 +119,8 @@ def pgd_spec(eps: float, cfg: dict[str, Any], norm: str = "Linf") -> AttackSpec:
     else:
         step = pgd_eot_spec(eps).alpha if norm == "Linf" else 2.5 * eps / cfg["steps"]
     return AttackSpec("pgd", eps=eps, steps=cfg["steps"], step_size=step, eot=cfg["eot"], restarts=cfg["restarts"],
-                      zero_grad_patience=cfg["zero_grad_patience"], loss=cfg.get("loss", "ce"), norm=norm)
+                      zero_grad_patience=cfg["zero_grad_patience"], loss=cfg.get("loss", "ce"), norm=norm,
+                      pass_images=pass_images)
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,9 @@ class PgdRun:
         return f"PGD-{self.spec.steps} ({self.spec.loss}, EoT {self.spec.eot}{via})"
 
 
-def pgd_runs(eps: float, norm: str, cfgs: list[dict[str, Any]]) -> list[PgdRun]:
-    """`evaluation.defences.<name>.pgd` (a list of runs) in the order given."""
-    return [PgdRun(pgd_run_name(c), pgd_spec(eps, c, norm), c.get("surrogate") or None) for c in cfgs]
+def pgd_runs(eps: float, norm: str, cfgs: list[dict[str, Any]], pass_images: int | None = None) -> list[PgdRun]:
+    """`evaluation.defences.<name>.pgd` (a list of runs) in the order given; EoT draws batched up to `pass_images`."""
+    return [PgdRun(pgd_run_name(c), pgd_spec(eps, c, norm, pass_images), c.get("surrogate") or None) for c in cfgs]
 
 
 def repeated_verdict(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, repeats: int,
@@ -374,9 +376,10 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     in the error) would attack it as a deterministic one is refused before any attack runs.
     """
     conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
-    model = model.to(device, memory_format=torch.channels_last).eval()  # a layout: still fp32
-    surrogates = {k: m.to(device, memory_format=torch.channels_last).eval() for k, m in (surrogates or {}).items()}
-    results: dict[str, Any] = {"eps": eps, "norm": norm, "precision": "fp32", **describe(device)}
+    engine = engine_settings(cfg, device)
+    model = prepare(model, device, engine["compile"])  # folded, laid out, compiled if asked: still fp32, same function
+    surrogates = {k: prepare(m, device, engine["compile"]) for k, m in (surrogates or {}).items()}
+    results: dict[str, Any] = {"eps": eps, "norm": norm, "precision": "fp32", **describe(device), "engine": engine}
     t0 = time.perf_counter()
     seed_from(x)
     results["clean"] = summarise((predict(model, x, device, max(bs, 256)) == y).tolist(), conf)
@@ -390,7 +393,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     results["verdict_repeats"] = cfg["verdict_repeats"] if results["randomised"] else 1
     judge = _Judge(model, results["verdict_repeats"], device, bs)
     cache = AttackCache(work_dir / "work", model_digest(model), seed)
-    runs = pgd_runs(eps, norm, cfg["pgd"])
+    runs = pgd_runs(eps, norm, cfg["pgd"], engine["pass_images"])
     cascade = Cascade(judge(xs, ys), min(cfg["sanity"]["n_points"], n), conf)
     results["clean_subset"] = cascade.clean.entry(conf)
     verdicts: dict[str, Verdict] = {}
@@ -442,7 +445,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     strongest = _strongest(runs, cascade, verdicts)
     results["strongest_pgd"] = strongest.name
     results["gradients"] = _gradients(model, xs, ys, adversarial[strongest.name], cascade.targets(subset_only=True),
-                                      strongest.spec.eot, device, bs)
+                                      strongest.spec.eot, device, bs, engine["pass_images"])
     losses = list(dict.fromkeys(r.spec.loss for r in runs if r.surrogate is None)) or [strongest.spec.loss]
     results["sanity"] = _sanity(cascade, verdicts, step, crafted, strongest, adversarial[strongest.name], losses,
                                 cfg["sanity"], conf)
@@ -469,13 +472,13 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.Tensor, idx: torch.Tensor, eot: int,
-               device: torch.device, bs: int) -> dict[str, Any]:
+               device: torch.device, bs: int, pass_images: int | None) -> dict[str, Any]:
     """Each attack loss's gradient diagnostics on the subset's clean-correct points, clean and after PGD."""
     out = {}
     for loss in LOSSES:
         seed_from(x[idx])
-        out[loss] = {"clean": gradient_diagnostics(model, x[idx], y[idx], eot, device, bs, loss),
-                     "pgd_final": gradient_diagnostics(model, x_pgd[idx], y[idx], eot, device, bs, loss)}
+        out[loss] = {"clean": gradient_diagnostics(model, x[idx], y[idx], eot, device, bs, loss, pass_images),
+                     "pgd_final": gradient_diagnostics(model, x_pgd[idx], y[idx], eot, device, bs, loss, pass_images)}
         zero = [100 * out[loss][k].get("zero_gradient_share", 0) for k in ("clean", "pgd_final")]
         log.info("%s gradient exactly zero on %.0f%% of %d clean points, %.0f%% after PGD", loss, zero[0], len(idx),
                  zero[1])
@@ -506,7 +509,7 @@ def _sanity(cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[[str,
     subset = torch.arange(cascade.m)  # every point of the subset, misclassified clean or not: its share must fall too
     for loss in losses:
         large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot, loss=loss,
-                           zero_grad_patience=spec.zero_grad_patience, norm=spec.norm)
+                           zero_grad_patience=spec.zero_grad_patience, norm=spec.norm, pass_images=spec.pass_images)
         name = f"large_eps_{loss}"
         verdicts[name] = _scatter(crafted(f"pgd_{name}", large)(subset)[0], subset, len(x_pgd))
         out["large_eps"][loss] = verdicts[name].head(cascade.m).entry(conf, eps=cfg["large_eps"],

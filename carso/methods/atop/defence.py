@@ -56,6 +56,19 @@ class AtopDefence(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purifier(x))
 
+    @property
+    def images_per_input(self) -> int:
+        """Inpaintings per image in one pass (RT3: one per mask)."""
+        return self.purifier.transform.masks
+
+    def draws(self, x: torch.Tensor, draws: int) -> torch.Tensor:
+        """`draws` independent passes on `x` as one batch: (draws * B, K), draw d in rows d*B .. d*B + B-1, each
+        with a transform of its own (also when `per: batch` shares one mask within a draw)."""
+        parts = [draw(self.purifier.transform, x) for _ in range(draws)]
+        noise = None if parts[0].noise is None else torch.cat([p.noise for p in parts])
+        joint = TransformDraw(torch.cat([p.masks for p in parts]), noise)
+        return self.classifier(self.purifier(x.repeat(draws, 1, 1, 1), joint))
+
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the defence makes of `x`, for the report's figure: the transformed inputs (B, M, C, H, W) and the
         purified image (B, 1, C, H, W), from one draw."""

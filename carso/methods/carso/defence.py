@@ -34,23 +34,35 @@ class CarsoDefence(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
-    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, C, H, W): N reconstructions per image, decoded as one batch of B x N."""
+    def reconstructions(self, x: torch.Tensor, draws: int = 1) -> torch.Tensor:
+        """(B, C, H, W) -> (draws * B, N, C, H, W): N reconstructions per image, decoded as one batch of
+        draws x B x N. The condition depends on the input only, so it is computed once for all the draws."""
         b, n = x.shape[0], self.n_samples
         c = self.purifier.condition(self.extractor(x))  # (B, D)
-        c = c.repeat_interleave(n, dim=0)  # (B*N, D): the N samples of image i are rows i*N .. i*N+N-1
-        z = torch.randn(b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
+        # (draws*B*N, D): draw d's N samples of image i are rows (d*B + i)*N .. (d*B + i)*N + N-1
+        c = c.repeat(draws, 1).repeat_interleave(n, dim=0)
+        z = torch.randn(draws * b * n, self.purifier.cfg.latent_dim, device=x.device, dtype=c.dtype)
         if self.latent == "zero":
             z = torch.zeros_like(z)
-        return self.purifier.decode(z, c).view(b, n, *x.shape[1:])
+        return self.purifier.decode(z, c).view(draws * b, n, *x.shape[1:])
 
-    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> per-sample logits (B, N, K), classifying all B x N reconstructions at once."""
-        recon = self.reconstructions(x)
+    def sample_logits(self, x: torch.Tensor, draws: int = 1) -> torch.Tensor:
+        """(B, C, H, W) -> per-sample logits (draws * B, N, K), classifying all reconstructions at once."""
+        recon = self.reconstructions(x, draws)
         return self.classifier(recon.flatten(0, 1)).view(*recon.shape[:2], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aggregate(self.sample_logits(x))
+
+    @property
+    def images_per_input(self) -> int:
+        """Reconstructions per image in one pass."""
+        return self.n_samples
+
+    def draws(self, x: torch.Tensor, draws: int) -> torch.Tensor:
+        """`draws` independent passes of the defence on `x` as one batch: (draws * B, K), draw d in rows d*B ..
+        d*B + B-1 (what EoT averages over; see carso.attacks.eot_logits)."""
+        return self.aggregate(self.sample_logits(x, draws))
 
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the defence makes of `x`, for the report's figure: its N reconstructions (B, N, C, H, W)."""
