@@ -1,19 +1,25 @@
-"""Defence throughput: CARSO and AToP attack passes side by side, and their trainings in fp32 and bf16.
+"""Defence throughput: the attack pass of every defence before and after the attack engine, against this machine's peak.
 
 Prints, with the sizes of a params file (default params.yaml; random weights: throughput does not depend on them):
-1. CARSO: images per second for inference (no gradient) and attack passes (forward + backward to the input, what
-   every evaluation attack pays per step), its N samples as one batch of B x N against a per-sample loop. On a CPU
-   keep B x N per pass small enough for the cache: at --batch 100 (800 images per pass) batching is slower.
-2. Attack passes of every defence side by side (the classifier alone, CARSO, AToP's transform + inpainter +
-   classifier), with FLOPs per defended image (torch.utils.flop_counter: matrix products and convolutions).
-3. Training steps: CARSO's purifier, and AToP's inpainter + discriminator (pre-training, and fine-tuning with its
-   FGSM + CE term) in fp32 / bf16 autocast, NCHW / channels_last.
-Run: python bench/defence_throughput.py [--params params.yaml] [--batch 25] [--atop-batch 100]
+1. The fp32 matrix-multiply peak of this machine with this many threads, measured here (large square sgemm).
+2. The attack pass of every defence (the classifier alone, CARSO, AToP): one PGD-EoT step at the defence's evaluation
+   batch size and EoT (the margin loss's input gradient averaged over the EoT draws), in defended images per second
+   (points x draws per second), before and after this work, with FLOPs per defended image (torch.utils.flop_counter:
+   matrix products and convolutions, forward + backward to the input), the achieved GFLOP/s and its share of the peak.
+   Before: the plain modules, every one channels_last, one EoT draw per pass, and cnn_small's ReLU before its pooling
+   (the code before carso/engine.py). After: carso.engine.prepare (BatchNorm folded, per-layer memory format) and the
+   EoT draws batched into passes of the defence's tile (carso.engine.cpu_pass_images on a CPU).
+3. The tile: the after pass of every defence at several pass_images (what each defence's cpu_pass_images is chosen from).
+4. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
+5. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
+   discriminator, pre-training and fine-tuning) in fp32 / bf16 autocast, NCHW / channels_last.
+Run: python bench/defence_throughput.py [--params params.yaml] [--compile default max-autotune-no-cudagraphs]
 """
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 from typing import Any, Callable
 
 import torch
@@ -21,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from carso.attacks import _input_gradient, attack_loss, eot_chunks, eot_logits
 from carso.device import autocast, configure_threads, has_fast_bf16
+from carso.engine import COMPILE_MODES, cpu_pass_images, prepare
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
 from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
 from carso.methods.atop.training import Adversary, make_networks, train_step
@@ -29,7 +37,7 @@ from carso.methods.atop.transforms import TransformConfig
 from carso.methods.carso.defence import CarsoDefence
 from carso.methods.carso.purifier import Purifier, PurifierConfig, purifier_loss
 from carso.methods.carso.representation import RepresentationExtractor
-from carso.models import build_classifier
+from carso.models import SmallCNN, build_classifier
 from carso.params import load_params
 
 CPU = torch.device("cpu")
@@ -45,19 +53,42 @@ def looped_logits(defence: CarsoDefence, x: torch.Tensor) -> torch.Tensor:
     return defence.aggregate(torch.stack(outs, dim=1))
 
 
-def rate(fn: Callable[[], None], images: int, iters: int, warmup: int = 2) -> float:
+def rate(fn: Callable[[], None], images: int, iters: int, warmup: int = 2, rounds: int = 3) -> float:
+    """Images per second of `fn` (which handles `images` images), the best of `rounds` rounds of `iters` calls
+    after `warmup` calls: the least disturbed round (another process or the allocator only ever slows one down)."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return iters * images / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return iters * images / best
+
+
+def matmul_peak(iters: int = 5) -> tuple[float, int]:
+    """The best fp32 sgemm rate (GFLOP/s) over a few large square sizes, and the size that reached it."""
+    best = (0.0, 0)
+    for n in (1024, 2048, 3072):
+        a, b = torch.rand(n, n), torch.rand(n, n)
+        speed = rate(lambda: torch.mm(a, b), 2 * n ** 3, iters, warmup=1) / 1e9  # noqa: B023
+        best = max(best, (speed, n))
+    return best
 
 
 def attack_pass(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         xa = x.clone().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(forward(xa), y), xa)
+    return run
+
+
+def eot_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, pass_images: int | None
+             ) -> Callable[[], None]:
+    """One PGD-EoT step's gradient (the margin loss averaged over `eot` draws), as the evaluation computes it."""
+    def run() -> None:
+        _input_gradient(model, x, y, None, eot, "dlr", pass_images)
     return run
 
 
@@ -68,21 +99,28 @@ def inference(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
     return run
 
 
-def gflop_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """FLOPs of one attack pass per image (parameters frozen for the count, as the attacks' autograd.grad treats
-    them: only the input's gradient is computed)."""
-    flags = [p.requires_grad for p in model.parameters()]
+def relu_then_pool(self: SmallCNN, x: torch.Tensor) -> torch.Tensor:
+    """cnn_small's forward before this work: ReLU on the full maps, then pooling (the same function)."""
+    x = F.max_pool2d(F.relu(self.conv1(self.normalize(x))), 2)
+    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+    return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def gflop_per_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, pass_images: int | None) -> float:
+    """FLOPs (matrix products and convolutions) of one PGD-EoT step per defended image, counted on the step's own
+    passes (`backward` to the input: the counter cannot follow autograd.grad; the weights are frozen, as the attacks
+    never need their gradients)."""
     for p in model.parameters():
         p.requires_grad_(False)
     xa = x.clone().requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(xa), y).backward()
-    for p, flag in zip(model.parameters(), flags):
-        p.requires_grad_(flag)
-    return counter.get_total_flops() / len(x) / 1e9
+        for draws in eot_chunks(model, len(x), eot, pass_images):
+            attack_loss(eot_logits(model, xa, draws), y.repeat(draws), "dlr").sum().backward()
+    return counter.get_total_flops() / (len(x) * eot) / 1e9
 
 
-def build(params: dict[str, Any], args: argparse.Namespace) -> tuple[nn.Module, CarsoDefence, AtopDefence]:
+def build(params: dict[str, Any], args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Fresh defences with random weights (seed 0) at the sizes of `params`: `at`, `carso`, `atop`."""
     torch.manual_seed(0)
     clf = build_classifier("cnn_small", in_channels=1, num_classes=10, image_size=28, mean=[0.286], std=[0.353],
                            width=args.width or params["classifier"]["arch_kwargs"]["width"])
@@ -96,12 +134,20 @@ def build(params: dict[str, Any], args: argparse.Namespace) -> tuple[nn.Module, 
     carso = CarsoDefence(clf, purifier, extractor, n_samples=args.samples or params["carso"]["n_samples"]).eval()
     atop = params["atop"]
     inpainter = Inpainter(InpainterConfig.from_params(atop["inpainter"]), 1).to(memory_format=torch.channels_last)
-    return clf, carso, AtopDefence(clf, AtopPurifier(TransformConfig.from_params(atop["transform"]), inpainter))
+    atop_defence = AtopDefence(clf, AtopPurifier(TransformConfig.from_params(atop["transform"]), inpainter)).eval()
+    return {"at": clf, "carso": carso, "atop": atop_defence}
+
+
+def suite(params: dict[str, Any], name: str, args: argparse.Namespace) -> tuple[int, int]:
+    """The batch size and the largest EoT of a defence's evaluation section (--batch / --atop-batch override)."""
+    section = params["evaluation"]["defences"][name]
+    batch = {"carso": args.batch, "atop": args.atop_batch}.get(name) or section["batch_size"]
+    return min(batch, section["n_points"]), max(run["eot"] for run in section["pgd"])
 
 
 def bench_carso_batching(carso: CarsoDefence, batch: int, iters: int) -> None:
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    print(f"# CARSO defence, N={carso.n_samples}, batch {batch}: its N samples as one batch of B x N vs a loop")
+    print(f"\n# CARSO defence, N={carso.n_samples}, batch {batch}: its N samples as one batch of B x N vs a loop")
     print(f"{'pass':<22}{'batched img/s':>15}{'looped img/s':>14}{'speed-up':>10}")
     for name, make in (("inference", lambda f: inference(f, x)), ("attack (fwd+bwd)", lambda f: attack_pass(f, x, y))):
         batched = rate(make(carso), batch, iters)
@@ -109,14 +155,57 @@ def bench_carso_batching(carso: CarsoDefence, batch: int, iters: int) -> None:
         print(f"{name:<22}{batched:>15.0f}{looped:>14.0f}{batched / looped:>9.2f}x")
 
 
-def bench_attack_passes(models: dict[str, tuple[nn.Module, int]], iters: int) -> None:
-    print("\n# attack pass (forward + backward to the input), fp32, each defence at its evaluation batch size")
-    print(f"{'defence':<40}{'batch':>6}{'img/s':>9}{'GFLOP/img':>11}{'GFLOP/s':>9}")
-    for name, (model, batch) in models.items():
+def bench_attack_passes(params: dict[str, Any], args: argparse.Namespace, peak: float) -> None:
+    print("\n# attack pass: one PGD-EoT step (margin-loss input gradient averaged over the EoT draws), fp32, each "
+          "defence at its evaluation batch and EoT;\n# img/s = defended images (points x draws) per second; "
+          "after: carso.engine.prepare + EoT draws batched into each defence's tile (carso.engine.cpu_pass_images)")
+    print(f"{'defence':<8}{'batch':>6}{'EoT':>5}{'before img/s':>14}{'after img/s':>13}{'speed-up':>10}"
+          f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'of peak':>9}")
+    for name in ("at", "carso", "atop"):
+        batch, eot = suite(params, name, args)
         x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        speed = rate(attack_pass(model, x, y), batch, iters)
-        gflop = gflop_per_image(model, x, y)
-        print(f"{name:<40}{batch:>6}{speed:>9.0f}{gflop:>11.3f}{speed * gflop:>9.1f}")
+        with mock.patch.object(SmallCNN, "forward", relu_then_pool):
+            before_model = build(params, args)[name]
+            before = rate(eot_step(before_model, x, y, eot, None), batch * eot, args.iters, warmup=1)
+        after_model = prepare(build(params, args)[name], CPU)
+        tile = cpu_pass_images(after_model)
+        after = rate(eot_step(after_model, x, y, eot, tile), batch * eot, args.iters, warmup=1)
+        gflop = gflop_per_image(after_model, x, y, eot, tile)
+        print(f"{name:<8}{batch:>6}{eot:>5}{before:>14.0f}{after:>13.0f}{after / before:>9.2f}x{gflop:>11.4f}"
+              f"{after * gflop:>9.1f}{100 * after * gflop / peak:>8.1f}%")
+
+
+def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
+    tiles = (None, 250, 500, 1000, 2000, 4000)
+    print("\n# the tile: after-pass img/s with the EoT draws batched into passes of up to pass_images images "
+          "(-: one draw per pass)")
+    print(f"{'defence':<8}" + "".join(f"{'-' if t is None else t:>8}" for t in tiles))
+    for name in ("at", "carso", "atop"):
+        batch, eot = suite(params, name, args)
+        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        model = prepare(build(params, args)[name], CPU)
+        speeds = [rate(eot_step(model, x, y, eot, t), batch * eot, args.iters, warmup=1) for t in tiles]
+        print(f"{name:<8}" + "".join(f"{v:>8.0f}" for v in speeds))
+
+
+def bench_compile(params: dict[str, Any], args: argparse.Namespace) -> None:
+    print("\n# torch.compile of the after pass (evaluation.defences.<name>.engine.compile); compile: seconds of the "
+          "first step")
+    print(f"{'defence':<8}{'mode':<28}{'eager img/s':>12}{'compiled img/s':>16}{'speed-up':>10}{'compile s':>11}")
+    for name in ("at", "carso", "atop"):
+        batch, eot = suite(params, name, args)
+        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        model = prepare(build(params, args)[name], CPU)
+        tile = cpu_pass_images(model)
+        eager = rate(eot_step(model, x, y, eot, tile), batch * eot, args.iters, warmup=1)
+        for mode in args.compile:
+            torch._dynamo.reset()
+            step = eot_step(prepare(build(params, args)[name], CPU, mode), x, y, eot, tile)
+            start = time.perf_counter()
+            step()
+            first = time.perf_counter() - start
+            speed = rate(step, batch * eot, args.iters, warmup=1)
+            print(f"{name:<8}{mode:<28}{eager:>12.0f}{speed:>16.0f}{speed / eager:>9.2f}x{first:>11.1f}")
 
 
 def bench_purifier_training(carso: CarsoDefence, batch: int, iters: int) -> None:
@@ -165,30 +254,36 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml", help="the sizes of the models (default: params.yaml)")
     parser.add_argument("--samples", type=int, default=None, help="CARSO's N (default: carso.n_samples)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="CARSO images per pass (default: evaluation.defences.carso.batch_size)")
+                        help="CARSO points per step (default: evaluation.defences.carso.batch_size)")
     parser.add_argument("--atop-batch", type=int, default=None,
-                        help="AToP images per pass (default: evaluation.defences.atop.batch_size)")
+                        help="AToP points per step (default: evaluation.defences.atop.batch_size)")
     parser.add_argument("--train-batch", type=int, default=256, help="purifier training batch")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=2, help="calls per timed round (the best of 3 rounds)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--width", type=int, default=None, help="cnn_small width (default: the params')")
     parser.add_argument("--decoder-channels", type=int, nargs="+", default=None)
+    parser.add_argument("--compile", nargs="*", default=[], choices=[m for m in COMPILE_MODES if m != "off"],
+                        help="also time the after pass compiled in these torch.compile modes (minutes on 2 cores)")
+    parser.add_argument("--no-training", action="store_true", help="skip the training steps")
     args = parser.parse_args()
     configure_threads(args.threads)
     params = load_params(args.params)
-    clf, carso, atop = build(params, args)
-    defences = params["evaluation"]["defences"]
-    batch = args.batch or defences["carso"]["batch_size"]
-    atop_batch = args.atop_batch or defences["atop"]["batch_size"]
+    models = build(params, args)
+    carso = models["carso"]
     inp = params["atop"]["inpainter"]
-    print(f"# {args.params}: cnn_small width {clf.conv1.out_channels}, CARSO decoder "
+    print(f"# {args.params}: cnn_small width {models['at'].conv1.out_channels}, CARSO N={carso.n_samples} decoder "
           f"{list(carso.purifier.cfg.decoder_channels)}, AToP {params['atop']['transform']['kind']} + inpainter width "
-          f"{inp['width']}/{inp['refine_width']}, {torch.get_num_threads()} threads")
-    bench_carso_batching(carso, batch, args.iters)
-    bench_attack_passes({"at (classifier alone)": (clf, atop_batch), f"carso (N={carso.n_samples})": (carso, batch),
-                         "atop (transform + inpainter + classifier)": (atop, atop_batch)}, args.iters)
-    bench_purifier_training(carso, args.train_batch, args.iters)
-    bench_inpainter_training(params, clf, params["atop"]["pretrain"]["batch_size"], args.iters)
+          f"{inp['width']}/{inp['refine_width']}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    peak, n = matmul_peak()
+    print(f"# fp32 matmul peak here: {peak:.0f} GFLOP/s ({n} x {n} sgemm, {torch.get_num_threads()} threads)")
+    bench_attack_passes(params, args, peak)
+    bench_tiles(params, args)
+    if args.compile:
+        bench_compile(params, args)
+    bench_carso_batching(carso, suite(params, "carso", args)[0], args.iters)
+    if not args.no_training:
+        bench_purifier_training(carso, args.train_batch, args.iters)
+        bench_inpainter_training(params, models["at"], params["atop"]["pretrain"]["batch_size"], args.iters)
 
 
 if __name__ == "__main__":

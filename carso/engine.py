@@ -90,20 +90,27 @@ def prepare(model: nn.Module, device: torch.device, compile_mode: str = "off") -
     return compile_model(model, compile_mode)
 
 
-# Images per attack pass on a CPU, where EoT draws are batched up to it: the best tile of every defence here
-# (bench/defence_throughput.py: CARSO N=8 at 25 points is fastest at 5 draws = 1,000 reconstructions; past the
-# cache larger passes are slower). On a GPU "auto" batches no draws: a defence's batch_size already fills it.
+# Images per attack pass on a CPU, up to which EoT draws are batched, unless a defence names its own best tile
+# (`cpu_pass_images`; bench/defence_throughput.py measures them: CARSO N=8 at 25 points is fastest at 5 draws =
+# 1,000 reconstructions, AToP at 5 draws of 100). Much larger passes are slower here: activations past 32 MiB are
+# mmapped by glibc and page-faulted in again at every pass. On a GPU "auto" batches no draws: a defence's
+# batch_size already fills it.
 CPU_PASS_IMAGES = 1000
 
 
-def engine_settings(cfg: dict, device: torch.device) -> dict:
-    """A defence's `engine` section of params.yaml, resolved for `device`: {pass_images: int | None, compile: str}.
-    The section is optional (defaults: pass_images auto, compile off)."""
+def cpu_pass_images(model: nn.Module) -> int:
+    """The best tile of `model`'s attack passes on a CPU (`CPU_PASS_IMAGES` unless it names its own)."""
+    return int(getattr(model, "cpu_pass_images", CPU_PASS_IMAGES))
+
+
+def engine_settings(cfg: dict, device: torch.device, model: nn.Module) -> dict:
+    """A defence's `engine` section of params.yaml, resolved for `model` on `device`: {pass_images: int | None,
+    compile: str}. The section is optional (defaults: pass_images auto, compile off)."""
     engine = {"pass_images": "auto", "compile": "off", **cfg.get("engine", {})}
     if engine["compile"] is False:  # YAML reads an unquoted `off` as false
         engine["compile"] = "off"
     if engine["pass_images"] == "auto":
-        engine["pass_images"] = CPU_PASS_IMAGES if device.type == "cpu" else None
+        engine["pass_images"] = cpu_pass_images(model) if device.type == "cpu" else None
     return engine
 
 

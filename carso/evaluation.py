@@ -376,7 +376,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     in the error) would attack it as a deterministic one is refused before any attack runs.
     """
     conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
-    engine = engine_settings(cfg, device)
+    engine = engine_settings(cfg, device, model)
     model = prepare(model, device, engine["compile"])  # folded, laid out, compiled if asked: still fp32, same function
     surrogates = {k: prepare(m, device, engine["compile"]) for k, m in (surrogates or {}).items()}
     results: dict[str, Any] = {"eps": eps, "norm": norm, "precision": "fp32", **describe(device), "engine": engine}

@@ -501,7 +501,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                   for split, info in man.items()]
     train_lines = [f"{train['epochs']} epochs in {train['train_seconds']:.0f} s on {train['device']} "
                    f"({train['threads']} threads), precision {train['precision']}, channels_last "
-                   f"{train['channels_last']}; last epoch: clean {100 * train['final_test_clean_acc']:.2f}% and "
+                   f"{train['channels_last']}, last epoch {train['final_images_per_second']:.0f} images/s; last epoch: "
+                   f"clean {100 * train['final_test_clean_acc']:.2f}% and "
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
                    ] if "source" not in train else _imported_lines(train)
     specs = facts["specs"]

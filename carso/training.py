@@ -23,7 +23,8 @@ from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 log = logging.getLogger(__name__)
 
 TRAINING_MODULES = ("training", "attacks", "models", "data", "device", "checkpoint", "resume", "distributed")
-CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]
+CURVE_COLUMNS = ["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "images_per_second",
+                 "seconds"]
 
 
 def training_radii(cfg: dict[str, Any]) -> list[float]:
@@ -160,14 +161,16 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         gen = seed_epoch(seed, epoch, team.rank)
         loss, adv_acc = _train_epoch(model, net, opt, sched, x_train, y_train, cfg, specs, device, gen, team,
                                      f"epoch {epoch}/{cfg['epochs']}")
+        speed = len(y_train) / (time.perf_counter() - t0)  # training images (attack included) per second, all processes
         if not team.is_main:
             continue
         clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device, norm)
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss, "train_adv_acc": adv_acc,
-               "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "seconds": time.perf_counter() - t0}
+               "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "images_per_second": speed,
+               "seconds": time.perf_counter() - t0}
         curve.append(row)
-        log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.1f s)",
-                 epoch, loss, adv_acc, clean_mon, adv_mon, row["seconds"])
+        log.info("epoch %d: loss %.4f, train adv acc %.4f, test clean %.4f, test PGD-10 %.4f (%.0f images/s, %.1f s)",
+                 epoch, loss, adv_acc, clean_mon, adv_mon, speed, row["seconds"])
         checkpoint.save({"model": model, "optimizer": opt, "scheduler": sched}, curve)
     return _finish(model, dataset, cfg, curve, out_dir, device, team) if team.is_main else {}
 
@@ -181,6 +184,7 @@ def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dic
     metrics = {"epochs": len(curve), "final_train_loss": last.get("train_loss"),
                "final_test_clean_acc": last.get("test_clean_acc"), "final_test_adv_acc": last.get("test_adv_acc"),
                "monitor_points": cfg["monitor_points"], "train_seconds": sum(r["seconds"] for r in curve),
+               "final_images_per_second": last.get("images_per_second"),
                "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
                **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)

@@ -46,6 +46,8 @@ class AtopPurifier(nn.Module):
 class AtopDefence(nn.Module):
     """classifier(purifier(x)): a randomised defence (a fresh transform at every forward pass)."""
 
+    cpu_pass_images = 500  # its best tile of EoT draws per attack pass here (carso.engine; bench/defence_throughput.py)
+
     def __init__(self, classifier: nn.Module, purifier: AtopPurifier) -> None:
         super().__init__()
         self.classifier, self.purifier = classifier, purifier

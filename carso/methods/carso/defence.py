@@ -22,6 +22,8 @@ class CarsoDefence(nn.Module):
     reconstructions), so an attack sees the whole defence's true gradient.
     """
 
+    cpu_pass_images = 1000  # its best tile of EoT draws per attack pass here (carso.engine; bench/defence_throughput.py)
+
     def __init__(self, classifier: nn.Module, purifier: Purifier, extractor: RepresentationExtractor,
                  n_samples: int = 8, aggregation: str = "peel", latent: str = "sample") -> None:
         super().__init__()

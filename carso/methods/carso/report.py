@@ -29,7 +29,8 @@ def purifier_curves_png(curve: list[dict[str, float]]) -> bytes:
 
 def purifier_lines(pur: dict[str, Any]) -> list[str]:
     return [f"{pur['epochs']} epochs on {pur['train_points']} training points in {pur['train_seconds']:.0f} s on "
-            f"{pur['device']} ({pur['threads']} threads), precision {pur['precision']}; {pur['parameters']:,} "
+            f"{pur['device']} ({pur['threads']} threads), precision {pur['precision']}, last epoch "
+            f"{pur['final_images_per_second']:.0f} images/s; {pur['parameters']:,} "
             f"parameters; representation from layers {', '.join(pur['layers'])}.",
             f"Last epoch: loss {pur['final_loss']:.2f} (BCE {pur['final_bce']:.2f}, KL {pur['final_kl']:.2f}); the "
             f"classifier on one reconstruction: {100 * pur['final_recon_clean_acc']:.2f}% of {pur['monitor_points']} "

@@ -160,9 +160,10 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         beta = beta_schedule(epoch - 1, cfg["epochs"], cfg["beta_warmup"]["delay"], cfg["beta_warmup"]["ramp"])
         row = _epoch(net, extractor, opt, sched, data, cfg, beta, device, gen, team,
                      f"epoch {epoch}/{cfg['epochs']}")
+        speed = len(data["labels"]) / (time.perf_counter() - t0)  # training images per second, all processes
         if not team.is_main:
             continue
-        row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row}
+        row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row, "images_per_second": speed}
         if monitor_data is not None:
             row["recon_clean_acc"] = monitor(purifier, extractor, monitor_data["clean"], monitor_data["labels"], device)
             row["recon_adv_acc"] = monitor(purifier, extractor, monitor_data[cfg["monitor_attack"]],
@@ -170,15 +171,17 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         row["seconds"] = time.perf_counter() - t0
         curve.append(row)
         log.info("epoch %d: loss %.2f (BCE %.2f, KL %.2f, beta %.3f), reconstruction accuracy clean %.4f / "
-                 "adversarial %.4f, %.1f s", epoch, row["loss"], row["bce"], row["kl"], beta,
-                 row.get("recon_clean_acc", float("nan")), row.get("recon_adv_acc", float("nan")), row["seconds"])
+                 "adversarial %.4f, %.0f images/s, %.1f s", epoch, row["loss"], row["bce"], row["kl"], beta,
+                 row.get("recon_clean_acc", float("nan")), row.get("recon_adv_acc", float("nan")), speed,
+                 row["seconds"])
         checkpoint.save({"model": purifier, "optimizer": opt, "scheduler": sched}, curve)
     return curve
 
 
 PURIFIER_TRAINING_MODULES = ("methods/carso/training", "methods/carso/purifier", "methods/carso/representation",
                              "models", "checkpoint", "data", "device", "resume", "distributed")
-CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "seconds"]
+CURVE_COLUMNS = ["epoch", "beta", "lr", "loss", "bce", "kl", "recon_clean_acc", "recon_adv_acc", "images_per_second",
+                 "seconds"]
 
 
 def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: Path, out_dir: Path,
@@ -209,6 +212,7 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                "final_bce": last["bce"], "final_kl": last["kl"], "final_recon_clean_acc": last["recon_clean_acc"],
                "final_recon_adv_acc": last["recon_adv_acc"], "monitor_points": len(mon["labels"]),
                "monitor_attack": cfg["monitor_attack"], "train_seconds": sum(r["seconds"] for r in curve),
+               "final_images_per_second": last["images_per_second"],
                "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
                **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)

@@ -1,0 +1,179 @@
+"""The attack engine (carso/engine.py): folding frozen BatchNorm, batching EoT draws and compiling change how fast a
+defence's attack passes run, never what they compute."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carso.attacks import AttackSpec, _input_gradient, attack, eot_chunks, eot_logits, predict
+from carso.checkpoint import load_classifier
+from carso.data import load_split
+from carso.engine import CPU_PASS_IMAGES, compile_model, draws_per_pass, engine_settings, fold_batchnorm, prepare
+from carso.methods.atop.defence import AtopDefence, AtopPurifier
+from carso.methods.atop.inpainter import Inpainter, InpainterConfig
+from carso.methods.atop.transforms import TransformConfig
+from carso.methods.carso.defence import CarsoDefence
+from carso.methods.carso.purifier import PurifierConfig, build_purifier
+from carso.models import build_classifier
+
+CPU = torch.device("cpu")
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return build_classifier("cnn_small", in_channels=1, num_classes=10, image_size=28, mean=[0.286], std=[0.353],
+                            width=4).eval()
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Running statistics and affine weights far from the identity, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 3 + 0.2)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+def _carso(latent: str = "zero", n_samples: int = 4) -> CarsoDefence:
+    purifier, extractor = build_purifier(_classifier(), "fashion_mnist", PurifierConfig(decoder_channels=(8, 4, 4)),
+                                         None)
+    _randomise_batchnorm(purifier)
+    return CarsoDefence(extractor.classifier, purifier, extractor, n_samples=n_samples, aggregation="logit",
+                        latent=latent).eval()
+
+
+def _atop(per: str = "image") -> AtopDefence:
+    torch.manual_seed(0)
+    inpainter = Inpainter(InpainterConfig(width=4, refine_width=4), 1).eval()
+    return AtopDefence(_classifier(), AtopPurifier(TransformConfig(per=per), inpainter))
+
+
+def _points(b: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
+
+
+def _output_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xa = x.clone().requires_grad_(True)
+    out = model(xa)
+    (grad,) = torch.autograd.grad(F.cross_entropy(out, y), xa)
+    return out.detach(), grad
+
+
+def test_folding_keeps_carsos_outputs_and_input_gradients_and_leaves_no_batchnorm() -> None:
+    model = _carso()
+    x, y = _points()
+    out, grad = _output_and_gradient(model, x, y)
+    folds = fold_batchnorm(model)
+    # 2 conv layers x 3 compressor blocks, the condition head's linear layer, 2 transposed convs of the decoder
+    assert folds == 9
+    assert not [m for m in model.purifier.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    folded_out, folded_grad = _output_and_gradient(model, x, y)
+    assert torch.allclose(folded_out, out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(folded_grad, grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer, bn, shape", [
+    (nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), (4, 3, 8, 8)),
+    (nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(5), (4, 3, 8, 8)),
+    (nn.Linear(7, 5), nn.BatchNorm1d(5), (4, 7)),
+])
+def test_each_foldable_pair_computes_the_same_function(layer: nn.Module, bn: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    seq = nn.Sequential(layer, bn, nn.LeakyReLU(0.2)).eval()
+    _randomise_batchnorm(seq)
+    x = torch.randn(*shape)
+    expected = seq(x).detach()
+    assert fold_batchnorm(seq) == 1
+    assert isinstance(seq[1], nn.Identity) and not seq[0].weight.requires_grad
+    assert torch.allclose(seq(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_leaves_observed_layers_alone_and_refuses_a_training_model() -> None:
+    seq = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)).eval()
+    seq[0].register_forward_hook(lambda *args: None)  # e.g. CARSO's representation watches this layer
+    assert fold_batchnorm(seq) == 0 and isinstance(seq[1], nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)).train())
+
+
+def test_prepare_lays_the_inpainter_out_in_nchw_and_the_classifier_channels_last() -> None:
+    model = prepare(_atop(), CPU)
+    assert model.purifier.inpainter.coarse.head.weight.is_contiguous()
+    assert model.classifier.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.classifier.conv2.weight.is_contiguous()
+
+
+def test_the_draws_per_pass_fill_the_pass_budget() -> None:
+    carso, atop = _carso(n_samples=8), _atop()
+    assert draws_per_pass(carso, 25, 20, 1000) == 5   # 25 points x 8 reconstructions x 5 draws = 1,000 images
+    assert draws_per_pass(atop, 100, 20, 1000) == 10
+    assert draws_per_pass(carso, 1000, 20, 1000) == 1  # never fewer than one draw
+    assert draws_per_pass(carso, 1, 20, 1000) == 20    # never more than the EoT draws
+    assert draws_per_pass(carso, 25, 20, None) == 1 and draws_per_pass(carso, 25, 1, 1000) == 1
+    assert eot_chunks(carso, 25, 20, 1000) == [5, 5, 5, 5] and eot_chunks(carso, 25, 7, 1000) == [5, 2]
+
+
+def test_engine_settings_resolve_auto_per_defence_and_device_and_read_an_unquoted_off() -> None:
+    assert engine_settings({}, CPU, _carso()) == {"pass_images": 1000, "compile": "off"}
+    assert engine_settings({}, CPU, _atop())["pass_images"] == 500  # each defence's measured tile
+    assert engine_settings({}, CPU, _classifier())["pass_images"] == CPU_PASS_IMAGES
+    assert engine_settings({"engine": {"pass_images": "auto"}}, torch.device("cuda"), _carso())["pass_images"] is None
+    assert engine_settings({"engine": {"pass_images": 64, "compile": False}}, CPU, _carso()) == {"pass_images": 64,
+                                                                                                  "compile": "off"}
+
+
+def test_batched_draws_are_independent_passes() -> None:
+    x, _ = _points(3)
+    torch.manual_seed(0)
+    carso = eot_logits(_carso(latent="sample"), x, 2)
+    assert carso.shape == (6, 10) and not torch.allclose(carso[:3], carso[3:])
+    torch.manual_seed(0)
+    atop = eot_logits(_atop(per="batch"), x, 2)  # one mask per batch within a draw, a new one per draw
+    assert atop.shape == (6, 10) and not torch.allclose(atop[:3], atop[3:])
+
+
+@pytest.mark.parametrize("build", [lambda: _carso(latent="zero"), lambda: _atop(), lambda: _atop(per="batch")],
+                         ids=["carso", "atop", "atop-per-batch"])
+def test_batched_eot_gives_the_gradient_of_one_draw_at_a_time(build) -> None:
+    model, (x, y) = build(), _points()
+    torch.manual_seed(3)
+    looped = _input_gradient(model, x, y, None, eot=6, loss="dlr", pass_images=None)
+    torch.manual_seed(3)
+    batched = _input_gradient(model, x, y, None, eot=6, loss="dlr", pass_images=10_000)
+    assert looped.abs().sum() > 0
+    assert torch.allclose(batched, looped, rtol=1e-4, atol=1e-7)
+
+
+def test_compile_off_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile called with compile: off")
+    monkeypatch.setattr(torch, "compile", refuse)
+    model = _carso()
+    assert prepare(model, CPU, "off") is model and compile_model(model, "off") is model
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        compile_model(model, "fastest")
+
+
+def test_compiled_and_eager_verdicts_agree_on_the_tiny_run(tiny_local_run: Path) -> None:
+    """The tiny run's classifier (`at`): PGD crafted on the eager and on the compiled model (same seed), each judged by
+    both; every verdict agrees, and so do the clean ones."""
+    data = tiny_local_run / "data" / "fashion_mnist"
+    eager = prepare(load_classifier(data / "classifier" / "model.safetensors", "fashion_mnist"), CPU)
+    compiled = compile_model(load_classifier(data / "classifier" / "model.safetensors", "fashion_mnist").eval(),
+                             "default")
+    x, y = load_split(data / "dataset", "test", limit=64)
+    spec = AttackSpec("pgd", eps=0.1, steps=5, step_size=0.03, loss="dlr")
+    torch.manual_seed(0)
+    adv_eager = attack(eager, x, y, spec)
+    torch.manual_seed(0)
+    adv_compiled = attack(compiled, x, y, spec)
+    for points in (x, adv_eager, adv_compiled):
+        assert torch.equal(predict(eager, points, CPU, 64), predict(compiled, points, CPU, 64))
+    assert torch.equal(predict(eager, adv_eager, CPU, 64) == y, predict(compiled, adv_compiled, CPU, 64) == y)
