@@ -209,22 +209,29 @@ def bench_compile(params: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def bench_purifier_training(carso: CarsoDefence, batch: int, iters: int) -> None:
-    print(f"\n# CARSO purifier training step, batch {batch}")
-    xt = torch.rand(batch, 1, 28, 28)
+    print(f"\n# CARSO purifier training step (classifier's representation + VAE step), batch {batch}; bf16 is fast "
+          f"here: {has_fast_bf16(CPU)}")
+    print(f"{'precision':<10}{'layout':<15}{'img/s':>8}")
     purifier = carso.purifier
     opt = torch.optim.RAdam(purifier.parameters(), lr=1e-3)
     purifier.train()
     for precision in ("fp32", "bf16"):
-        def step() -> None:
-            with torch.no_grad(), autocast(CPU, precision):
-                acts = [a.float() for a in carso.extractor(xt)]
-            with autocast(CPU, precision):
-                recon, mu, logvar = purifier(xt, acts)
-            loss, _, _ = purifier_loss(recon.float(), xt, mu.float(), logvar.float(), 1.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"{precision:<22}{rate(step, batch, iters):>15.0f} img/s")
+        for channels_last in (False, True):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            carso.to(memory_format=fmt)
+            xt = torch.rand(batch, 1, 28, 28).contiguous(memory_format=fmt)
+
+            def step() -> None:
+                with torch.no_grad(), autocast(CPU, precision):
+                    acts = [a.float() for a in carso.extractor(xt)]  # noqa: B023
+                with autocast(CPU, precision):
+                    recon, mu, logvar = purifier(xt, acts)  # noqa: B023
+                loss, _, _ = purifier_loss(recon.float(), xt, mu.float(), logvar.float(), 1.0)  # noqa: B023
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            layout = "channels_last" if channels_last else "NCHW"
+            print(f"{precision:<10}{layout:<15}{rate(step, batch, iters):>8.0f}")
     purifier.eval()
 
 
