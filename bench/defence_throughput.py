@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--width", type=int, default=None, help="cnn_small width (default: the params')")
     parser.add_argument("--decoder-channels", type=int, nargs="+", default=None)
-    parser.add_argument("--compile", nargs="*", default=[], choices=[m for m in COMPILE_MODES if m != "off"],
+    parser.add_argument("--compile", nargs="*", default=[], choices=[m for m in COMPILE_MODES if m != "eager"],
                         help="also time the after pass compiled in these torch.compile modes (minutes on 2 cores)")
     parser.add_argument("--no-training", action="store_true", help="skip the training steps")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("eager", "default", "max-autotune-no-cudagraphs")  # eager: not compiled
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
@@ -57,10 +57,10 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """`torch.compile` in `mode` (`COMPILE_MODES`; "off": the model itself, untouched). A defence's `draws`
+    """`torch.compile` in `mode` (`COMPILE_MODES`; "eager": the model itself, untouched). A defence's `draws`
     (EoT passes as one batch, carso.attacks.eot_logits) is compiled with it. Shapes are static: the random draws
     of the defences do not trace with dynamic ones, and the cascade's few batch sizes each compile once."""
-    if mode == "off":
+    if mode == "eager":
         return model
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
@@ -80,7 +80,7 @@ def lay_out(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, device: torch.device, compile_mode: str = "off") -> nn.Module:
+def prepare(model: nn.Module, device: torch.device, compile_mode: str = "eager") -> nn.Module:
     """A defence ready for attack passes on `device`: eval mode, laid out (`lay_out`), BatchNorm folded
     (`fold_batchnorm`), compiled if asked. Folding works in place on `model` (the function it computes is unchanged)."""
     model = lay_out(model.to(device).eval())
@@ -105,10 +105,8 @@ def cpu_pass_images(model: nn.Module) -> int:
 
 def engine_settings(cfg: dict, device: torch.device, model: nn.Module) -> dict:
     """A defence's `engine` section of params.yaml, resolved for `model` on `device`: {pass_images: int | None,
-    compile: str}. The section is optional (defaults: pass_images auto, compile off)."""
-    engine = {"pass_images": "auto", "compile": "off", **cfg.get("engine", {})}
-    if engine["compile"] is False:  # YAML reads an unquoted `off` as false
-        engine["compile"] = "off"
+    compile: str}. The section is optional (defaults: pass_images auto, compile eager)."""
+    engine = {"pass_images": "auto", "compile": "eager", **cfg.get("engine", {})}
     if engine["pass_images"] == "auto":
         engine["pass_images"] = cpu_pass_images(model) if device.type == "cpu" else None
     return engine

@@ -120,13 +120,13 @@ def test_the_draws_per_pass_fill_the_pass_budget() -> None:
     assert eot_chunks(carso, 25, 20, 1000) == [5, 5, 5, 5] and eot_chunks(carso, 25, 7, 1000) == [5, 2]
 
 
-def test_engine_settings_resolve_auto_per_defence_and_device_and_read_an_unquoted_off() -> None:
-    assert engine_settings({}, CPU, _carso()) == {"pass_images": 1000, "compile": "off"}
+def test_engine_settings_resolve_auto_per_defence_and_device() -> None:
+    assert engine_settings({}, CPU, _carso()) == {"pass_images": 1000, "compile": "eager"}
     assert engine_settings({}, CPU, _atop())["pass_images"] == 500  # each defence's measured tile
     assert engine_settings({}, CPU, _classifier())["pass_images"] == CPU_PASS_IMAGES
     assert engine_settings({"engine": {"pass_images": "auto"}}, torch.device("cuda"), _carso())["pass_images"] is None
-    assert engine_settings({"engine": {"pass_images": 64, "compile": False}}, CPU, _carso()) == {"pass_images": 64,
-                                                                                                  "compile": "off"}
+    assert engine_settings({"engine": {"pass_images": 64, "compile": "default"}}, CPU, _carso()) == {
+        "pass_images": 64, "compile": "default"}
 
 
 def test_batched_draws_are_independent_passes() -> None:
@@ -151,12 +151,12 @@ def test_batched_eot_gives_the_gradient_of_one_draw_at_a_time(build) -> None:
     assert torch.allclose(batched, looped, rtol=1e-4, atol=1e-7)
 
 
-def test_compile_off_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_eager_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.compile called with compile: off")
+        raise AssertionError("torch.compile called with compile: eager")
     monkeypatch.setattr(torch, "compile", refuse)
     model = _carso()
-    assert prepare(model, CPU, "off") is model and compile_model(model, "off") is model
+    assert prepare(model, CPU, "eager") is model and compile_model(model, "eager") is model
     with pytest.raises(ValueError, match="unknown compile mode"):
         compile_model(model, "fastest")
 

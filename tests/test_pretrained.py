@@ -151,7 +151,8 @@ def test_robustbench_checkpoint_round_trips_bit_exactly(tiny_entry: dict[str, An
     assert torch.equal(loaded(x), source(x))
     with open(out / "curve.csv") as f:
         rows = list(csv.reader(f))
-    assert rows == [["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "seconds"]]
+    assert rows == [["epoch", "lr", "train_loss", "train_adv_acc", "test_clean_acc", "test_adv_acc", "images_per_second",
+                     "seconds"]]
     written = json.loads((out / "train_metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
     assert (written["source"], written["name"], written["epochs"], written["monitor_points"]) == ("robustbench", TINY, 0, 8)
