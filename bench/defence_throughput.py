@@ -9,7 +9,8 @@ Prints, with the sizes of a params file (default params.yaml; random weights: th
    Before: the plain modules, every one channels_last, one EoT draw per pass, and cnn_small's ReLU before its pooling
    (the code before carso/engine.py). After: carso.engine.prepare (BatchNorm folded, per-layer memory format) and the
    EoT draws batched into passes of the defence's tile (carso.engine.cpu_pass_images on a CPU).
-3. The tile: the after pass of every defence at several pass_images (what each defence's cpu_pass_images is chosen from).
+3. The tile: the after pass of every defence at several pass_images (what each defence's cpu_pass_images is chosen from),
+   then each lever alone: the after pass with one lever taken back at a time.
 4. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
 5. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
    discriminator, pre-training and fine-tuning) in fp32 / bf16 autocast, NCHW / channels_last.
@@ -18,6 +19,7 @@ Run: python bench/defence_throughput.py [--params params.yaml] [--compile defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from unittest import mock
 from typing import Any, Callable
@@ -29,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from carso.attacks import _input_gradient, attack_loss, eot_chunks, eot_logits
 from carso.device import autocast, configure_threads, has_fast_bf16
-from carso.engine import COMPILE_MODES, cpu_pass_images, prepare
+from carso.engine import COMPILE_MODES, cpu_pass_images, lay_out, prepare
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
 from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
 from carso.methods.atop.training import Adversary, make_networks, train_step
@@ -188,6 +190,32 @@ def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"{name:<8}" + "".join(f"{v:>8.0f}" for v in speeds))
 
 
+def bench_levers(params: dict[str, Any], args: argparse.Namespace) -> None:
+    """The after pass with one lever of the engine taken back at a time: what each one is worth here."""
+    print("\n# each lever alone: the after pass, and the after pass with one lever taken back (img/s)")
+    levers = ("after", "BatchNorm not folded", "one EoT draw per pass", "every layer channels_last",
+              "ReLU before pooling")
+    print(f"{'defence':<8}" + "".join(f"{lever:>27}" for lever in levers))
+    for name in ("at", "carso", "atop"):
+        batch, eot = suite(params, name, args)
+        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        speeds = []
+        for lever in levers:
+            with mock.patch.object(SmallCNN, "forward", relu_then_pool) if lever == "ReLU before pooling" \
+                    else contextlib.nullcontext():
+                model = build(params, args)[name]
+                tile = cpu_pass_images(model)
+                if lever == "BatchNorm not folded":
+                    model = lay_out(model.eval())
+                else:
+                    model = prepare(model, CPU)
+                if lever == "every layer channels_last":
+                    model.to(memory_format=torch.channels_last)
+                step = eot_step(model, x, y, eot, None if lever == "one EoT draw per pass" else tile)
+                speeds.append(rate(step, batch * eot, args.iters, warmup=1))
+        print(f"{name:<8}" + "".join(f"{v:>27.0f}" for v in speeds))
+
+
 def bench_compile(params: dict[str, Any], args: argparse.Namespace) -> None:
     print("\n# torch.compile of the after pass (evaluation.defences.<name>.engine.compile); compile: seconds of the "
           "first step")
@@ -285,6 +313,7 @@ def main() -> None:
     print(f"# fp32 matmul peak here: {peak:.0f} GFLOP/s ({n} x {n} sgemm, {torch.get_num_threads()} threads)")
     bench_attack_passes(params, args, peak)
     bench_tiles(params, args)
+    bench_levers(params, args)
     if args.compile:
         bench_compile(params, args)
     bench_carso_batching(carso, suite(params, "carso", args)[0], args.iters)
