@@ -147,6 +147,18 @@ def suite(params: dict[str, Any], name: str, args: argparse.Namespace) -> tuple[
     return min(batch, section["n_points"]), max(run["eot"] for run in section["pgd"])
 
 
+def old_classifier() -> contextlib.AbstractContextManager:
+    """While open, cnn_small runs its forward from before the engine (`relu_then_pool`)."""
+    return mock.patch.object(SmallCNN, "forward", relu_then_pool)
+
+
+def step_inputs(params: dict[str, Any], name: str, args: argparse.Namespace
+                ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """A defence's evaluation batch size and EoT, and a batch of random images and labels of that size."""
+    batch, eot = suite(params, name, args)
+    return batch, eot, torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+
 def bench_carso_batching(carso: CarsoDefence, batch: int, iters: int) -> None:
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     print(f"\n# CARSO defence, N={carso.n_samples}, batch {batch}: its N samples as one batch of B x N vs a loop")
@@ -164,11 +176,9 @@ def bench_attack_passes(params: dict[str, Any], args: argparse.Namespace, peak: 
     print(f"{'defence':<8}{'batch':>6}{'EoT':>5}{'before img/s':>14}{'after img/s':>13}{'speed-up':>10}"
           f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'of peak':>9}")
     for name in ("at", "carso", "atop"):
-        batch, eot = suite(params, name, args)
-        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        with mock.patch.object(SmallCNN, "forward", relu_then_pool):
-            before_model = build(params, args)[name]
-            before = rate(eot_step(before_model, x, y, eot, None), batch * eot, args.iters, warmup=1)
+        batch, eot, x, y = step_inputs(params, name, args)
+        with old_classifier():
+            before = rate(eot_step(build(params, args)[name], x, y, eot, None), batch * eot, args.iters, warmup=1)
         after_model = prepare(build(params, args)[name], CPU)
         tile = cpu_pass_images(after_model)
         after = rate(eot_step(after_model, x, y, eot, tile), batch * eot, args.iters, warmup=1)
@@ -183,8 +193,7 @@ def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
           "(-: one draw per pass)")
     print(f"{'defence':<8}" + "".join(f"{'-' if t is None else t:>8}" for t in tiles))
     for name in ("at", "carso", "atop"):
-        batch, eot = suite(params, name, args)
-        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        batch, eot, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         speeds = [rate(eot_step(model, x, y, eot, t), batch * eot, args.iters, warmup=1) for t in tiles]
         print(f"{name:<8}" + "".join(f"{v:>8.0f}" for v in speeds))
@@ -197,12 +206,10 @@ def bench_levers(params: dict[str, Any], args: argparse.Namespace) -> None:
               "ReLU before pooling")
     print(f"{'defence':<8}" + "".join(f"{lever:>27}" for lever in levers))
     for name in ("at", "carso", "atop"):
-        batch, eot = suite(params, name, args)
-        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        batch, eot, x, y = step_inputs(params, name, args)
         speeds = []
         for lever in levers:
-            with mock.patch.object(SmallCNN, "forward", relu_then_pool) if lever == "ReLU before pooling" \
-                    else contextlib.nullcontext():
+            with old_classifier() if lever == "ReLU before pooling" else contextlib.nullcontext():
                 model = build(params, args)[name]
                 tile = cpu_pass_images(model)
                 if lever == "BatchNorm not folded":
@@ -221,8 +228,7 @@ def bench_compile(params: dict[str, Any], args: argparse.Namespace) -> None:
           "first step")
     print(f"{'defence':<8}{'mode':<28}{'eager img/s':>12}{'compiled img/s':>16}{'speed-up':>10}{'compile s':>11}")
     for name in ("at", "carso", "atop"):
-        batch, eot = suite(params, name, args)
-        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        batch, eot, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         tile = cpu_pass_images(model)
         eager = rate(eot_step(model, x, y, eot, tile), batch * eot, args.iters, warmup=1)

@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from unittest import mock
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from defence_throughput import build, eot_step, matmul_peak, relu_then_pool, suite
+from defence_throughput import build, eot_step, matmul_peak, old_classifier, step_inputs
 from carso.attacks import eot_chunks, eot_logits
 from carso.device import configure_threads
 from carso.engine import cpu_pass_images, prepare
-from carso.models import SmallCNN
 from carso.params import load_params
 
 CPU = torch.device("cpu")
@@ -128,11 +126,10 @@ def main() -> None:
     print(f"# {args.params}, {torch.get_num_threads()} threads, torch {torch.__version__}; fp32 matmul peak "
           f"{peak:.0f} GFLOP/s ({n} x {n})")
     for name in ("at", "carso", "atop"):
-        batch, eot = suite(params, name, sizes)
-        x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-        with mock.patch.object(SmallCNN, "forward", relu_then_pool):
-            before = build(params, sizes)[name]
-            report(name, "before", batch, eot, *profile_step(eot_step(before, x, y, eot, None), args.steps), args.top)
+        batch, eot, x, y = step_inputs(params, name, sizes)
+        with old_classifier():
+            before = eot_step(build(params, sizes)[name], x, y, eot, None)
+            report(name, "before", batch, eot, *profile_step(before, args.steps), args.top)
         after = prepare(build(params, sizes)[name], CPU)
         tile = cpu_pass_images(after)
         report(name, "after", batch, eot, *profile_step(eot_step(after, x, y, eot, tile), args.steps), args.top)
