@@ -11,8 +11,9 @@ Prints, with the sizes of a params file (default params.yaml; random weights: th
    EoT draws batched into passes of the defence's tile (carso.engine.cpu_pass_images on a CPU).
 3. The tile: the after pass of every defence at several pass_images (what each defence's cpu_pass_images is chosen from),
    then each lever alone: the after pass with one lever taken back at a time.
-4. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
-5. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
+4. AutoAttack rand's APGD step: pyautoattack's EoT loop (one draw per pass) against carso.attacks.BatchedEoT.
+5. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
+6. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
    discriminator, pre-training and fine-tuning) in fp32 / bf16 autocast, NCHW / channels_last.
 Run: python bench/defence_throughput.py [--params params.yaml] [--compile default max-autotune-no-cudagraphs]
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from carso.attacks import _input_gradient, attack_loss, eot_chunks, eot_logits
+from carso.attacks import BatchedEoT, _input_gradient, attack_loss, eot_chunks, eot_logits
 from carso.device import autocast, configure_threads, has_fast_bf16
 from carso.engine import COMPILE_MODES, cpu_pass_images, lay_out, prepare
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
@@ -187,6 +188,39 @@ def bench_attack_passes(params: dict[str, Any], args: argparse.Namespace, peak: 
               f"{after * gflop:>9.1f}{100 * after * gflop / peak:>8.1f}%")
 
 
+def apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int) -> Callable[[], None]:
+    """One step of AutoAttack's APGD with EoT as pyautoattack runs it: `eot` passes, each a draw's loss and gradient."""
+    def run() -> None:
+        xa = x.clone().requires_grad_(True)
+        for _ in range(eot):
+            torch.autograd.grad(attack_loss(model(xa), y, "dlr").sum(), xa)
+    return run
+
+
+def batched_apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, tile: int) -> Callable[[], None]:
+    """The same step answered by carso.attacks.BatchedEoT (what the evaluation gives APGD): the draws in batched passes."""
+    adapter = BatchedEoT(model, eot, tile)
+
+    def run() -> None:
+        xa = x.clone().requires_grad_(True)
+        for _ in range(eot):
+            adapter.get_logits_loss_grad_dlr(xa, y)
+    return run
+
+
+def bench_autoattack_eot(params: dict[str, Any], args: argparse.Namespace) -> None:
+    print("\n# AutoAttack rand: one APGD step (20 EoT draws, DLR) on the prepared defence, pyautoattack's loop "
+          "(one draw per pass) vs carso.attacks.BatchedEoT (img/s)")
+    print(f"{'defence':<8}{'batch':>6}{'tile':>6}{'looped img/s':>14}{'batched img/s':>15}{'speed-up':>10}")
+    for name in ("carso", "atop"):
+        batch, _, x, y = step_inputs(params, name, args)
+        model = prepare(build(params, args)[name], CPU)
+        tile = cpu_pass_images(model)
+        looped = rate(apgd_step(model, x, y, 20), batch * 20, args.iters, warmup=1)
+        batched = rate(batched_apgd_step(model, x, y, 20, tile), batch * 20, args.iters, warmup=1)
+        print(f"{name:<8}{batch:>6}{tile:>6}{looped:>14.0f}{batched:>15.0f}{batched / looped:>9.2f}x")
+
+
 def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
     tiles = (None, 250, 500, 1000, 2000, 4000)
     print("\n# the tile: after-pass img/s with the EoT draws batched into passes of up to pass_images images "
@@ -320,6 +354,7 @@ def main() -> None:
     bench_attack_passes(params, args, peak)
     bench_tiles(params, args)
     bench_levers(params, args)
+    bench_autoattack_eot(params, args)
     if args.compile:
         bench_compile(params, args)
     bench_carso_batching(carso, suite(params, "carso", args)[0], args.iters)

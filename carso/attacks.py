@@ -113,6 +113,58 @@ def eot_chunks(model: nn.Module, batch: int, eot: int, pass_images: int | None) 
     return [per_pass] * full + ([rest] if rest else [])
 
 
+class BatchedEoT(nn.Module):
+    """A randomised defence as pyautoattack's APGD sees it through its model-computes-the-loss interface
+    (`is_tf_model`): in each step APGD asks `eot` times for logits, per-point loss and input gradient, each a fresh
+    draw of the defence, and sums the gradients. The first request of a step computes all `eot` draws in batched
+    passes (`eot_logits`, up to `pass_images` images each: CARSO's condition once per pass); the following
+    requests on the same input are answered from them, draw by draw. Each answer carries its own draw's logits and
+    loss and 1/eot of the summed gradient, so APGD's sum, and the logits and loss of its last draw that it
+    keeps, are those its own loop would compute with the same draws (`tests/test_engine.py` checks it).
+    Losses are `attack_loss`'s (cross-entropy; DLR as in AutoAttack), fp32."""
+
+    def __init__(self, model: nn.Module, eot: int, pass_images: int | None) -> None:
+        super().__init__()
+        self.model, self.eot, self.pass_images = model, eot, pass_images
+        self._x: torch.Tensor | None = None  # the input whose remaining draws are queued
+        self._queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def get_logits_loss_grad_xent(self, x: torch.Tensor, y: torch.Tensor):
+        return self._answer(x, y, "ce")
+
+    def get_logits_loss_grad_dlr(self, x: torch.Tensor, y: torch.Tensor):
+        return self._answer(x, y, "dlr")
+
+    def get_logits_loss_grad_target(self, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor):
+        raise NotImplementedError("batched EoT serves AutoAttack's untargeted APGD (version rand) only")
+
+    def _answer(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._x is not x or not self._queue:
+            self._x, self._queue = x, self._draw_all(x, y, loss)
+        return self._queue.pop(0)
+
+    def _draw_all(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> list[tuple[torch.Tensor, ...]]:
+        x = x.detach().requires_grad_(True)
+        total = torch.zeros_like(x)
+        logits, losses = [], []
+        for draws in eot_chunks(self.model, len(x), self.eot, self.pass_images):
+            with torch.enable_grad():
+                out = eot_logits(self.model, x, draws).float()
+                per_point = attack_loss(out, y.repeat(draws), loss)
+                (grad,) = torch.autograd.grad(per_point.sum(), x)
+            total += grad
+            logits += out.detach().chunk(draws)
+            losses += per_point.detach().chunk(draws)
+        share = total / self.eot
+        return [(z, v, share) for z, v in zip(logits, losses)]
+
+
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                     autocast: contextlib.AbstractContextManager | None, eot: int = 1, loss: str = "ce",
                     pass_images: int | None = None) -> torch.Tensor:

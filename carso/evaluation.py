@@ -15,7 +15,7 @@ from torch import nn
 
 from tqdm import tqdm
 
-from carso.attacks import LOSSES, AttackSpec, attack, gradient_diagnostics, predict, square_attack
+from carso.attacks import LOSSES, AttackSpec, BatchedEoT, attack, gradient_diagnostics, predict, square_attack
 from carso.device import describe
 from carso.engine import engine_settings, prepare
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
@@ -52,9 +52,11 @@ AUTOATTACK_ORDER = {"rand": ["apgd-dlr", "apgd-ce"]}
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
                    device: torch.device, batch_size: int, seed: int,
-                   state_path: Path, norm: str = "Linf") -> tuple[torch.Tensor, torch.Tensor]:
+                   state_path: Path, norm: str = "Linf",
+                   pass_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAttack (pyautoattack, the reference attack code) at `norm` radius `eps`; returns per-point robustness
-    and the adversarial points (the clean point where no attack succeeded in this run).
+    and the adversarial points (the clean point where no attack succeeded in this run). Where APGD uses EoT
+    (version rand), its draws run in batched passes of up to `pass_images` images (`carso.attacks.BatchedEoT`).
 
     The caller resumes batch by batch (`_autoattack`). A state file left by a run killed inside this batch is
     discarded and the batch runs again from its start: pyautoattack 0.2.0 cannot read its own state back (it writes
@@ -65,6 +67,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     from pyautoattack.state import EvaluationState
 
     adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=str(device), seed=seed)
+    if adversary.apgd.eot_iter > 1:  # rand: APGD's EoT draws computed in batched passes, the same estimate
+        adversary.apgd.model = BatchedEoT(model, adversary.apgd.eot_iter, pass_images)
+        adversary.apgd.is_tf_model = True
     if version in AUTOATTACK_ORDER:
         assert set(AUTOATTACK_ORDER[version]) == set(adversary.attacks_to_run)  # reordered, never changed
         adversary.attacks_to_run = list(AUTOATTACK_ORDER[version])
@@ -264,7 +269,8 @@ class _Judge:
 
 
 def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: dict[str, Any],
-                device: torch.device, bs: int, seed: int, cache: AttackCache, judge: _Judge) -> tuple[Verdict, torch.Tensor]:
+                device: torch.device, bs: int, seed: int, cache: AttackCache, judge: _Judge,
+                pass_images: int | None = None) -> tuple[Verdict, torch.Tensor]:
     """AutoAttack's per-point verdict, combined with the repeated verdicts on its final points.
 
     One AutoAttack run per batch of `bs` points (seed `seed + i` for batch i), each kept by `cache` once
@@ -276,7 +282,7 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
         folder.mkdir(parents=True, exist_ok=True)
         flags, x_adv = run_autoattack(model, x[sl], y[sl], eps, cfg["version"], device, bs, seed + i,
-                                      folder / f"batch_{i:05d}_autoattack_state.json", norm)
+                                      folder / f"batch_{i:05d}_autoattack_state.json", norm, pass_images)
         return {"robust": flags, "x_adv": x_adv}
 
     found = cache.batches("autoattack", settings, len(y), bs, f"AutoAttack {cfg['version']} ({norm} eps {eps:.4g})",
@@ -425,7 +431,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         attacks["autoattack"] = {"kind": "autoattack", "title": f"AutoAttack ({version})", "version": version,
                                  "order": AUTOATTACK_ORDER.get(version)}
         step("autoattack", cascade.targets(), lambda idx: _autoattack(model, xs[idx], ys[idx], eps, norm,
-                                                                      cfg["autoattack"], device, bs, seed, cache, judge))
+                                                                      cfg["autoattack"], device, bs, seed, cache, judge,
+                                                                      engine["pass_images"]))
     if cfg["square"]["enabled"]:
         attacks["square"] = {"kind": "square", "title": f"Square ({cfg['square']['n_queries']} queries)",
                              "n_queries": cfg["square"]["n_queries"], "p_init": cfg["square"]["p_init"]}

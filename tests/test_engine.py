@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carso.attacks import AttackSpec, _input_gradient, attack, eot_chunks, eot_logits, predict
+from carso.attacks import AttackSpec, BatchedEoT, _input_gradient, attack, attack_loss, eot_chunks, eot_logits, predict
 from carso.checkpoint import load_classifier
 from carso.data import load_split
 from carso.engine import CPU_PASS_IMAGES, compile_model, draws_per_pass, engine_settings, fold_batchnorm, prepare
@@ -148,7 +148,45 @@ def test_batched_eot_gives_the_gradient_of_one_draw_at_a_time(build) -> None:
     torch.manual_seed(3)
     batched = _input_gradient(model, x, y, None, eot=6, loss="dlr", pass_images=10_000)
     assert looped.abs().sum() > 0
-    assert torch.allclose(batched, looped, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(batched, looped, rtol=1e-4, atol=1e-6 * looped.abs().max().item())  # fp32 sums in another order
+
+
+class _Counted(nn.Module):
+    """A defence that records the batch size of every pass it makes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.passes = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_autoattacks_batched_eot_answers_what_its_own_loop_would(loss: str) -> None:
+    """APGD (is_tf_model) asks `eot` times per step for (logits, loss, gradient) on the same input tensor and sums
+    the gradients: the sum is the EoT gradient, the last answer is the last draw's, and it costs one batched pass."""
+    model, (x, y) = _Counted(_atop()), _points()
+    adapter = BatchedEoT(model, eot=6, pass_images=10_000)
+    ask = adapter.get_logits_loss_grad_xent if loss == "ce" else adapter.get_logits_loss_grad_dlr
+    torch.manual_seed(3)
+    expected = _input_gradient(model, x, y, None, eot=6, loss=loss, pass_images=10_000)
+    torch.manual_seed(3)
+    last_draw = eot_logits(model, x, 6)[-len(x):].detach()
+    model.passes.clear()
+    torch.manual_seed(3)
+    x_adv = x.clone().requires_grad_(True)
+    answers = [ask(x_adv, y) for _ in range(6)]
+    assert model.passes == [6 * len(x)]  # all six draws in one pass
+    assert expected.abs().sum() > 0
+    assert torch.allclose(sum(grad for _, _, grad in answers) / 6, expected, rtol=1e-4,
+                          atol=1e-6 * expected.abs().max().item())
+    logits, value, _ = answers[-1]
+    assert torch.allclose(logits, last_draw) and torch.allclose(value, attack_loss(last_draw, y, loss))
+    assert not torch.allclose(answers[0][0], logits)  # each answer is its own draw
+    ask(x_adv.detach().clone().requires_grad_(True), y)  # the next step's input: new draws
+    assert model.passes == [6 * len(x)] * 2
 
 
 def test_compile_eager_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,31 @@ def _short_autoattack(*args, **kwargs):
     return adversary
 
 
+def test_autoattack_rand_runs_its_eot_draws_in_batched_passes(model: nn.Module, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def short(*args, **kwargs):
+        adversary = REAL_AUTOATTACK(*args, **kwargs)
+        adversary.apgd.n_iter = 3
+        return adversary
+
+    class Recorded(Noisy):
+        passes: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.passes.append(len(x))
+            return super().forward(x)
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", short)
+    noisy = Recorded(model, scale=0.02)
+    x = torch.rand(4, 1, 28, 28)
+    y = predict(model, x, CPU, 4)
+    flags, x_adv = evaluation.run_autoattack(noisy, x, y, 0.3, "rand", CPU, 4, 0, tmp_path / "state.json",
+                                             pass_images=10_000)
+    assert flags.shape == (4,) and (x_adv - x).abs().max() <= 0.3 + 1e-6
+    steps = [n for n in noisy.passes if n > 4]  # APGD's steps (on the points still correct), the rest plain passes
+    assert steps and all(n % 20 == 0 for n in steps)  # each step's 20 EoT draws in one pass
+
+
 def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyautoattack, "AutoAttack", _short_autoattack)
