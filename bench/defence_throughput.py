@@ -16,6 +16,7 @@ Prints, with the sizes of a params file (default params.yaml; random weights: th
 6. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
    discriminator, pre-training and fine-tuning) in fp32 / bf16 autocast, NCHW / channels_last.
 Run: python bench/defence_throughput.py [--params params.yaml] [--compile default max-autotune-no-cudagraphs]
+     [--defences at carso atop] [--no-training]
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def bench_attack_passes(params: dict[str, Any], args: argparse.Namespace, peak: 
           "after: carso.engine.prepare + EoT draws batched into each defence's tile (carso.engine.cpu_pass_images)")
     print(f"{'defence':<8}{'batch':>6}{'EoT':>5}{'before img/s':>14}{'after img/s':>13}{'speed-up':>10}"
           f"{'GFLOP/img':>11}{'GFLOP/s':>9}{'of peak':>9}")
-    for name in ("at", "carso", "atop"):
+    for name in args.defences:
         batch, eot, x, y = step_inputs(params, name, args)
         with old_classifier():
             before = rate(eot_step(build(params, args)[name], x, y, eot, None), batch * eot, args.iters, warmup=1)
@@ -212,7 +213,7 @@ def bench_autoattack_eot(params: dict[str, Any], args: argparse.Namespace) -> No
     print("\n# AutoAttack rand: one APGD step (20 EoT draws, DLR) on the prepared defence, pyautoattack's loop "
           "(one draw per pass) vs carso.attacks.BatchedEoT (img/s)")
     print(f"{'defence':<8}{'batch':>6}{'tile':>6}{'looped img/s':>14}{'batched img/s':>15}{'speed-up':>10}")
-    for name in ("carso", "atop"):
+    for name in [d for d in args.defences if d != "at"]:  # the classifier alone has no EoT
         batch, _, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         tile = cpu_pass_images(model)
@@ -226,7 +227,7 @@ def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
     print("\n# the tile: after-pass img/s with the EoT draws batched into passes of up to pass_images images "
           "(-: one draw per pass)")
     print(f"{'defence':<8}" + "".join(f"{'-' if t is None else t:>8}" for t in tiles))
-    for name in ("at", "carso", "atop"):
+    for name in args.defences:
         batch, eot, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         speeds = [rate(eot_step(model, x, y, eot, t), batch * eot, args.iters, warmup=1) for t in tiles]
@@ -239,7 +240,7 @@ def bench_levers(params: dict[str, Any], args: argparse.Namespace) -> None:
     levers = ("after", "BatchNorm not folded", "one EoT draw per pass", "every layer channels_last",
               "ReLU before pooling")
     print(f"{'defence':<8}" + "".join(f"{lever:>27}" for lever in levers))
-    for name in ("at", "carso", "atop"):
+    for name in args.defences:
         batch, eot, x, y = step_inputs(params, name, args)
         speeds = []
         for lever in levers:
@@ -261,7 +262,7 @@ def bench_compile(params: dict[str, Any], args: argparse.Namespace) -> None:
     print("\n# torch.compile of the after pass (evaluation.defences.<name>.engine.compile); compile: seconds of the "
           "first step")
     print(f"{'defence':<8}{'mode':<28}{'eager img/s':>12}{'compiled img/s':>16}{'speed-up':>10}{'compile s':>11}")
-    for name in ("at", "carso", "atop"):
+    for name in args.defences:
         batch, eot, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         tile = cpu_pass_images(model)
@@ -340,6 +341,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=[], choices=[m for m in COMPILE_MODES if m != "eager"],
                         help="also time the after pass compiled in these torch.compile modes (minutes on 2 cores)")
     parser.add_argument("--no-training", action="store_true", help="skip the training steps")
+    parser.add_argument("--defences", nargs="+", default=["at", "carso", "atop"], choices=["at", "carso", "atop"],
+                        help="the defences whose attack passes are timed (default: all three)")
     args = parser.parse_args()
     configure_threads(args.threads)
     params = load_params(args.params)

@@ -135,16 +135,16 @@ class BatchedEoT(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def get_logits_loss_grad_xent(self, x: torch.Tensor, y: torch.Tensor):
+    def get_logits_loss_grad_xent(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._answer(x, y, "ce")
 
-    def get_logits_loss_grad_dlr(self, x: torch.Tensor, y: torch.Tensor):
+    def get_logits_loss_grad_dlr(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._answer(x, y, "dlr")
 
-    def get_logits_loss_grad_target(self, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor):
+    def get_logits_loss_grad_target(self, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor) -> tuple:
         raise NotImplementedError("batched EoT serves AutoAttack's untargeted APGD (version rand) only")
 
-    def _answer(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _answer(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, ...]:
         if self._x is not x or not self._queue:
             self._x, self._queue = x, self._draw_all(x, y, loss)
         return self._queue.pop(0)
