@@ -210,6 +210,8 @@ def batched_apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: i
 
 
 def bench_autoattack_eot(params: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.defences == ["at"]:
+        return  # the classifier alone has no EoT
     print("\n# AutoAttack rand: one APGD step (20 EoT draws, DLR) on the prepared defence, pyautoattack's loop "
           "(one draw per pass) vs carso.attacks.BatchedEoT (img/s)")
     print(f"{'defence':<8}{'batch':>6}{'tile':>6}{'looped img/s':>14}{'batched img/s':>15}{'speed-up':>10}")
