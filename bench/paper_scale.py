@@ -1,5 +1,8 @@
 """Paper-scale cost of CARSO and AToP on CIFAR: FLOPs per image and per stage, CPU throughput here, H100 GPU-hours.
 
+Any config's dataset works (`--config params.yaml` counts the default Fashion-MNIST run); AutoAttack's later
+components are charged for the published robust fraction where there is one, for every point otherwise.
+
 1. Counts, with torch.utils.flop_counter.FlopCounterMode, the FLOPs per image of every pass the pipeline makes
    with a config's models (WRN-28-10 `dm_wide_resnet`, the CIFAR purifier on its 26 hooked layers): classifier
    forward and attack pass (forward + backward to the input), CARSO's representation, decoder and whole defence
@@ -40,7 +43,8 @@ from defence_throughput import rate  # bench/, beside this script
 # off, so the attacks get the CUDA-core fp32 rate; purifier training runs under bf16 autocast (tensor cores).
 PEAK = {"fp32": 67e12, "bf16": 989e12}
 EFFICIENCY = {"fp32": 0.5, "bf16": 0.3}  # assumed share of the peak sustained on these convnets (not measured)
-TRAIN_SET, TEST_SET = 50_000, 10_000  # CIFAR-10 and CIFAR-100 sizes
+SPLITS = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),  # training and test set sizes
+          "fashion_mnist": (60_000, 10_000), "mnist": (60_000, 10_000)}
 # AutoAttack attacks a point with its next component only while the point is still robust. The first
 # component is charged for every point; the later ones for the published robust fraction (METHOD.md table).
 PUBLISHED_ROBUST = {("cifar10", "at"): 0.6773, ("cifar10", "carso"): 0.7613,
@@ -91,9 +95,15 @@ def training_step(defence: CarsoDefence, x: torch.Tensor, precision: str) -> Cal
     return run
 
 
-def build_atop(params: dict[str, Any], clf: nn.Module) -> AtopDefence:
+def images(dataset: str, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`b` random images of `dataset`'s shape and their labels."""
+    spec = dataset_spec(dataset)
+    return torch.rand(b, spec.channels, spec.side, spec.side), torch.zeros(b, dtype=torch.long)
+
+
+def build_atop(params: dict[str, Any], clf: nn.Module, channels: int) -> AtopDefence:
     atop = params["atop"]
-    inpainter = Inpainter(InpainterConfig.from_params(atop["inpainter"]), 3)
+    inpainter = Inpainter(InpainterConfig.from_params(atop["inpainter"]), channels)
     return AtopDefence(clf, AtopPurifier(TransformConfig.from_params(atop["transform"]), inpainter))
 
 
@@ -109,8 +119,9 @@ def atop_training_step(params: dict[str, Any], clf: nn.Module, x: torch.Tensor, 
     adds the CE term on the purified FGSM images), in fp32 for the count."""
     atop = params["atop"]
     cfg = {**atop[stage], "precision": "fp32", "channels_last": False}
-    nets = make_networks(Inpainter(InpainterConfig.from_params(atop["inpainter"]), 3),
-                         PatchDiscriminator(3, atop["discriminator"]["channels"]),
+    channels = x.shape[1]
+    nets = make_networks(Inpainter(InpainterConfig.from_params(atop["inpainter"]), channels),
+                         PatchDiscriminator(channels, atop["discriminator"]["channels"]),
                          TransformConfig.from_params(atop["transform"]), cfg, x.device)
     adversary = stand_in_fgsm if stage == "finetune" else None
     return lambda: train_step(nets, clf, x, y, cfg, adversary)
@@ -121,7 +132,7 @@ def per_image_flops(params: dict[str, Any], dataset: str) -> dict[str, float]:
     b = 2  # BatchNorm1d in training mode needs more than one row
     with torch.device("meta"):
         clf, defence = build(params, dataset)
-        x, y = torch.rand(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)
+        x, y = images(dataset, b)
         pur = defence.purifier
         c = torch.zeros(b, pur.cfg.condition_dim)
         z = torch.zeros(b, pur.cfg.latent_dim)
@@ -137,13 +148,13 @@ def per_image_flops(params: dict[str, Any], dataset: str) -> dict[str, float]:
         pur.eval()
         out["one-reconstruction check (monitor)"] = flops(
             lambda: clf(pur.decode(z, pur.condition(defence.extractor(x)))), b)
-        atop = build_atop(params, clf)
+        atop = build_atop(params, clf, x.shape[1])
         out["AToP inpainting (one transform, both stages)"] = flops(lambda: atop.purifier(x), b)
         out["AToP defence forward"] = flops(lambda: atop(x), b)
         out["AToP attack pass (fwd+bwd to input)"] = flops(attack_pass(atop, x, y), b)
     for stage in ("pretrain", "finetune"):  # real tensors on the CPU (the optimizers step), a batch of 2
         clf_cpu, _ = build(params, dataset)
-        xc, yc = torch.rand(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)
+        xc, yc = images(dataset, b)
         out[f"AToP {stage} step (G + D)"] = flops(atop_training_step(params, clf_cpu, xc, yc, stage), b)
     out["AToP finetune step (G + D)"] += out["classifier attack pass (fwd+bwd to input)"]  # its FGSM
     return out
@@ -157,7 +168,8 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     m = cls["monitor_points"]
     rows = [("train_classifier", "import check", "fp32", m * (2 * clf_fwd + 10 * clf_att),
              f"clean + PGD-10 on {m} test images")]
-    n_train, n_test = adv["train_points"] or TRAIN_SET, adv["test_points"] or TEST_SET
+    train_set, test_set = SPLITS[dataset]
+    n_train, n_test = adv["train_points"] or train_set, adv["test_points"] or test_set
     steps = sum(a.get("steps", 1) if a["method"] == "pgd" else 1 for a in adv["attacks"].values())
     rows.append(("generate_adversarial", "attacks", "fp32",
                  (n_train + n_test) * ((1 + len(adv["attacks"])) * clf_fwd + steps * clf_att),
@@ -170,7 +182,7 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     atop, atop_fwd, atop_att = params["atop"], f["AToP defence forward"], f["AToP attack pass (fwd+bwd to input)"]
     for stage in ("pretrain", "finetune"):
         cfg = atop[stage]
-        n = cfg["train_points"] or TRAIN_SET
+        n = cfg["train_points"] or train_set
         rows.append((f"{stage}_inpainter", "training", "bf16", cfg["epochs"] * n * f[f"AToP {stage} step (G + D)"],
                      f"{cfg['epochs']} epochs x {n:,} images (batch {cfg['batch_size']})"))
         rows.append((f"{stage}_inpainter", "monitor", "fp32", cfg["epochs"] * 2 * cfg["monitor_points"] * atop_fwd,
@@ -191,21 +203,23 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
         pgd = next((r for r in cfg["pgd"] if not r.get("surrogate")), cfg["pgd"][0])
         losses = len({r["loss"] for r in cfg["pgd"] if not r.get("surrogate")}) or 1
         if cfg["autoattack"]["enabled"]:
-            r, version = PUBLISHED_ROBUST[(dataset, name)], cfg["autoattack"]["version"]
+            r, version = PUBLISHED_ROBUST.get((dataset, name), 1.0), cfg["autoattack"]["version"]
             if version == "rand":  # APGD-DLR, then APGD-CE on the survivors, each with EoT 20
                 aa = n * (1 + r) * (AA_ITERS + 1) * 20 * att
             else:  # standard: APGD-CE, then APGD-T, FAB-T and Square on the survivors
                 aa = n * (AA_ITERS + 1) * att + n * r * (
                     AA_TARGETS * (AA_ITERS + 1) * att + AA_TARGETS * AA_ITERS * (att + fwd) + SQUARE_QUERIES * fwd)
             rows.append((stage, f"AutoAttack {version}", "fp32", aa,
-                         f"{n:,} points; components after the first on {100 * r:.2f}% (published robust accuracy)"))
+                         f"{n:,} points; components after the first on {100 * r:.2f}% " + (
+                             "(published robust accuracy)" if (dataset, name) in PUBLISHED_ROBUST
+                             else "(no published figure: all points, an upper bound)")))
         rows.append((stage, "sanity checks", "fp32",
                      s["n_points"] * ((s["more_steps_factor"] - 1) * pgd["steps"] * pgd["eot"] * att
                                       + losses * s["large_eps_steps"] * pgd["eot"] * att + 2 * reps * fwd),
                      f"{s['n_points']} points: PGD continued to {s['more_steps_factor']}x, PGD at eps {s['large_eps']} "
                      f"with each of {losses} loss(es)"))
-        rows.append((stage, "clean + verdicts", "fp32", TEST_SET * fwd + n * 4 * reps * fwd,
-                     f"clean accuracy on {TEST_SET:,}; {reps} verdict(s) per point on 4 point sets"))
+        rows.append((stage, "clean + verdicts", "fp32", test_set * fwd + n * 4 * reps * fwd,
+                     f"clean accuracy on {test_set:,}; {reps} verdict(s) per point on 4 point sets"))
     return rows
 
 
@@ -242,7 +256,7 @@ def main() -> None:
     clf, defence = build(params, dataset)
     f = per_image_flops(params, dataset)
     b = args.cpu_batch
-    x, y = torch.rand(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)
+    x, y = images(dataset, b)
     x1, y1 = x[:1], y[:1]
     print(f"\n## this CPU ({torch.get_num_threads()} threads), fp32, random weights, {args.config[0]}")
     timed = [("classifier attack pass", attack_pass(clf, x, y), b, f["classifier attack pass (fwd+bwd to input)"]),
