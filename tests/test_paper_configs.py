@@ -124,12 +124,14 @@ def test_the_atop_defence_builds_at_paper_size(config: tuple[str, dict[str, Any]
     assert inpainter.refine.attention is not None
 
 
-def test_the_gpu_hour_estimate_costs_every_attack_of_each_suite() -> None:
-    """bench/paper_scale.py (FLOP counts only) charges each PGD run of a defence's list, Square and AutoAttack."""
+@pytest.mark.parametrize("config", ["configs/cifar10.yaml", "params.yaml"])
+def test_the_gpu_hour_estimate_costs_every_attack_of_each_suite(config: str) -> None:
+    """bench/paper_scale.py (FLOP counts only) charges each PGD run of a defence's list, Square and AutoAttack, for
+    the paper's CIFAR-10 and for the default Fashion-MNIST run (no published robust fraction: every point)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "bench/paper_scale.py", "--skip-cpu", "--config", "configs/cifar10.yaml"],
+    out = subprocess.run([sys.executable, "bench/paper_scale.py", "--skip-cpu", "--config", config],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     carso = [line for line in out.stdout.splitlines() if line.startswith("evaluate_carso / ")]
@@ -137,3 +139,4 @@ def test_the_gpu_hour_estimate_costs_every_attack_of_each_suite() -> None:
                    "Square (1000 queries)", "AutoAttack rand"):
         assert any(line.startswith(f"evaluate_carso / {attack}") for line in carso), attack
     assert "GPU-hours per stage:" in out.stdout
+    assert ("no published figure" in out.stdout) == (config == "params.yaml")

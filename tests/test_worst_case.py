@@ -82,7 +82,7 @@ def _stubs(monkeypatch: pytest.MonkeyPatch, left_out: str | None, surrogate: nn.
         name = "pgd_surrogate" if model is surrogate else f"pgd_{spec.loss}"
         return _mark(x, breaks(name))
 
-    def autoattack(model, x, y, eps, version, device, bs, seed, state_path, norm="Linf"):
+    def autoattack(model, x, y, eps, version, device, bs, seed, state_path, norm="Linf", pass_images=None):
         x_adv = _mark(x, breaks("autoattack"))
         return torch.tensor([i != breaks("autoattack") for i in _ids(x)]), x_adv
 
