@@ -189,15 +189,6 @@ def bench_attack_passes(params: dict[str, Any], args: argparse.Namespace, peak: 
               f"{after * gflop:>9.1f}{100 * after * gflop / peak:>8.1f}%")
 
 
-def apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int) -> Callable[[], None]:
-    """One step of AutoAttack's APGD with EoT as pyautoattack runs it: `eot` passes, each a draw's loss and gradient."""
-    def run() -> None:
-        xa = x.clone().requires_grad_(True)
-        for _ in range(eot):
-            torch.autograd.grad(attack_loss(model(xa), y, "dlr").sum(), xa)
-    return run
-
-
 def batched_apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, tile: int) -> Callable[[], None]:
     """The same step answered by carso.attacks.BatchedEoT (what the evaluation gives APGD): the draws in batched passes."""
     adapter = BatchedEoT(model, eot, tile)
@@ -210,16 +201,17 @@ def batched_apgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: i
 
 
 def bench_autoattack_eot(params: dict[str, Any], args: argparse.Namespace) -> None:
-    if args.defences == ["at"]:
-        return  # the classifier alone has no EoT
+    names = [d for d in args.defences if d != "at"]  # the classifier alone has no EoT
+    if not names:
+        return
     print("\n# AutoAttack rand: one APGD step (20 EoT draws, DLR) on the prepared defence, pyautoattack's loop "
           "(one draw per pass) vs carso.attacks.BatchedEoT (img/s)")
     print(f"{'defence':<8}{'batch':>6}{'tile':>6}{'looped img/s':>14}{'batched img/s':>15}{'speed-up':>10}")
-    for name in [d for d in args.defences if d != "at"]:  # the classifier alone has no EoT
+    for name in names:
         batch, _, x, y = step_inputs(params, name, args)
         model = prepare(build(params, args)[name], CPU)
         tile = cpu_pass_images(model)
-        looped = rate(apgd_step(model, x, y, 20), batch * 20, args.iters, warmup=1)
+        looped = rate(eot_step(model, x, y, 20, None), batch * 20, args.iters, warmup=1)  # APGD's loop: a draw a pass
         batched = rate(batched_apgd_step(model, x, y, 20, tile), batch * 20, args.iters, warmup=1)
         print(f"{name:<8}{batch:>6}{tile:>6}{looped:>14.0f}{batched:>15.0f}{batched / looped:>9.2f}x")
 

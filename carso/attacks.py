@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,20 @@ def eot_chunks(model: nn.Module, batch: int, eot: int, pass_images: int | None) 
     return [per_pass] * full + ([rest] if rest else [])
 
 
+def eot_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int, loss: str, pass_images: int | None,
+               autocast: contextlib.AbstractContextManager | None = None
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The passes of one `eot`-draw estimate on `x` (`eot_chunks`): for each, its number of draws, their logits
+    (fp32, pass d in rows d*B .. d*B + B-1), their per-point `loss` and its summed gradient w.r.t. `x`."""
+    x = x.detach().requires_grad_(True)
+    for draws in eot_chunks(model, len(x), eot, pass_images):
+        with torch.enable_grad(), autocast or contextlib.nullcontext():
+            logits = eot_logits(model, x, draws).float()
+            value = attack_loss(logits, y.repeat(draws), loss)
+            (grad,) = torch.autograd.grad(value.sum(), x)
+        yield draws, logits.detach(), value.detach(), grad
+
+
 class BatchedEoT(nn.Module):
     """A randomised defence as pyautoattack's APGD sees it through its model-computes-the-loss interface
     (`is_tf_model`): in each step APGD asks `eot` times for logits, per-point loss and input gradient, each a fresh
@@ -150,17 +165,12 @@ class BatchedEoT(nn.Module):
         return self._queue.pop(0)
 
     def _draw_all(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> list[tuple[torch.Tensor, ...]]:
-        x = x.detach().requires_grad_(True)
         total = torch.zeros_like(x)
         logits, losses = [], []
-        for draws in eot_chunks(self.model, len(x), self.eot, self.pass_images):
-            with torch.enable_grad():
-                out = eot_logits(self.model, x, draws).float()
-                per_point = attack_loss(out, y.repeat(draws), loss)
-                (grad,) = torch.autograd.grad(per_point.sum(), x)
+        for draws, out, per_point, grad in eot_passes(self.model, x, y, self.eot, loss, self.pass_images):
             total += grad
-            logits += out.detach().chunk(draws)
-            losses += per_point.detach().chunk(draws)
+            logits += out.chunk(draws)
+            losses += per_point.chunk(draws)
         share = total / self.eot
         return [(z, v, share) for z, v in zip(logits, losses)]
 
@@ -169,12 +179,8 @@ def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                     autocast: contextlib.AbstractContextManager | None, eot: int = 1, loss: str = "ce",
                     pass_images: int | None = None) -> torch.Tensor:
     """Gradient of the summed attack loss w.r.t. the input, averaged over `eot` draws (batched up to `pass_images`)."""
-    x_adv = x_adv.detach().requires_grad_(True)
     total = torch.zeros_like(x_adv)
-    for draws in eot_chunks(model, len(x_adv), eot, pass_images):
-        with torch.enable_grad(), autocast or contextlib.nullcontext():
-            value = attack_loss(eot_logits(model, x_adv, draws).float(), y.repeat(draws), loss).sum()
-            (grad,) = torch.autograd.grad(value, x_adv)
+    for *_, grad in eot_passes(model, x_adv, y, eot, loss, pass_images, autocast):
         total += grad
     return total / eot
 
@@ -270,18 +276,14 @@ def gradient_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot
     is a sign step's first-order gain). A saturated loss (exactly 0, zero gradient) blinds every attack on it."""
     zero_grad, zero_loss, nonfinite, norms = [], [], [], []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device).requires_grad_(True)
+        xb = x[i:i + batch_size].to(device)
         yb = y[i:i + batch_size].to(device)
         grad, loss_abs, bad = torch.zeros_like(xb), torch.zeros(len(xb), device=device), torch.zeros(
             len(xb), dtype=torch.bool, device=device)
-        for draws in eot_chunks(model, len(xb), eot, pass_images):
-            with torch.enable_grad():
-                logits = eot_logits(model, xb, draws).float()
-                value = attack_loss(logits, yb.repeat(draws), loss)
-                (g,) = torch.autograd.grad(value.sum(), xb)
+        for draws, logits, value, g in eot_passes(model, xb, yb, eot, loss, pass_images):
             grad += g / eot
-            loss_abs = torch.maximum(loss_abs, value.detach().abs().view(draws, -1).amax(dim=0))
-            bad |= ~torch.isfinite(logits.detach()).all(dim=1).view(draws, -1).all(dim=0)
+            loss_abs = torch.maximum(loss_abs, value.abs().view(draws, -1).amax(dim=0))
+            bad |= ~torch.isfinite(logits).all(dim=1).view(draws, -1).all(dim=0)
         flat = grad.flatten(1)
         bad |= ~torch.isfinite(flat).all(dim=1)
         zero_grad.append((flat.abs().amax(dim=1) == 0).cpu())
