@@ -487,6 +487,16 @@ def _imported_lines(train: dict[str, Any]) -> list[str]:
             f"{train['monitor_points']} test images, in fp32 on {train['device']}."]
 
 
+def training_threat_line(params: dict[str, Any]) -> str:
+    """The classifier's training attack and its monitor, in the threat model's norm (the classifier.attack keys)."""
+    attack, norm = params["classifier"]["attack"], params["evaluation"]["norm"]
+    radii = attack["eps"] if isinstance(attack["eps"], list) else [attack["eps"]]
+    steps = "" if attack["method"] == "fgsm_rs" else f"-{attack['steps']}"
+    return (f"Adversarial training: {attack['method'].upper().replace('_RS', ' from a random start')}{steps} at "
+            f"{NORM_NAMES.get(norm, norm)} eps {', '.join(f'{e:.4g}' for e in radii)} (classifier.attack, "
+            f"evaluation.norm); the PGD-10 monitor at eps {max(radii):.4g}.")
+
+
 def reproduce_line(params_file: str) -> str:
     """The one command that reruns this report's pipeline from a fresh clone."""
     extra = "" if params_file == "params.yaml" else f" --config params_file={params_file}"
@@ -503,8 +513,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                    f"({train['threads']} threads), precision {train['precision']}, channels_last "
                    f"{train['channels_last']}, last epoch {train['final_images_per_second']:.0f} images/s; last epoch: "
                    f"clean {100 * train['final_test_clean_acc']:.2f}% and "
-                   f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images."
-                   ] if "source" not in train else _imported_lines(train)
+                   f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images.",
+                   training_threat_line(params)] if "source" not in train else _imported_lines(train)
     specs = facts["specs"]
     summary = comparisons(facts["evals"], facts["robust"], specs) + summary_sentences(facts["evals"]) + \
         saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]

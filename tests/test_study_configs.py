@@ -48,6 +48,25 @@ def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: s
                                                           if name == "carso_question" else {})
 
 
+def test_the_l2_config_is_the_default_run_in_the_l2_threat_model(tmp_path: Path) -> None:
+    """Every radius 15 x the default's, the norm L2, PGD's step left to its L2 rule; nothing else differs; it
+    dry-runs every stage (a schema bound of 1 on a radius once refused it)."""
+    default, l2 = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / "l2_fashion_mnist.yaml")
+    sanity = {f"evaluation.defences.{d}.sanity.large_eps" for d in default["evaluation"]["defences"]}
+    stored = {f"adversarial.attacks.{a}.{k}" for a in default["adversarial"]["attacks"] for k in ("eps", "step_size")}
+    assert _differences(default, l2) == {"output_root", "evaluation.norm", "evaluation.eps", "classifier.attack.eps",
+                                         "classifier.attack.step_size", "atop.finetune.adversary.eps",
+                                         "evaluation.defences.at.pgd"} | sanity | stored - {
+        "adversarial.attacks.fgsm_weak.step_size", "adversarial.attacks.fgsm_strong.step_size"}
+    assert l2["evaluation"]["norm"] == "L2"
+    radius = lambda p: [p["evaluation"]["eps"], p["classifier"]["attack"]["eps"], p["atop"]["finetune"]["adversary"]["eps"],
+                        *(a["eps"] for a in p["adversarial"]["attacks"].values())]
+    assert radius(l2) == pytest.approx([15 * e for e in radius(default)])
+    assert all(run["step_size"] is None for run in l2["evaluation"]["defences"]["at"]["pgd"])
+    table, commands, project = dry_run_config(tmp_path, "configs/l2_fashion_mnist.yaml")
+    assert table["evaluate"] == 4 and table["train_classifier"] == 1 and not (project / "data").exists()
+
+
 def test_the_short_v1_config_cuts_only_the_schedules() -> None:
     v1, short = load_params(REPO / CONFIG), load_params(REPO / "configs" / "v1_fashion_mnist_short.yaml")
     assert _differences(v1, short) == {"classifier.epochs", "adversarial.train_points", "purifier.epochs",
