@@ -10,7 +10,8 @@ Prints, with the sizes of a params file (default params.yaml; random weights: th
    (the code before carso/engine.py). After: carso.engine.prepare (BatchNorm folded, per-layer memory format) and the
    EoT draws batched into passes of the defence's tile (carso.engine.cpu_pass_images on a CPU).
 3. The tile: the after pass of every defence at several pass_images (what each defence's cpu_pass_images is chosen from),
-   then each lever alone: the after pass with one lever taken back at a time.
+   then each lever alone: the after pass with one lever taken back at a time, and with every layer in one memory
+   format (engine.layout channels_last / contiguous; the after pass is engine.layout auto).
 4. AutoAttack rand's APGD step: pyautoattack's EoT loop (one draw per pass) against carso.attacks.BatchedEoT.
 5. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
 6. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
@@ -32,8 +33,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from carso.attacks import BatchedEoT, _input_gradient, attack_loss, eot_chunks, eot_logits
-from carso.device import autocast, configure_threads, has_fast_bf16
-from carso.engine import COMPILE_MODES, cpu_pass_images, lay_out, prepare
+from carso.device import autocast, configure_threads, has_amx, has_fast_bf16
+from carso.engine import COMPILE_MODES, cpu_pass_images, lay_out, layout_plan, prepare
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
 from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
 from carso.methods.atop.training import Adversary, make_networks, train_step
@@ -45,6 +46,20 @@ from carso.models import SmallCNN, build_classifier
 from carso.params import load_params
 
 CPU = torch.device("cpu")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), to tell hosts apart: figures compare only within one run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def describe_plan(plan: dict[str, str]) -> str:
+    """A layout_plan in words: the model's format, then each submodule laid out otherwise."""
+    return ", ".join(f"{name} {fmt}" if name else fmt for name, fmt in plan.items())
 
 
 def looped_logits(defence: CarsoDefence, x: torch.Tensor) -> torch.Tensor:
@@ -231,8 +246,8 @@ def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
 def bench_levers(params: dict[str, Any], args: argparse.Namespace) -> None:
     """The after pass with one lever of the engine taken back at a time: what each one is worth here."""
     print("\n# each lever alone: the after pass, and the after pass with one lever taken back (img/s)")
-    levers = ("after", "BatchNorm not folded", "one EoT draw per pass", "every layer channels_last",
-              "ReLU before pooling")
+    levers = ("after", "BatchNorm not folded", "one EoT draw per pass", "layout channels_last",
+              "layout contiguous", "ReLU before pooling")
     print(f"{'defence':<8}" + "".join(f"{lever:>27}" for lever in levers))
     for name in args.defences:
         batch, eot, x, y = step_inputs(params, name, args)
@@ -242,11 +257,9 @@ def bench_levers(params: dict[str, Any], args: argparse.Namespace) -> None:
                 model = build(params, args)[name]
                 tile = cpu_pass_images(model)
                 if lever == "BatchNorm not folded":
-                    model = lay_out(model.eval())
-                else:
-                    model = prepare(model, CPU)
-                if lever == "every layer channels_last":
-                    model.to(memory_format=torch.channels_last)
+                    model = lay_out(model.eval(), CPU)
+                else:  # the layout levers: every layer in one format (after: engine.layout auto, carso.engine.layout_plan)
+                    model = prepare(model, CPU, layout=lever.split()[1] if lever.startswith("layout") else "auto")
                 step = eot_step(model, x, y, eot, None if lever == "one EoT draw per pass" else tile)
                 speeds.append(rate(step, batch * eot, args.iters, warmup=1))
         print(f"{name:<8}" + "".join(f"{v:>27.0f}" for v in speeds))
@@ -347,7 +360,9 @@ def main() -> None:
           f"{list(carso.purifier.cfg.decoder_channels)}, AToP {params['atop']['transform']['kind']} + inpainter width "
           f"{inp['width']}/{inp['refine_width']}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     peak, n = matmul_peak()
-    print(f"# fp32 matmul peak here: {peak:.0f} GFLOP/s ({n} x {n} sgemm, {torch.get_num_threads()} threads)")
+    print(f"# fp32 matmul peak here: {peak:.0f} GFLOP/s ({n} x {n} sgemm, {torch.get_num_threads()} threads); CPU "
+          f"{cpu_name()}, AMX {'yes' if has_amx() else 'no'}; engine.layout auto: "
+          + "; ".join(f"{name} {describe_plan(layout_plan(model, CPU))}" for name, model in models.items()))
     bench_attack_passes(params, args, peak)
     bench_tiles(params, args)
     bench_levers(params, args)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import random
@@ -80,6 +81,20 @@ def has_fast_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon from Sapphire Rapids on): a CPU kind the engine's layout rules
+    tell apart (carso.engine.layout_plan). torch's own check, else the kernel's CPU flags."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                return any(line.startswith("flags") and " amx_tile" in line for line in f)
+        except OSError:
+            return False
 
 
 def training_precision(requested: str, device: torch.device) -> str:

@@ -70,20 +70,40 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     return torch.compile(model, **options)
 
 
-def lay_out(model: nn.Module) -> nn.Module:
-    """channels_last (faster convolutions here), except for submodules that name another `preferred_memory_format`
-    (measured per layer type: bench/defence_throughput.py)."""
-    model.to(memory_format=torch.channels_last)
-    for module in model.modules():
-        if hasattr(module, "preferred_memory_format"):
-            module.to(memory_format=module.preferred_memory_format)
+LAYOUTS = ("auto", "channels_last", "contiguous")  # engine.layout; contiguous: NCHW
+_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def layout_plan(model: nn.Module, device: torch.device, layout: str = "auto") -> dict[str, str]:
+    """The memory format of `model` ("": every layer) and of each submodule laid out otherwise, by module name.
+    `channels_last` / `contiguous`: every layer so. `auto`: channels_last (faster convolutions on the CPUs and GPUs
+    measured), except submodules whose `preferred_memory_format(device)` names another format (measured per CPU kind:
+    bench/defence_throughput.py, docs/performance.md). Decided by the hardware's kind, never by timing at run time."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return {"": layout}
+    plan = {"": "channels_last"}
+    for name, module in model.named_modules():
+        prefers = getattr(module, "preferred_memory_format", None)
+        if prefers is not None and (fmt := prefers(device)) != torch.channels_last:
+            plan[name] = next(k for k, v in _FORMATS.items() if v == fmt)
+    return plan
+
+
+def lay_out(model: nn.Module, device: torch.device, layout: str = "auto") -> nn.Module:
+    """`model` in the memory formats of `layout_plan`, in place (the function it computes is unchanged)."""
+    plan = layout_plan(model, device, layout)
+    model.to(memory_format=_FORMATS[plan.pop("")])
+    for name, fmt in plan.items():
+        model.get_submodule(name).to(memory_format=_FORMATS[fmt])
     return model
 
 
-def prepare(model: nn.Module, device: torch.device, compile_mode: str = "eager") -> nn.Module:
+def prepare(model: nn.Module, device: torch.device, compile_mode: str = "eager", layout: str = "auto") -> nn.Module:
     """A defence ready for attack passes on `device`: eval mode, laid out (`lay_out`), BatchNorm folded
     (`fold_batchnorm`), compiled if asked. Folding works in place on `model` (the function it computes is unchanged)."""
-    model = lay_out(model.to(device).eval())
+    model = lay_out(model.to(device).eval(), device, layout)
     folds = fold_batchnorm(model)
     if folds:
         log.info("folded %d frozen BatchNorm layers into the layers before them", folds)
@@ -105,11 +125,12 @@ def cpu_pass_images(model: nn.Module) -> int:
 
 def engine_settings(cfg: dict, device: torch.device, model: nn.Module) -> dict:
     """A defence's `engine` section of params.yaml, resolved for `model` on `device`: {pass_images: int | None,
-    compile: str}. The section is optional (defaults: pass_images auto, compile eager)."""
-    engine = {"pass_images": "auto", "compile": "eager", **cfg.get("engine", {})}
+    compile: str, layout: str, memory_formats: `layout_plan`}. The section is optional (defaults: pass_images auto,
+    compile eager, layout auto)."""
+    engine = {"pass_images": "auto", "compile": "eager", "layout": "auto", **cfg.get("engine", {})}
     if engine["pass_images"] == "auto":
         engine["pass_images"] = cpu_pass_images(model) if device.type == "cpu" else None
-    return engine
+    return {**engine, "memory_formats": layout_plan(model, device, engine["layout"])}
 
 
 def images_per_input(model: nn.Module) -> int:

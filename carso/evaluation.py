@@ -383,8 +383,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     """
     conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
     engine = engine_settings(cfg, device, model)
-    model = prepare(model, device, engine["compile"])  # folded, laid out, compiled if asked: still fp32, same function
-    surrogates = {k: prepare(m, device, engine["compile"]) for k, m in (surrogates or {}).items()}
+    model = prepare(model, device, engine["compile"], engine["layout"])  # folded, laid out, compiled: still fp32
+    surrogates = {k: prepare(m, device, engine["compile"], engine["layout"]) for k, m in (surrogates or {}).items()}
     results: dict[str, Any] = {"eps": eps, "norm": norm, "precision": "fp32", **describe(device), "engine": engine}
     t0 = time.perf_counter()
     seed_from(x)

@@ -7,7 +7,7 @@ import torch
 
 from carso.datasets import DATASETS
 from carso.defences import DEFENCES
-from carso.report import examples_png, headline_png, published_sentence
+from carso.report import examples_png, headline_png, published_sentence, training_threat_line
 
 
 def _metrics(dataset: str, norm: str, eps: float) -> dict:
@@ -64,3 +64,13 @@ def test_the_headline_chart_draws_every_defence_with_its_interval(monkeypatch: p
     assert clean[1] == pytest.approx([80, 84]) and worst[1] == pytest.approx([72, 34])
     assert worst[2][0] == pytest.approx([12, 9]) and worst[2][1] == pytest.approx([8, 10])  # down to ci_low, up to ci_high
     assert (clean[3], worst[3]) == ("clean", "worst case over all attacks")
+
+
+def test_the_classifier_s_training_attack_is_named_in_the_run_s_norm() -> None:
+    l2 = {"classifier": {"attack": {"method": "pgd", "eps": 1.5, "steps": 7, "step_size": 0.536}},
+          "evaluation": {"norm": "L2"}}
+    assert training_threat_line(l2).startswith("Adversarial training: PGD-7 at L2 eps 1.5 (classifier.attack")
+    v1 = {"classifier": {"attack": {"method": "fgsm_rs", "eps": [0.15, 0.3], "steps": 1, "step_size": 0.375}},
+          "evaluation": {"norm": "Linf"}}
+    assert training_threat_line(v1) == ("Adversarial training: FGSM from a random start at L-inf eps 0.15, 0.3 "
+                                         "(classifier.attack, evaluation.norm); the PGD-10 monitor at eps 0.3.")

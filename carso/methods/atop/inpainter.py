@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from carso.datasets import dataset_spec
+from carso.device import has_amx
 from carso.errors import UserError
 from carso.io import load_tensors, save_tensors
 
@@ -106,9 +107,13 @@ class InpaintStage(nn.Module):
 class Inpainter(nn.Module):
     """Coarse stage, then a refinement stage on the coarse output pasted into the masked image."""
 
-    # for attack passes (carso.engine.lay_out): its few-channel gated convs run faster in NCHW than channels_last
-    # here (bench/defence_throughput.py: 1,350 vs 1,220 defended images/s at batch 100)
-    preferred_memory_format = torch.contiguous_format
+    @staticmethod
+    def preferred_memory_format(device: torch.device) -> torch.memory_format:
+        """Its layout in attack passes under engine.layout auto (carso.engine.layout_plan), measured per CPU kind with
+        bench/defence_throughput.py (docs/performance.md): its few-channel gated convs run faster in NCHW on a Xeon
+        with AMX (1.15x channels_last) but slower on an AMD EPYC with AVX-512 and no AMX (channels_last 1.1-1.25x
+        faster, three runs). Unmeasured elsewhere (other CPUs, GPUs): channels_last, as every other layer."""
+        return torch.contiguous_format if device.type == "cpu" and has_amx() else torch.channels_last
 
     def __init__(self, cfg: InpainterConfig, channels: int) -> None:
         super().__init__()
