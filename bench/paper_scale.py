@@ -16,6 +16,7 @@ components are charged for the published robust fraction where there is one, for
 3. Times real fp32 forward + backward passes on this machine's CPU for a small batch, for comparison.
 
 Run: python bench/paper_scale.py [--config configs/cifar10.yaml configs/cifar100.yaml] [--threads N]
+     python bench/paper_scale.py --study studies/*.yaml   # each study's GPU lower bound beyond its base run
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from carso.methods.carso.defence import CarsoDefence
 from carso.device import autocast, configure_threads
 from carso.models import build_classifier
 from carso.params import load_params
+from carso.study import Plan, load_study
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
 from carso.methods.atop.inpainter import Inpainter, InpainterConfig, PatchDiscriminator
 from carso.methods.atop.training import make_networks, train_step
@@ -223,14 +225,47 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     return rows
 
 
+def stage_seconds(params: dict[str, Any]) -> dict[str, float]:
+    """Seconds of one H100 per stage of a config at the assumed sustained rates (`stage_flops`): a lower bound."""
+    dataset = params["datasets"][0]
+    seconds: dict[str, float] = {}
+    for stage, _, precision, value, _ in stage_flops(params, dataset, per_image_flops(params, dataset)):
+        seconds[stage] = seconds.get(stage, 0.0) + value / (PEAK[precision] * EFFICIENCY[precision])
+    return seconds
+
+
+def study_seconds(path: str) -> tuple[float, list[str]]:
+    """One H100's seconds for the stages a study runs beyond its base run (carso.study.Plan: each job once, with the
+    params of the folder it writes under), and those jobs."""
+    study = load_study(path)
+    plan = Plan(study.base, study.base_params, study)
+    jobs = sorted({(plan.prefix(stage, v), stage) for v in range(len(plan.variants)) for stage in plan.graph
+                   if plan.prefix(stage, v) != plan.base_prefix})
+    total, counted = 0.0, []
+    for prefix, stage in jobs:
+        name = stage.replace(":", "_")  # evaluate:carso -> evaluate_carso, as stage_flops names it
+        seconds = stage_seconds(plan.params_of(prefix)).get(name)
+        if seconds is not None:  # fetch and report do no model work
+            total += seconds
+            counted.append(f"{prefix.rstrip('/').rsplit('/', 1)[-1]} {name} {seconds:.1f} s")
+    return total, counted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=["configs/cifar10.yaml", "configs/cifar100.yaml"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the timing (default: all)")
     parser.add_argument("--cpu-batch", type=int, default=4, help="images per timed classifier pass")
     parser.add_argument("--skip-cpu", action="store_true", help="only count FLOPs")
+    parser.add_argument("--study", nargs="+", default=None,
+                        help="instead: one H100's seconds (FLOP lower bound) for each study's runs beyond its base run")
     args = parser.parse_args()
     configure_threads(args.threads)
+    if args.study:
+        for path in args.study:
+            total, counted = study_seconds(path)
+            print(f"{path}: {total:.1f} s of one H100 beyond the base run (a FLOP lower bound): {'; '.join(counted)}")
+        return
     print(f"# H100 assumption: fp32 {PEAK['fp32'] / 1e12:.0f} TFLOP/s peak x {EFFICIENCY['fp32']:.0%} sustained, "
           f"bf16 {PEAK['bf16'] / 1e12:.0f} TFLOP/s dense peak x {EFFICIENCY['bf16']:.0%} sustained; one GPU")
     for path in args.config:

@@ -2,6 +2,7 @@
 `--config params_file=...` away from a Snakemake run (checked with a dry run; nothing is computed)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,20 @@ def test_the_gpu_hour_estimate_costs_every_attack_of_each_suite(config: str) -> 
         assert any(line.startswith(f"evaluate_carso / {attack}") for line in carso), attack
     assert "GPU-hours per stage:" in out.stdout
     assert ("no published figure" in out.stdout) == (config == "params.yaml")
+
+
+def test_a_studys_gpu_estimate_counts_the_jobs_it_runs_beyond_its_base() -> None:
+    """bench/paper_scale.py --study: the samples study's four new CARSO evaluations, each costed with its own N
+    (the decoder and classifier run N times per image, the representation once: N = 16 costs 4 to 16x N = 1),
+    nothing else."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/paper_scale.py", "--study", "studies/carso_samples.yaml"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = re.findall(r"n_samples=(\d+) (\w+) ([\d.]+) s", out.stdout)
+    costs = {int(n): float(s) for n, _, s in found}
+    assert {stage for _, stage, _ in found} == {"evaluate_carso"} and len(found) == 4 and sorted(costs) == [1, 2, 4, 16]
+    assert 4 < costs[16] / costs[1] <= 16 and abs(sum(costs.values()) - float(re.search(r": ([\d.]+) s of one H100",
+                                                                                        out.stdout).group(1))) < 0.2
