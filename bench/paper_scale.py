@@ -241,10 +241,11 @@ def study_seconds(path: str) -> tuple[float, list[str]]:
     plan = Plan(study.base, study.base_params, study)
     jobs = sorted({(plan.prefix(stage, v), stage) for v in range(len(plan.variants)) for stage in plan.graph
                    if plan.prefix(stage, v) != plan.base_prefix})
+    per_folder = {prefix: stage_seconds(plan.params_of(prefix)) for prefix, _ in jobs}  # its jobs share its params
     total, counted = 0.0, []
     for prefix, stage in jobs:
         name = stage.replace(":", "_")  # evaluate:carso -> evaluate_carso, as stage_flops names it
-        seconds = stage_seconds(plan.params_of(prefix)).get(name)
+        seconds = per_folder[prefix].get(name)
         if seconds is not None:  # fetch and report do no model work
             total += seconds
             counted.append(f"{prefix.rstrip('/').rsplit('/', 1)[-1]} {name} {seconds:.1f} s")
