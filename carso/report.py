@@ -487,12 +487,15 @@ def _imported_lines(train: dict[str, Any]) -> list[str]:
             f"{train['monitor_points']} test images, in fp32 on {train['device']}."]
 
 
+TRAINING_ATTACK_NAMES = {"pgd": "PGD", "fgsm_rs": "FGSM from a random start"}  # classifier.attack.method
+
+
 def training_threat_line(params: dict[str, Any]) -> str:
     """The classifier's training attack and its monitor, in the threat model's norm (the classifier.attack keys)."""
     attack, norm = params["classifier"]["attack"], params["evaluation"]["norm"]
     radii = attack["eps"] if isinstance(attack["eps"], list) else [attack["eps"]]
     steps = "" if attack["method"] == "fgsm_rs" else f"-{attack['steps']}"
-    return (f"Adversarial training: {attack['method'].upper().replace('_RS', ' from a random start')}{steps} at "
+    return (f"Adversarial training: {TRAINING_ATTACK_NAMES[attack['method']]}{steps} at "
             f"{NORM_NAMES.get(norm, norm)} eps {', '.join(f'{e:.4g}' for e in radii)} (classifier.attack, "
             f"evaluation.norm); the PGD-10 monitor at eps {max(radii):.4g}.")
 
