@@ -75,6 +75,16 @@ def test_the_short_v1_config_cuts_only_the_schedules() -> None:
         4, 20000, 30)
 
 
+def test_the_full_classifier_v1_config_cuts_only_the_purifiers_schedule() -> None:
+    """Its classifier section is v1's, so that a checkpoint of one resumes in the other."""
+    v1 = load_params(REPO / CONFIG)
+    full = load_params(REPO / "configs" / "v1_fashion_mnist_full_classifier.yaml")
+    short = load_params(REPO / "configs" / "v1_fashion_mnist_short.yaml")
+    assert _differences(v1, full) == {"adversarial.train_points", "purifier.epochs", "purifier.batch_size",
+                                      "report.title", "output_root"}
+    assert full["classifier"] == v1["classifier"] and full["purifier"] == short["purifier"]
+
+
 def test_every_shipped_params_file_writes_under_a_root_of_its_own() -> None:
     files = [REPO / "params.yaml", REPO / "tests" / "tiny" / "params.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
     roots = [load_params(f)["output_root"] for f in files]
