@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,23 @@ def describe(device: torch.device) -> dict[str, str | int | bool]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32"] = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def describe_training(device: torch.device, curve: Sequence[dict[str, Any]]) -> dict[str, str | int | bool]:
+    """describe(device) for a training whose per-epoch `curve` rows name the device each epoch ran on. When a
+    resumed training ran on more than one (its first epochs on a GPU, the rest on a CPU, say), "device" names
+    each with its epochs, e.g. "cuda:0 (epochs 1-8), cpu (epochs 9-50)"; the other facts are this process's."""
+    info = describe(device)
+    spans: list[tuple[str, int, int]] = []
+    for row in curve:
+        where = str(row.get("device", device))
+        if spans and spans[-1][0] == where:
+            spans[-1] = (where, spans[-1][1], row["epoch"])
+        else:
+            spans.append((where, row["epoch"], row["epoch"]))
+    if len(spans) > 1:
+        info["device"] = ", ".join(f"{d} (epoch {a})" if a == b else f"{d} (epochs {a}-{b})" for d, a, b in spans)
     return info
 
 

@@ -41,7 +41,7 @@ class EpochCheckpoint:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = Path(path), key
 
-    def restore(self, parts: dict[str, Any]) -> list[dict[str, float]]:
+    def restore(self, parts: dict[str, Any]) -> list[dict[str, Any]]:
         """Load a matching state into `parts`; return its per-epoch curve (empty when there is nothing to
         resume, so training starts at epoch len(curve) + 1)."""
         if not self.path.exists():
@@ -56,7 +56,7 @@ class EpochCheckpoint:
             part.load_state_dict(state[name])
         return state["curve"]
 
-    def save(self, parts: dict[str, Any], curve: list[dict[str, float]]) -> None:
+    def save(self, parts: dict[str, Any], curve: list[dict[str, Any]]) -> None:
         """Record the state of `parts` after epoch len(curve)."""
         save_checkpoint(self.path, {"fingerprint": self.key, "epoch": len(curve), "curve": curve,
                                     **{name: part.state_dict() for name, part in parts.items()}})

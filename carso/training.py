@@ -14,7 +14,7 @@ from tqdm import tqdm
 from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
 from carso.checkpoint import save_classifier
 from carso.data import dataset_spec, load_split
-from carso.device import autocast, describe, eval_mode, memory_format, with_precision
+from carso.device import autocast, describe_training, eval_mode, memory_format, with_precision
 from carso.distributed import Team, parallel
 from carso.io import fingerprint, read_json, write_json, write_text
 from carso.models import build_classifier
@@ -165,7 +165,8 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
         if not team.is_main:
             continue
         clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device, norm)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": loss, "train_adv_acc": adv_acc,
+        row = {"epoch": epoch, "device": str(device), "lr": opt.param_groups[0]["lr"], "train_loss": loss,
+               "train_adv_acc": adv_acc,
                "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "images_per_second": speed,
                "seconds": time.perf_counter() - t0}
         curve.append(row)
@@ -175,7 +176,7 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     return _finish(model, dataset, cfg, curve, out_dir, device, team) if team.is_main else {}
 
 
-def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dict[str, float]],
+def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dict[str, Any]],
             out_dir: Path, device: torch.device, team: Team) -> dict[str, Any]:
     save_classifier(out_dir / "model.safetensors", model, dataset, cfg["arch"], cfg["arch_kwargs"])
     lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
@@ -185,7 +186,7 @@ def _finish(model: nn.Module, dataset: str, cfg: dict[str, Any], curve: list[dic
                "final_test_clean_acc": last.get("test_clean_acc"), "final_test_adv_acc": last.get("test_adv_acc"),
                "monitor_points": cfg["monitor_points"], "train_seconds": sum(r["seconds"] for r in curve),
                "final_images_per_second": last.get("images_per_second"),
-               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe_training(device, curve),
                **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)
     return metrics

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from carso.io import load_checkpoint, load_tensors
+from carso.device import describe_training
+from carso.io import load_checkpoint, load_tensors, read_json, save_checkpoint
 from conftest import HANG_GUARD_S, load_tiny, run_cli, write_params
 
 EPOCHS = 5
@@ -52,6 +53,31 @@ def test_killed_training_resumes_and_matches_uninterrupted(tmp_path: Path) -> No
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(broken / "clf" / "checkpoint.pt")["epoch"] == EPOCHS
     assert (broken / "clf" / "curve.csv").read_text().count("\n") == EPOCHS + 1
+
+
+def test_resumed_training_names_every_device_it_ran_on(tmp_path: Path) -> None:
+    """Epoch 1 made on a GPU (its checkpoint row says so) and resumed here: the metrics, and so the report's
+    training line, name both devices with their epochs, not only the one that finished."""
+    root = _project(tmp_path)
+    assert killed_after_first_epoch(TRAIN, root).returncode == -signal.SIGKILL
+    path = root / "clf" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert [row["device"] for row in state["curve"]] == ["cpu"]
+    state["curve"][0]["device"] = "cuda:0"
+    save_checkpoint(path, state)
+    resumed = run_cli(TRAIN, cwd=root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from clf/checkpoint.pt after epoch 1" in resumed.stderr
+    assert read_json(root / "clf" / "train_metrics.json")["device"] == f"cuda:0 (epoch 1), cpu (epochs 2-{EPOCHS})"
+
+
+def test_describe_training_names_devices_only_when_they_changed() -> None:
+    cpu = torch.device("cpu")
+    rows = lambda *where: [{"epoch": i + 1, "device": d} for i, d in enumerate(where)]  # noqa: E731
+    assert describe_training(cpu, rows("cpu", "cpu"))["device"] == "cpu"
+    assert describe_training(cpu, [])["device"] == "cpu"
+    assert describe_training(cpu, rows("cuda:0", "cuda:0", "cpu", "cuda:1"))["device"] == \
+        "cuda:0 (epochs 1-2), cpu (epoch 3), cuda:1 (epoch 4)"
 
 
 def test_checkpoint_from_other_settings_is_not_resumed(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from carso.attacks import AttackSpec, attack
 from carso.checkpoint import load_classifier
 from carso.data import load_adversarial, load_split
 from carso.datasets import dataset_spec
-from carso.device import autocast, describe, memory_format, with_precision
+from carso.device import autocast, describe_training, memory_format, with_precision
 from carso.distributed import Team
 from carso.io import fingerprint, read_json, sha256_file, write_json, write_text
 from carso.methods.atop.defence import AtopDefence, AtopPurifier
@@ -172,7 +172,7 @@ def purified_accuracy(purifier: AtopPurifier, classifier: nn.Module, x: torch.Te
 
 def train_inpainter(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     monitor: dict[str, torch.Tensor], cfg: dict[str, Any], adversary: Adversary | None, seed: int,
-                    device: torch.device, checkpoint: EpochCheckpoint) -> list[dict[str, float]]:
+                    device: torch.device, checkpoint: EpochCheckpoint) -> list[dict[str, Any]]:
     """cfg["epochs"] epochs (the CE term from cfg["ce_from_epoch"] when `adversary` is given), resumed from
     `checkpoint` when it matches; returns the per-epoch curve."""
     curve = checkpoint.restore(nets.parts())
@@ -181,7 +181,7 @@ def train_inpainter(nets: Networks, classifier: nn.Module, x: torch.Tensor, y: t
         gen = seed_epoch(seed, epoch)
         active = adversary if adversary is not None and epoch >= cfg["ce_from_epoch"] else None
         row = train_epoch(nets, classifier, x, y, cfg, active, device, gen, f"epoch {epoch}/{cfg['epochs']}")
-        row = {"epoch": epoch, **row, "images_per_second": len(y) / (time.perf_counter() - t0)}
+        row = {"epoch": epoch, "device": str(device), **row, "images_per_second": len(y) / (time.perf_counter() - t0)}
         row["purified_clean_acc"] = purified_accuracy(nets.purifier, classifier, monitor["clean"], monitor["labels"],
                                                       device)
         row["purified_adv_acc"] = purified_accuracy(nets.purifier, classifier, monitor[cfg["monitor_attack"]],
@@ -202,7 +202,7 @@ def _frozen_classifier(path: Path, dataset: str, device: torch.device, channels_
     return classifier
 
 
-def _write_outputs(out_dir: Path, curve: list[dict[str, float]], metrics: dict[str, Any]) -> None:
+def _write_outputs(out_dir: Path, curve: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
     lines = [",".join(CURVE_COLUMNS)] + [",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) for r in curve]
     write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
     write_json(out_dir / "train_metrics.json", metrics)
@@ -258,7 +258,7 @@ def run_stage(stage: str, args: Namespace, params: dict[str, Any], device: torch
                    sha256_file(classifier_path), out_dir, device)
 
 
-def _finish(stage: str, nets: Networks, curve: list[dict[str, float]], dataset: str, transform: TransformConfig,
+def _finish(stage: str, nets: Networks, curve: list[dict[str, Any]], dataset: str, transform: TransformConfig,
             cfg: dict[str, Any], n_train: int, n_monitor: int, classifier_sha: str, out_dir: Path,
             device: torch.device) -> dict[str, Any]:
     inpainter = nets.purifier.inpainter
@@ -275,7 +275,8 @@ def _finish(stage: str, nets: Networks, curve: list[dict[str, float]], dataset: 
                "parameters": sum(p.numel() for p in inpainter.parameters()),
                **{f"final_{k}": last[k] for k in CURVE_COLUMNS[1:-1]}, "monitor_points": n_monitor,
                "monitor_attack": cfg["monitor_attack"], "train_seconds": sum(r["seconds"] for r in curve),
-               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device)}
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"],
+               **describe_training(device, curve)}
     if stage == "finetune_inpainter":
         metrics.update(ce_weight=cfg["ce_weight"], ce_from_epoch=cfg["ce_from_epoch"], adversary=cfg["adversary"])
     _write_outputs(out_dir, curve, metrics)

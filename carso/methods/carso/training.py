@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from carso.checkpoint import load_classifier
-from carso.device import autocast, describe, memory_format, with_precision
+from carso.device import autocast, describe_training, memory_format, with_precision
 from carso.data import load_adversarial
 from carso.distributed import Team, parallel
 from carso.io import fingerprint, sha256_file, write_json, write_text
@@ -137,7 +137,7 @@ def monitor(purifier: Purifier, extractor: RepresentationExtractor, x: torch.Ten
 def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data: dict[str, torch.Tensor],
                    cfg: dict[str, Any], seed: int, device: torch.device, checkpoint_path: Path,
                    data_key: str, monitor_data: dict[str, torch.Tensor] | None = None,
-                   team: Team = Team()) -> list[dict[str, float]]:
+                   team: Team = Team()) -> list[dict[str, Any]]:
     """Train `purifier` for cfg["epochs"] epochs on `data` (clean images, labels and one tensor per
     attack); returns the per-epoch curve. Resumes from `checkpoint_path` when it matches this run.
     With `monitor_data` (clean, labels and cfg["monitor_attack"] test images), each epoch also records
@@ -163,7 +163,8 @@ def train_purifier(purifier: Purifier, extractor: RepresentationExtractor, data:
         speed = len(data["labels"]) / (time.perf_counter() - t0)  # training images per second, all processes
         if not team.is_main:
             continue
-        row = {"epoch": epoch, "beta": beta, "lr": inner.param_groups[0]["lr"], **row, "images_per_second": speed}
+        row = {"epoch": epoch, "device": str(device), "beta": beta, "lr": inner.param_groups[0]["lr"], **row,
+               "images_per_second": speed}
         if monitor_data is not None:
             row["recon_clean_acc"] = monitor(purifier, extractor, monitor_data["clean"], monitor_data["labels"], device)
             row["recon_adv_acc"] = monitor(purifier, extractor, monitor_data[cfg["monitor_attack"]],
@@ -213,7 +214,7 @@ def run_purifier_training(dataset: str, classifier_path: Path, adversarial_dir: 
                "final_recon_adv_acc": last["recon_adv_acc"], "monitor_points": len(mon["labels"]),
                "monitor_attack": cfg["monitor_attack"], "train_seconds": sum(r["seconds"] for r in curve),
                "final_images_per_second": last["images_per_second"],
-               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe(device),
+               "precision": cfg["precision"], "channels_last": cfg["channels_last"], **describe_training(device, curve),
                **team.describe()}
     write_json(out_dir / "train_metrics.json", metrics)
     return metrics
