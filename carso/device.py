@@ -140,7 +140,7 @@ def describe_training(device: torch.device, curve: Sequence[dict[str, Any]]) -> 
     info = describe(device)
     spans: list[tuple[str, int, int]] = []
     for row in curve:
-        where = str(row.get("device", device))
+        where = row["device"]
         if spans and spans[-1][0] == where:
             spans[-1] = (where, spans[-1][1], row["epoch"])
         else:
