@@ -13,11 +13,14 @@ Prints, with the sizes of a params file (default params.yaml; random weights: th
    then each lever alone: the after pass with one lever taken back at a time, and with every layer in one memory
    format (engine.layout channels_last / contiguous; the after pass is engine.layout auto).
 4. AutoAttack rand's APGD step: pyautoattack's EoT loop (one draw per pass) against carso.attacks.BatchedEoT.
-5. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
-6. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
+5. The judge (carso.verdicts): a randomised defence's fresh draws on its attacked points, forward passes only (2 x
+   verdict_draws per point, batched into the defence's tile): the seconds one attack's final points cost to judge.
+   --judge-only prints this alone.
+6. With --compile MODE ...: the after pass compiled with torch.compile in each mode, and its compile time.
+7. CARSO's N samples as one batch against a loop, and the training steps (CARSO's purifier; AToP's inpainter +
    discriminator, pre-training and fine-tuning) in fp32 / bf16 autocast, NCHW / channels_last.
 Run: python bench/defence_throughput.py [--params params.yaml] [--compile default max-autotune-no-cudagraphs]
-     [--defences at carso atop] [--no-training]
+     [--defences at carso atop] [--no-training] [--judge-only]
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from carso.methods.carso.purifier import Purifier, PurifierConfig, purifier_loss
 from carso.methods.carso.representation import RepresentationExtractor
 from carso.models import SmallCNN, build_classifier
 from carso.params import load_params
+from carso.verdicts import correct_draws
 
 CPU = torch.device("cpu")
 
@@ -231,6 +235,25 @@ def bench_autoattack_eot(params: dict[str, Any], args: argparse.Namespace) -> No
         print(f"{name:<8}{batch:>6}{tile:>6}{looped:>14.0f}{batched:>15.0f}{batched / looped:>9.2f}x")
 
 
+def bench_judge(params: dict[str, Any], args: argparse.Namespace) -> None:
+    """What judging one attack's final points costs a randomised defence: 2 x verdict_draws forward passes per
+    point over its n_points attacked points, at its evaluation batch, draws batched into its tile."""
+    names = [d for d in args.defences if d != "at"]  # the classifier alone is judged once
+    if not names:
+        return
+    print("\n# the judge: one attack's final points of a randomised defence classified with fresh draws "
+          "(2 x verdict_draws per point, forward only, fp32, draws batched into the defence's tile)")
+    print(f"{'defence':<8}{'points':>7}{'draws':>7}{'batch':>7}{'tile':>6}{'img/s':>9}{'seconds':>9}")
+    for name in names:
+        section = params["evaluation"]["defences"][name]
+        points, draws, batch = section["n_points"], 2 * section["verdict_draws"], section["batch_size"]
+        model = prepare(build(params, args)[name], CPU)
+        tile = cpu_pass_images(model)
+        x, y = torch.rand(points, 1, 28, 28), torch.randint(0, 10, (points,))
+        images = rate(lambda: correct_draws(model, x, y, draws, CPU, batch, tile), points * draws, 1, warmup=1)
+        print(f"{name:<8}{points:>7}{draws:>7}{batch:>7}{tile:>6}{images:>9.0f}{points * draws / images:>9.1f}")
+
+
 def bench_tiles(params: dict[str, Any], args: argparse.Namespace) -> None:
     tiles = (None, 250, 500, 1000, 2000, 4000)
     print("\n# the tile: after-pass img/s with the EoT draws batched into passes of up to pass_images images "
@@ -350,9 +373,14 @@ def main() -> None:
     parser.add_argument("--no-training", action="store_true", help="skip the training steps")
     parser.add_argument("--defences", nargs="+", default=["at", "carso", "atop"], choices=["at", "carso", "atop"],
                         help="the defences whose attack passes are timed (default: all three)")
+    parser.add_argument("--judge-only", action="store_true", help="print the judge's cost alone")
     args = parser.parse_args()
     configure_threads(args.threads)
     params = load_params(args.params)
+    if args.judge_only:
+        print(f"# {args.params}: CPU {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        bench_judge(params, args)
+        return
     models = build(params, args)
     carso = models["carso"]
     inp = params["atop"]["inpainter"]
@@ -367,6 +395,7 @@ def main() -> None:
     bench_tiles(params, args)
     bench_levers(params, args)
     bench_autoattack_eot(params, args)
+    bench_judge(params, args)
     if args.compile:
         bench_compile(params, args)
     bench_carso_batching(carso, suite(params, "carso", args)[0], args.iters)

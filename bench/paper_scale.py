@@ -192,7 +192,7 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
     for name, fwd, att in (("at", clf_fwd, clf_att), ("carso", def_fwd, def_att), ("atop_rt", atop_fwd, atop_att),
                            ("atop", atop_fwd, atop_att)):
         cfg = ev["defences"][name]
-        n, reps, s = cfg["n_points"], cfg["verdict_repeats"] if name != "at" else 1, cfg["sanity"]
+        n, reps, s = cfg["n_points"], 2 * cfg["verdict_draws"] if name != "at" else 1, cfg["sanity"]  # picking + estimate
         stage = f"evaluate_{name}"
         for pgd in cfg["pgd"]:  # an upper bound: every run on every point (the cascade gives later runs fewer)
             via = " via surrogate" if pgd.get("surrogate") else ""
@@ -221,7 +221,7 @@ def stage_flops(params: dict[str, Any], dataset: str, f: dict[str, float]) -> li
                      f"{s['n_points']} points: PGD continued to {s['more_steps_factor']}x, PGD at eps {s['large_eps']} "
                      f"with each of {losses} loss(es)"))
         rows.append((stage, "clean + verdicts", "fp32", test_set * fwd + n * 4 * reps * fwd,
-                     f"clean accuracy on {test_set:,}; {reps} verdict(s) per point on 4 point sets"))
+                     f"clean accuracy on {test_set:,}; {reps} judged draw(s) per point on 4 point sets"))
     return rows
 
 

@@ -1,10 +1,13 @@
 """Compare runs: which differences between them are real.
 
 A run is named by its params file: the file says what was run, and its `output_root` says where the results are.
-For every defence evaluated in two runs on the same test set, the per-point worst-case verdicts of the first
-points both runs attacked are paired, and an exact McNemar test on the points where they disagree says whether
-the runs differ for real or within noise (at the level 1 - evaluation.confidence of the first run). The page shows
-the parameter differences, every defence's figures side by side with their intervals, and the paired tests.
+For every defence evaluated in two runs on the same test set, the per-point outcomes of the first points both runs
+attacked are paired on the headline (each point's expected accuracy under the strongest attack found, carso.verdicts):
+a paired interval of the difference (Newcombe's, from each run's interval and the correlation of their per-point
+figures) and a sign-flip test, which says whether the runs differ for real or within noise (at the level
+1 - evaluation.confidence of the first run; for a deterministic defence they are Newcombe's interval and McNemar's
+exact test). The strict rule's paired test stands beside it. The page shows the parameter differences, every
+defence's figures side by side with their intervals, and the paired tests.
 A git revision or DVC experiment (--rev) is a run too: its params.yaml from git, its results from DVC's cache.
 A study (carso.study) is compared the same way, variant by variant, with a plot against its axis when it has one.
 
@@ -12,7 +15,6 @@ Writes compare.html (self-contained) and compare.md, through the report's render
 """
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from carso.errors import UserError
-from carso.io import load_tensors, read_json
+from carso.io import read_json
 from carso.params import load_params, validate
 from carso.layout import Results
-from carso.report import Section, _level, _pct, png, pyplot, render
-from carso.stats import paired_difference
+from carso.report import Section, _level, _pct, _strict, point_outcomes, png, pyplot, render
+from carso.stats import paired_expected, paired_verdicts
 from carso.study import Plan, Study, load_study
 
 
@@ -35,26 +37,9 @@ class Run:
     params: dict[str, Any]
     results: Results  # <output_root>/data/<dataset>, or where a study variant's stage folders are
     metrics: dict[str, dict[str, Any]]  # defence -> metrics.json
-    robust: dict[str, list[bool]]  # defence -> per-point worst-case verdicts
+    outcomes: dict[str, tuple[list[float], list[bool]]]  # defence -> per point: headline probability, strict verdict
     test_set: str  # sha256 of the test split (manifest.json): pairs need the same points
     where: str = ""  # where the results come from, in words (default: the results folder)
-
-
-def mcnemar_exact(only_first: int, only_second: int) -> float:
-    """Two-sided exact McNemar p-value: under no difference, each of the b + c discordant points is equally likely to
-    favour either run (a binomial with p = 1/2)."""
-    n, k = only_first + only_second, min(only_first, only_second)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def paired_test(first: list[bool], second: list[bool], confidence: float) -> dict[str, Any]:
-    """first minus second on the same points: Newcombe's paired interval, the exact McNemar p-value, and the verdict
-    ("real" when p < 1 - confidence, else "within noise")."""
-    d = paired_difference(first, second, confidence)
-    p = mcnemar_exact(d["only_first"], d["only_second"])
-    return {**d, "p_value": p, "verdict": "real" if p < 1 - confidence else "within noise"}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -88,15 +73,15 @@ def _check_dataset(params: dict[str, Any], source: str, dataset: str) -> None:
 
 
 def read_run(name: str, params: dict[str, Any], results: Results, command: str) -> Run:
-    metrics, robust = {}, {}
+    metrics, outcomes = {}, {}
     for defence in params["evaluation"]["defences"]:
         files = [results.path(f"eval/{defence}/{f}") for f in ("metrics.json", "examples.safetensors")]
         if not all(f.exists() for f in files):
             raise UserError(f"{name}: no results for defence '{defence}' in {files[0].parent}; run `{command}` first.")
         metrics[defence] = read_json(files[0])
-        robust[defence] = load_tensors(files[1])[0]["robust_worst_case"].bool().tolist()
+        outcomes[defence] = point_outcomes(files[1])
     test_set = read_json(results.path("dataset/manifest.json"))["splits"]["test"]
-    return Run(name, params, results, metrics, robust, str(test_set))
+    return Run(name, params, results, metrics, outcomes, str(test_set))
 
 
 def load_revision(rev: str, dataset: str, scratch: Path) -> Run:
@@ -143,49 +128,65 @@ def _defences(runs: list[Run]) -> list[str]:
 
 
 def results_rows(runs: list[Run]) -> list[list[str]]:
-    """defence | run | clean | worst case (with intervals and n): one row per defence and run, so that the table
-    keeps its width however many runs a study has."""
-    rows = [["defence", "run", "clean (full test set)", "worst case (attacked points)"]]
+    """defence | run | clean | worst case | its strict bound (with intervals and n): one row per defence and run, so
+    that the table keeps its width however many runs a study has."""
+    rows = [["defence", "run", "clean (full test set)", "worst case (attacked points)", "worst case, strict bound"]]
     for name in _defences(runs):
         for r in runs:
-            cells = [_pct(r.metrics[name][k]) if name in r.metrics else "not evaluated"
-                     for k in ("clean", "robust_worst_case")]
+            m = r.metrics.get(name)
+            cells = ([_pct(m["clean"]), _pct(m["robust_worst_case"]), _strict(m["robust_worst_case"])] if m else
+                     ["not evaluated"] * 3)
             rows.append([f"`{name}`", f"`{r.name}`", *cells])
     return rows
 
 
+def paired_test(first: tuple[list[float], list[bool]], second: tuple[list[float], list[bool]],
+                confidence: float) -> dict[str, Any]:
+    """first minus second, one defence's per-point outcomes in two runs on the same points (each trimmed to the
+    shorter): the headline's paired test (carso.stats.paired_expected) with the strict rule's under `strict`."""
+    n = min(len(first[0]), len(second[0]))
+    return {**paired_expected(first[0][:n], second[0][:n], confidence),
+            "strict": paired_verdicts(first[1][:n], second[1][:n], confidence),
+            "acc_first": sum(first[0][:n]) / n, "acc_second": sum(second[0][:n]) / n}
+
+
 def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
-    """Every defence evaluated in two runs on the same test set: the paired worst-case test of the pair."""
+    """Every defence evaluated in two runs on the same test set: the paired test of the pair's headline (the expected
+    accuracy under the strongest attack per point), and the strict rule's verdict beside it."""
     rows = [["defence", "first run", "second run", "same first points", "worst case (first, second)",
-             f"difference ({_level(confidence)} CI), points", "only first / only second", "exact McNemar p",
-             "verdict"]]
+             f"difference ({_level(confidence)} paired interval), points", "more likely correct: first / second",
+             "sign-flip p", "verdict", "strict rule: difference, McNemar p, verdict"]]
     for name in _defences(runs):
-        having = [r for r in runs if name in r.robust]
+        having = [r for r in runs if name in r.outcomes]
         for i, a in enumerate(having):
             for b in having[i + 1:]:
                 if a.results.path(f"eval/{name}") == b.results.path(f"eval/{name}"):
                     continue  # one evaluation shared by both (a study stage no changed key reaches)
                 if a.test_set != b.test_set:
                     rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", "0 (different test sets)", "", "", "", "",
-                                 "not comparable"])
+                                 "not comparable", ""])
                     continue
-                n = min(len(a.robust[name]), len(b.robust[name]))
-                t = paired_test(a.robust[name][:n], b.robust[name][:n], confidence)
-                rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", str(n),
-                             f"{100 * sum(a.robust[name][:n]) / n:.2f}%, {100 * sum(b.robust[name][:n]) / n:.2f}%",
+                t = paired_test(a.outcomes[name], b.outcomes[name], confidence)
+                strict = t["strict"]
+                rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", str(t["n"]),
+                             f"{100 * t['acc_first']:.2f}%, {100 * t['acc_second']:.2f}%",
                              f"{100 * t['difference']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}]",
-                             f"{t['only_first']} / {t['only_second']}", f"{t['p_value']:.3g}", t["verdict"]])
+                             f"{t['more_first']} / {t['more_second']}", f"{t['p_value']:.3g}", t["verdict"],
+                             f"{100 * strict['difference']:+.1f}, p {strict['p_value']:.3g}, {strict['verdict']}"])
     return rows
 
 
 def compare_sections(runs: list[Run], dataset: str) -> list[Section]:
     confidence = runs[0].params["evaluation"]["confidence"]
     about = [f"`{r.name}`: {r.where or f'results in {r.results.root}'}" for r in runs] + [
-        f"A paired test pairs one defence's per-point worst-case verdicts in two runs on the first test points both "
-        f"attacked; the difference is real when the exact McNemar test on the points where they disagree gives "
-        f"p < {1 - confidence:.2g} (evaluation.confidence {confidence:g} of `{runs[0].name}`), and within noise "
-        f"otherwise. Two runs that share one evaluation (a study's stage that no changed key reaches) are not "
-        f"paired: their verdicts are the same by construction."]
+        f"A paired test pairs one defence's per-point outcomes in two runs on the first test points both attacked, on "
+        f"the headline: each point's expected accuracy under the strongest attack found for it (a deterministic "
+        f"defence's: 0 or 1). The difference's interval is Newcombe's paired interval, built from each run's "
+        f"interval and the correlation of their per-point figures; it is real when the sign-flip test (McNemar's "
+        f"exact test for a deterministic defence) gives p < {1 - confidence:.2g} "
+        f"(evaluation.confidence {confidence:g} of `{runs[0].name}`), and within noise otherwise. The strict rule's "
+        f"test (every repeat correct; McNemar) stands beside it. Two runs that share one evaluation (a study's stage "
+        f"that no changed key reaches) are not paired: their outcomes are the same by construction."]
     return [("Runs", "list", about),
             ("Parameter differences", "table", parameter_differences(runs)),
             (f"Results side by side ({_level(confidence)} Wilson intervals, {dataset})", "table", results_rows(runs)),

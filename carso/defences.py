@@ -15,11 +15,12 @@ from carso.errors import UserError
 from carso.methods import DefenceSpec, MethodSpec, StageSpec
 from carso.methods.atop import METHOD as ATOP
 from carso.methods.carso import METHOD as CARSO
+from carso.methods.controls import METHOD as CONTROLS
 
 
 AT = DefenceSpec("at", "adversarially-trained classifier alone", "the classifier alone",
                  "carso.checkpoint:load_classifier_defence")
-METHODS: tuple[MethodSpec, ...] = (CARSO, ATOP)  # a new method: one more entry here
+METHODS: tuple[MethodSpec, ...] = (CARSO, ATOP, CONTROLS)  # a new method: one more entry here
 DEFENCES: dict[str, DefenceSpec] = {AT.name: AT, **{d.name: d for m in METHODS for d in m.defences}}
 
 

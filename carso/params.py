@@ -148,6 +148,10 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
             raise UserError(f"{source}: 'adversarial.test_points' ({test_points}) is smaller than "
                             f"'evaluation.defences.{name}.n_points' ({cfg['n_points']}); the transfer attack needs "
                             "a stored example for every attacked point, so raise test_points (or null).")
+        if cfg["verdict_repeats"] > cfg["verdict_draws"]:
+            raise UserError(f"{source}: 'evaluation.defences.{name}.verdict_repeats' ({cfg['verdict_repeats']}) "
+                            f"exceeds its verdict_draws ({cfg['verdict_draws']}); the strict rule's repeats are the "
+                            "first of the selection draws, so raise verdict_draws or lower verdict_repeats.")
         if cfg["sanity"]["n_points"] > cfg["n_points"]:
             raise UserError(f"{source}: 'evaluation.defences.{name}.sanity.n_points' ({cfg['sanity']['n_points']}) "
                             f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")

@@ -22,7 +22,7 @@ from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, res
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.layout import Results
-from carso.stats import paired_difference
+from carso.stats import paired_expected, paired_verdicts
 
 # (title, kind, content): kind "list" (sentences), "table" (rows, the first is the header), "code" (text) or
 # "figure" (content: (file stem, PNG bytes))
@@ -35,6 +35,36 @@ def _pct(entry: dict[str, Any] | None) -> str:
         return "not run"
     return (f"{100 * entry['accuracy']:.2f}% [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}] "
             f"(n={entry['n']})")
+
+
+def _strict(entry: dict[str, Any] | None) -> str:
+    """The strict rule's figure of an entry (carso.verdicts.Verdict.entry), with its number of repeats."""
+    if not entry or "strict" not in entry:
+        return "not run"
+    repeats = entry["strict"]["repeats"]
+    rule = f"all {repeats} repeats correct" if repeats > 1 else "one verdict"
+    return f"{_pct(entry['strict'])}, {rule}"
+
+
+def rule_words(m: dict[str, Any]) -> str:
+    """How a defence's headline was measured, in words."""
+    if m.get("verdict_draws", 1) > 1:
+        return (f"expected accuracy under the strongest attack found for each point: each attack's final point "
+                f"judged with {m['verdict_draws']} fresh draws that picked the strongest attack per point and "
+                f"{m['verdict_draws']} more that estimated its probability of a correct answer")
+    return "one verdict per point (deterministic: the expected accuracy and the strict rule coincide)"
+
+
+def point_outcomes(path: Path) -> tuple[list[float], list[bool]]:
+    """An evaluation's per-point outcomes on its attacked points (examples.safetensors): the headline's probability
+    of a correct answer under the strongest attack found, and the strict rule's verdict."""
+    from carso.errors import UserError
+
+    tensors, _ = load_tensors(path)
+    if "robust_expected" not in tensors:
+        raise UserError(f"{path} predates the expected-accuracy headline (it holds only the strict verdicts); rerun "
+                        "that evaluation (its `evaluate` job) to compare it.")
+    return tensors["robust_expected"].double().tolist(), tensors["robust_worst_case"].bool().tolist()
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
@@ -120,8 +150,8 @@ def examples_png(ex: dict[str, Any], label: str, classes: Callable[[int], str] =
 
 
 def headline_png(evals: dict[str, dict[str, Any]]) -> bytes:
-    """Clean and worst-case robust accuracy of every defence on the points it was attacked on, as bars with their
-    Wilson intervals."""
+    """Clean and worst-case robust accuracy of every defence on the points it was attacked on (the headline: the
+    expected accuracy), as bars with their intervals, and the strict rule's figures as marks on them."""
     plt = pyplot()
     names = list(evals)
     fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(names), 3.2))
@@ -131,11 +161,15 @@ def headline_png(evals: dict[str, dict[str, Any]]) -> bytes:
         acc = [100 * e["accuracy"] for e in entries]
         err = [[a - 100 * e["ci_low"] for a, e in zip(acc, entries)], [100 * e["ci_high"] - a for a, e in zip(acc, entries)]]
         ax.bar([i + offset for i in range(len(names))], acc, 0.4, yerr=err, capsize=3, color=colour, label=label)
+        strict = [(i + offset, 100 * e["strict"]["accuracy"]) for i, e in enumerate(entries) if "strict" in e]
+        if strict:
+            ax.scatter(*zip(*strict), marker="_", s=260, color="black", zorder=3,
+                       label="strict rule (all repeats correct)" if key == "clean_subset" else None)
     ax.set_xticks(range(len(names)), [f"{n}\n(n={evals[n]['robust_worst_case']['n']})" for n in names], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     level = _level(next(iter(evals.values()))["robust_worst_case"]["confidence"])
-    ax.set_title(f"On the attacked points, with {level} Wilson intervals", fontsize=9)
+    ax.set_title(f"On the attacked points (expected accuracy), with {level} intervals", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return png(fig)
@@ -149,21 +183,58 @@ def _strongest_alone(m: dict[str, Any]) -> str:
 
 
 def results_rows(evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> list[list[str]]:
-    header = ["defence", "threat model", "clean (full test set)", "clean (attacked points)", "strongest attack, alone",
-              "robust (worst case over all attacks, cumulative)"]
+    header = ["defence", "threat model", "clean (full test set, one draw per point)", "clean (attacked points)",
+              "strongest attack, alone", "robust (worst case over all attacks, cumulative)",
+              "robust, strict bound (every repeat of every attack correct)"]
     rows = [header]
     for name, m in evals.items():
         rows.append([f"`{name}` ({specs[name].title})", _threat(m), _pct(m["clean"]), _pct(m["clean_subset"]),
-                     _strongest_alone(m), _pct(m["robust_worst_case"])])
+                     _strongest_alone(m), _pct(m["robust_worst_case"]), _strict(m["robust_worst_case"])])
+    return rows
+
+
+RULES_NOTE = [
+    "The attacker picks, the judge re-draws: every attack returns one point per test point, chosen with its own "
+    "queries of the defence; the evaluation then classifies that point with fresh draws of the defence that no attack "
+    "saw, in two sets (the defence's verdict_draws each). The first set picks, per point, the strongest attack (the "
+    "lowest share of correct draws); the second, independent of that choice, estimates the probability that the "
+    "defence classifies the picked point correctly. No draw that chose a point judges it, so the minimum over attacks "
+    "is not a selection on the defence's noise.",
+    "The headline (the robust and clean figures without a qualifier) is the mean of that probability over the "
+    "attacked points: the expected accuracy under the strongest attack found for each point. Its interval is Wilson's "
+    "at that mean over the n points, which covers both the sample of points and each point's draws (a value in "
+    "[0, 1] varies at most as a verdict does); for a deterministic defence it is Wilson's interval on n verdicts.",
+    "The strict bound counts a point only if every repeat (the first verdict_repeats of the picking draws) of every "
+    "attack classified it correctly. It is conservative, and it charges a randomised defence for its noise: it falls "
+    "towards 0 as the repeats or the attacks multiply, even for a defence no attack moves. For a deterministic "
+    "defence the two coincide.",
+    "Defences are compared on the headline, point by point on the same first test points: the difference with its "
+    "paired interval (Newcombe's, built from each side's interval and the correlation of their per-point figures) "
+    "and the sign-flip test, which decides (on figures of 0 or 1 they are Newcombe's interval and McNemar's exact "
+    "test). Where the strict rule disagrees about the sign or the significance of a difference, the sentence says so.",
+]
+
+
+def rules_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Each defence's clean and worst-case figures on its attacked points under both rules, and the draws behind
+    them: the headline (expected accuracy) and the strict bound (all repeats correct)."""
+    rows = [["defence", "randomised", "draws (picking + estimate) / strict repeats", "clean (attacked points): headline",
+             "clean: strict", "worst case: headline", "worst case: strict", "strict minus headline, worst case"]]
+    for name, m in evals.items():
+        clean, worst = m["clean_subset"], m["robust_worst_case"]
+        draws = m.get("verdict_draws", 1)
+        rows.append([f"`{name}`", "yes" if m.get("randomised") else "no", f"{draws} + {draws} / {m['verdict_repeats']}",
+                     _pct(clean), _pct(clean["strict"]), _pct(worst), _pct(worst["strict"]),
+                     f"{100 * (worst['strict']['accuracy'] - worst['accuracy']):+.1f} points"])
     return rows
 
 
 def attack_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
     """Every attack of every defence, alone on the same first points."""
-    rows = [["defence", "attack", "kind", "accuracy alone (on the first points)", "settings"]]
+    rows = [["defence", "attack", "kind", "accuracy alone (on the first points)", "strict bound alone", "settings"]]
     for name, m in evals.items():
         for attack, a in m["attacks"].items():
-            rows.append([f"`{name}`", a["title"], a["kind"], _pct(a), _settings(a)])
+            rows.append([f"`{name}`", a["title"], a["kind"], _pct(a), _strict(a), _settings(a)])
     return rows
 
 
@@ -192,9 +263,12 @@ CASCADE_NOTE = [
     "where every attack runs on every point the defence classifies correctly clean: the gradient-masking checks "
     "compare these.",
     "The worst case is cumulative over all attacked points: the attacks run in the order of the cascade table, and "
-    "past the first points an attack runs only on the points every earlier one left correct (AutoAttack's own "
-    "practice), which gives the same per-point worst case for less work. A point misclassified clean is attacked by "
-    "nothing and counts as broken.",
+    "past the first points an attack runs only on the points where some picking draw still found the defence correct "
+    "(for a deterministic defence: every earlier attack left it correct, AutoAttack's own practice). Where none did, "
+    "no later attack can be picked (a tie keeps the earlier one), so both figures are those of running every attack "
+    "on every point, for less work. A point no picking draw classified correctly clean is attacked by nothing. "
+    "The headline so far can rise a little after an attack: where that attack is picked, its figure comes from "
+    "estimate draws of its own, an unbiased estimate that no picking saw, not from the draws that picked it.",
     "The strongest PGD run continued to more steps runs only on the points its base run left correct; the others "
     "keep its verdict. PGD at a very large eps, once with each attack loss of the suite, runs on every point of the "
     "subset and never enters the worst case; at least one loss must bring accuracy near 0.",
@@ -210,12 +284,14 @@ CASCADE_NOTE = [
 
 
 def cascade_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """Each defence's attacks in the order they ran, with the points each attacked and the worst case after it."""
-    rows = [["defence", "attack", "points attacked", "seconds", "worst case so far (cumulative)"]]
+    """Each defence's attacks in the order they ran, with the points each attacked, the points where it was picked
+    as the strongest, and the worst case after it under both rules."""
+    rows = [["defence", "attack", "points attacked", "the strongest on (points, after every attack)", "seconds",
+             "worst case so far (cumulative)", "strict bound so far"]]
     for name, m in evals.items():
         for step in m.get("cascade", []):
-            rows.append([f"`{name}`", step["attack"], str(step["attacked_points"]), f"{step['seconds']:.0f}",
-                         _pct(step)])
+            rows.append([f"`{name}`", step["attack"], str(step["attacked_points"]), str(step["picked_points"]),
+                         f"{step['seconds']:.0f}", _pct(step), _pct(step["strict"])])
     return rows
 
 
@@ -276,16 +352,17 @@ def summary_sentences(evals: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for name, m in evals.items():
         rc = m["robust_worst_case"]
-        repeats = m.get("verdict_repeats", 1)
-        noisy = (f" A point counts only if all {repeats} repeated classifications of its final adversarial version "
-                 "were correct." if repeats > 1 else "")
+        strict = rc["strict"]
+        bound = (f" Strict bound (a point counts only if all {strict['repeats']} repeats of every attack were correct): "
+                 f"{100 * strict['accuracy']:.2f}% [{100 * strict['ci_low']:.1f}, {100 * strict['ci_high']:.1f}]."
+                 if m.get("verdict_draws", 1) > 1 else "")
         out.append(f"`{name}`: clean accuracy {100 * m['clean']['accuracy']:.2f}% on {m['clean']['n']} test "
-                   f"images; robust accuracy (a point counts only if it survives every attack) "
-                   f"{100 * rc['accuracy']:.2f}% on {rc['n']} points, {_level(rc['confidence'])} CI "
-                   f"[{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}], {_threat(m)}, fp32, over "
+                   f"images; robust accuracy {100 * rc['accuracy']:.2f}% on {rc['n']} points, "
+                   f"{_level(rc['confidence'])} CI [{100 * rc['ci_low']:.1f}, {100 * rc['ci_high']:.1f}] "
+                   f"({rule_words(m)}), {_threat(m)}, fp32, worst case over "
                    f"{len(m['attacks'])} attacks ({', '.join(a['title'] for a in m['attacks'].values())}); "
                    f"AutoAttack's randomness check found the model "
-                   f"{'randomised' if m.get('randomised') else 'deterministic'}.{noisy}")
+                   f"{'randomised' if m.get('randomised') else 'deterministic'}.{bound}")
         if m.get("gradient_masking"):
             out.append(f"`{name}` shows signs of gradient masking, so its white-box figures may overstate its "
                        f"robustness: {'; '.join(m['gradient_masking'])}.")
@@ -322,37 +399,65 @@ def _level(confidence: float) -> str:
     return f"{100 * confidence:g}%"
 
 
-def paired(first: str, second: str, evals: dict[str, dict[str, Any]],
-           robust: dict[str, list[bool]]) -> dict[str, Any] | None:
-    """`first` minus `second` in worst-case robust accuracy, paired on the first points both were attacked on (None
-    if either is missing): paired_difference's entry, with n."""
-    if not {first, second} <= set(evals) or not {first, second} <= set(robust):
+Outcomes = dict[str, tuple[list[float], list[bool]]]  # defence -> per-point (headline probability, strict verdict)
+
+
+def paired(first: str, second: str, evals: dict[str, dict[str, Any]], outcomes: Outcomes) -> dict[str, Any] | None:
+    """`first` minus `second` on the first points both were attacked on (None if either is missing): the headline's
+    paired test (carso.stats.paired_expected) and, under `strict`, the strict rule's (carso.stats.paired_verdicts)."""
+    if not {first, second} <= set(evals) or not {first, second} <= set(outcomes):
         return None
-    n = min(len(robust[first]), len(robust[second]))
+    (pa, sa), (pb, sb) = outcomes[first], outcomes[second]
+    n = min(len(pa), len(pb))
     conf = evals[first]["robust_worst_case"]["confidence"]
-    return {"n": n, **paired_difference(robust[first][:n], robust[second][:n], conf)}
+    return {**paired_expected(pa[:n], pb[:n], conf), "strict": paired_verdicts(sa[:n], sb[:n], conf),
+            "acc_first": sum(pa[:n]) / n, "acc_second": sum(pb[:n]) / n}
 
 
-def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]],
-                        robust: dict[str, list[bool]], specs: dict[str, DefenceSpec]) -> str | None:
-    """Did defence `first` beat `second`? Paired on the first points both were attacked on (None if either is
-    missing)."""
-    d = paired(first, second, evals, robust)
+def _direction(d: dict[str, Any]) -> str:
+    """"beat", "did worse than" or "did not measurably beat", as the paired test `d` decides."""
+    if d["verdict"] != "real" or d["difference"] == 0:
+        return "did not measurably beat"
+    return "beat" if d["difference"] > 0 else "did worse than"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def rules_disagree(d: dict[str, Any]) -> str | None:
+    """What the strict rule says of a pair where it reaches another verdict than the headline (a significant
+    difference of the other sign, or significant where the headline is not, or the reverse); None where it agrees."""
+    strict, level = d["strict"], _level(d["confidence"])
+    says, headline = _direction(strict), _direction(d)
+    if says == headline:
+        return None
+    what = "the sign" if "did not measurably beat" not in (says, headline) else "the significance"
+    return (f"The strict rule disagrees on {what}: with all repeats correct the difference is "
+            f"{100 * strict['difference']:+.1f} points ({level} CI [{100 * strict['ci_low']:+.1f}, "
+            f"{100 * strict['ci_high']:+.1f}], McNemar {_p(strict['p_value'])}), which would say \"{says}\".")
+
+
+def comparison_sentence(first: str, second: str, evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                        specs: dict[str, DefenceSpec]) -> str | None:
+    """Did defence `first` beat `second`? On the headline, paired on the first points both were attacked on (None if
+    either is missing), with what the strict rule says where it disagrees."""
+    d = paired(first, second, evals, outcomes)
     if d is None:
         return None
-    a, b, n, conf = specs[first].label, specs[second].label, d["n"], evals[first]["robust_worst_case"]["confidence"]
-    acc_a, acc_b = sum(robust[first][:n]) / n, sum(robust[second][:n]) / n
-    ci = f"{_level(conf)} CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points"
-    if d["ci_low"] > 0:
-        verdict = f"{a} beat {b} on this run, by {100 * d['difference']:+.1f} points ({ci})"
-    elif d["ci_high"] < 0:
-        verdict = f"{a} did worse than {b} on this run, by {100 * d['difference']:+.1f} points ({ci})"
+    a, b, n = specs[first].label, specs[second].label, d["n"]
+    ci = (f"{_level(d['confidence'])} paired interval [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] "
+          f"points, sign-flip test {_p(d['p_value'])}")
+    verdict = _direction(d)
+    if verdict == "did not measurably beat":
+        head = f"{a} did not measurably beat {b} on this run: difference {100 * d['difference']:+.1f} points ({ci})"
     else:
-        verdict = (f"{a} did not measurably beat {b} on this run: difference {100 * d['difference']:+.1f} points "
-                   f"({ci}, which includes 0)")
-    return (f"{verdict}. Worst-case robust accuracy on the same first {n} test points: {a} {100 * acc_a:.2f}%, "
-            f"{b} {100 * acc_b:.2f}% ({d['only_first']} points survived only with {a}, {d['only_second']} only "
-            f"with {b}).")
+        head = f"{a} {verdict} {b} on this run, by {100 * d['difference']:+.1f} points ({ci})"
+    text = (f"{head}. Expected robust accuracy under the strongest attack found for each point, on the same first {n} "
+            f"test points: {a} {100 * d['acc_first']:.2f}%, {b} {100 * d['acc_second']:.2f}% ({a} more likely correct "
+            f"on {d['more_first']} points, {b} on {d['more_second']}).")
+    disagree = rules_disagree(d)
+    return f"{text} {disagree}" if disagree else text
 
 
 def counterpart(name: str, other: str, evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> str | None:
@@ -363,18 +468,46 @@ def counterpart(name: str, other: str, evals: dict[str, dict[str, Any]], specs: 
                  and all(k in THREAT_KEYS for k, _ in specs[c].overrides)), None)
 
 
-def comparisons(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
-                specs: dict[str, DefenceSpec]) -> list[str]:
-    """Each defence against the ones its registry entry names (`compare_with`; under the same threat model), then
-    what its paper reports, then the verdict on each defence evaluated with variants."""
-    out = []
+def comparisons(evals: dict[str, dict[str, Any]], outcomes: Outcomes, specs: dict[str, DefenceSpec]) -> list[str]:
+    """Each negative control against the defence it stands for, each defence against the ones its registry entry
+    names (`compare_with`; under the same threat model), then what its paper reports, then the verdict on each
+    defence evaluated with variants."""
+    out = [s for name in evals if (s := control_sentence(name, evals, outcomes, specs))]
     for name in evals:
         partners = [p for other in specs[name].compare_with if (p := counterpart(name, other, evals, specs))]
-        found = [s for p in partners if (s := comparison_sentence(name, p, evals, robust, specs))]
+        found = [s for p in partners if (s := comparison_sentence(name, p, evals, outcomes, specs))]
         out += found
         if found and specs[name].published:
             out.append(published_sentence(specs[name], evals[name]))
-    return out + variant_findings(evals, robust, specs)
+    return out + variant_findings(evals, outcomes, specs)
+
+
+def control_sentence(name: str, evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                     specs: dict[str, DefenceSpec]) -> str | None:
+    """A negative control (`DefenceSpec.negative_control_of`) against the defence whose expected predictions it has:
+    its headline must not differ measurably, while the strict rule may charge it for its noise (None where either
+    was not evaluated)."""
+    spec = specs[name]
+    reference = counterpart(name, spec.negative_control_of, evals, specs) if spec.negative_control_of else None
+    d = paired(name, reference, evals, outcomes) if reference else None
+    if d is None:
+        return None
+    level, strict = _level(d["confidence"]), d["strict"]
+    clean = (f"clean accuracy on the whole test set {100 * evals[name]['clean']['accuracy']:.2f}% against "
+             f"{100 * evals[reference]['clean']['accuracy']:.2f}%")
+    figures = (f"`{name}` {100 * d['acc_first']:.2f}%, `{reference}` {100 * d['acc_second']:.2f}% on the same first "
+               f"{d['n']} points, difference {100 * d['difference']:+.1f} points ({level} paired interval "
+               f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], sign-flip test {_p(d['p_value'])}; {clean})")
+    penalty = (f"The strict rule (all {evals[name]['verdict_repeats']} repeats correct) gives it "
+               f"{100 * (strict['difference']):+.1f} points against `{reference}` ({level} CI "
+               f"[{100 * strict['ci_low']:+.1f}, {100 * strict['ci_high']:+.1f}], McNemar {_p(strict['p_value'])}): "
+               f"what that rule charges for noise alone.")
+    if d["verdict"] == "real":
+        return (f"Negative control FAILED: {spec.label} is {specs[reference].label} behind noise that leaves its "
+                f"expected predictions unchanged, yet the headline separates them: {figures}. The headline charges "
+                f"(or credits) noise here; do not trust the randomised defences' figures of this run. {penalty}")
+    return (f"Negative control passed: {spec.label} ({specs[reference].label} behind noise that leaves its expected "
+            f"predictions unchanged) has the headline of `{reference}` within the interval: {figures}. {penalty}")
 
 
 def published_sentence(spec: DefenceSpec, m: dict[str, Any]) -> str:
@@ -391,20 +524,20 @@ def published_sentence(spec: DefenceSpec, m: dict[str, Any]) -> str:
     return f"{spec.published} {tail}"
 
 
-def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bool]],
+def variant_findings(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
                      specs: dict[str, DefenceSpec], reference: str = "at") -> list[str]:
     """For each defence evaluated together with variants: did any configuration beat `reference` (under the same
-    threat model) on the worst case?"""
+    threat model) on the worst case (the headline's paired test)?"""
     out = []
     for base in dict.fromkeys(s.variant_of for s in specs.values() if s.variant_of and s.variant_of != reference):
         diffs = {n: d for n in evals if specs[n].base == base and (ref := counterpart(n, reference, evals, specs))
-                 and (d := paired(n, ref, evals, robust)) is not None}
+                 and (d := paired(n, ref, evals, outcomes)) is not None}
         if not diffs:
             continue
         level = _level(evals[next(iter(diffs))]["robust_worst_case"]["confidence"])
-        text = lambda n: (f"`{n}` {100 * diffs[n]['difference']:+.1f} points ({level} CI "  # noqa: E731
+        text = lambda n: (f"`{n}` {100 * diffs[n]['difference']:+.1f} points ({level} interval "  # noqa: E731
                           f"[{100 * diffs[n]['ci_low']:+.1f}, {100 * diffs[n]['ci_high']:+.1f}], {diffs[n]['n']} points)")
-        winners = [n for n in diffs if diffs[n]["ci_low"] > 0]
+        winners = [n for n in diffs if _direction(diffs[n]) == "beat"]
         best = max(diffs, key=lambda n: diffs[n]["difference"])
         head = (f"Finding: {', '.join(text(n) for n in winners)} beat `{reference}` on the worst case"
                 if winners else f"Finding: no configuration of {specs[base].label} beat `{reference}` on the worst "
@@ -417,17 +550,18 @@ def variant_findings(evals: dict[str, dict[str, Any]], robust: dict[str, list[bo
 
 def gather(results: Results, defences: list[str], params: dict[str, Any]) -> dict[str, Any]:
     """Read the shared results of one dataset and every evaluated defence's metrics and examples."""
-    evals, robust, examples = {}, {}, {}
+    evals, outcomes, examples = {}, {}, {}
     for name in defences:
         evals[name] = read_json(results.path(f"eval/{name}/metrics.json"))
-        tensors, _ = load_tensors(results.path(f"eval/{name}/examples.safetensors"))
-        robust[name] = tensors.pop("robust_worst_case").bool().tolist()
-        examples[name] = tensors
+        path = results.path(f"eval/{name}/examples.safetensors")
+        outcomes[name] = point_outcomes(path)
+        tensors, _ = load_tensors(path)
+        examples[name] = {k: v for k, v in tensors.items() if not k.startswith("robust_")}
     return {"manifest": read_json(results.path("dataset/manifest.json")),
             "train": read_json(results.path("classifier/train_metrics.json")),
             "curve": read_curve(results.path("classifier/curve.csv")),
             "adversarial": read_json(results.path("adversarial/summary.json")), "evals": evals,
-            "robust": robust, "examples": examples, "specs": {name: defence(name, params) for name in defences}}
+            "outcomes": outcomes, "examples": examples, "specs": {name: defence(name, params) for name in defences}}
 
 
 def write_report(dataset: str, results: Results, params: dict[str, Any], out_dir: Path,
@@ -519,7 +653,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images.",
                    training_threat_line(params)] if "source" not in train else _imported_lines(train)
     specs = facts["specs"]
-    summary = comparisons(facts["evals"], facts["robust"], specs) + summary_sentences(facts["evals"]) + \
+    summary = comparisons(facts["evals"], facts["outcomes"], specs) + summary_sentences(facts["evals"]) + \
         saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]
     keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"]), params) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
@@ -530,6 +664,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                 for name, ex in facts["examples"].items()]
     return [("Summary", "list", summary),
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
+            ("The headline and the strict bound", "table", rules_rows(facts["evals"])),
+            ("How the defences are judged", "list", RULES_NOTE),
             ("Clean and worst-case robust accuracy on the same attacked points", "figure",
              ("headline", headline_png(facts["evals"]))),
             ("Each attack alone (on the same first points)", "table", attack_rows(facts["evals"])),

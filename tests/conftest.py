@@ -101,7 +101,7 @@ def fm_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny configuration through a local `snakemake --cores LOCAL_CORES`, once per session, with a hard
-    10-minute limit (the 11 jobs take 2 to 4 minutes on the 2-core machines seen, whose speed varies 2x from one
+    10-minute limit (the 12 jobs take 2 to 4 minutes on the 2-core machines seen, whose speed varies 2x from one
     hour to the next; a hang still fails): the reference that the DVC run (test_workflow.py) and the Slurm run (test_workflow_slurm.py) must
     reproduce bit for bit (the same thread count is what makes runs bit-identical)."""
     project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())

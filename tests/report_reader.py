@@ -7,13 +7,15 @@ from html.parser import HTMLParser
 
 # "12.34% [5.6, 20.1] (n=100)": an accuracy with its interval and number of points, as the report prints them
 FIGURE = re.compile(r"(?P<acc>\d+\.\d+)% \[(?P<lo>\d+\.\d+), (?P<hi>\d+\.\d+)\] \(n=(?P<n>\d+)\)")
-# a comparison sentence: "<a> beat | did worse than | did not measurably beat <b> on this run ..."
+# a comparison sentence: "<a> beat | did worse than | did not measurably beat <b> on this run ...", on the headline,
+# with what the strict rule says where it disagrees
 COMPARISON = re.compile(
     r"(?P<a>.+?) (?P<verdict>beat|did worse than|did not measurably beat) (?P<b>.+?) on this run"
-    r"(?:, by |: difference )(?P<d>[+-]\d+\.\d) points \((?P<level>[\d.]+)% CI \[(?P<lo>[+-]\d+\.\d), "
-    r"(?P<hi>[+-]\d+\.\d)\] points.*?\)\. Worst-case robust accuracy on the same first (?P<n>\d+) test points: "
-    r"(?P=a) (?P<acc_a>\d+\.\d+)%, (?P=b) (?P<acc_b>\d+\.\d+)% \((?P<only_a>\d+) points survived only with (?P=a), "
-    r"(?P<only_b>\d+) only with (?P=b)\)\.$")
+    r"(?:, by |: difference )(?P<d>[+-]\d+\.\d) points \((?P<level>[\d.]+)% paired interval "
+    r"\[(?P<lo>[+-]\d+\.\d), (?P<hi>[+-]\d+\.\d)\] points, sign-flip test p (?:<|=) [\d.e-]+\)\. Expected robust "
+    r"accuracy under the strongest attack found for each point, on the same first (?P<n>\d+) test points: "
+    r"(?P=a) (?P<acc_a>\d+\.\d+)%, (?P=b) (?P<acc_b>\d+\.\d+)% \((?P=a) more likely correct on (?P<more_a>\d+) "
+    r"points, (?P=b) on (?P<more_b>\d+)\)\.(?P<strict> The strict rule disagrees on .*)?$")
 
 
 def figures(cell: str) -> list[dict[str, float]]:

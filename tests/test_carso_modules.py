@@ -193,16 +193,21 @@ def test_pgd_eot_step_is_scaled_from_the_reference() -> None:
     assert pgd_eot_spec(8 / 255).alpha == pytest.approx(0.007)
 
 
-def test_repeated_verdict_worst_case_is_never_above_the_mean(parts) -> None:
-    from carso.evaluation import repeated_verdict
+def test_the_judge_draws_once_for_a_deterministic_defence_and_two_sets_for_carso(parts) -> None:
+    from carso.verdicts import Judge
 
     clf, extractor, purifier, x, y = parts
-    v = repeated_verdict(clf, x[:32], y[:32], 3, torch.device("cpu"), 16)
-    assert torch.equal(v.ok.float(), v.share)  # deterministic: all repeats agree
+    v = Judge(clf, False, 8, 3, torch.device("cpu"), 16)(x[:32], y[:32])
+    assert (v.draws, v.repeats) == (1, 1) and torch.equal(v.ok.float(), v.select) and torch.equal(v.select, v.estimate)
     defence = CarsoDefence(clf, purifier, extractor, n_samples=2)
-    v = repeated_verdict(defence, x[:32], y[:32], 5, torch.device("cpu"), 16)
-    assert v.ok.float().mean().item() <= v.share.mean().item()
-    assert bool((v.share[v.ok] == 1).all())
+    judge = Judge(defence, True, 8, 5, torch.device("cpu"), 16, pass_images=64)
+    v = judge(x[:32], y[:32])
+    assert (v.draws, v.repeats) == (8, 5)
+    for share in (v.select, v.estimate):  # shares of 8 draws
+        assert torch.equal(share * 8, (share * 8).round()) and 0 <= share.min() and share.max() <= 1
+    assert bool((v.select[v.ok] >= 5 / 8).all())  # the strict rule: its first 5 picking draws were all correct
+    again = judge(x[:32], y[:32])  # seeded from the points: the same verdict
+    assert all(torch.equal(getattr(v, k), getattr(again, k)) for k in ("ok", "select", "estimate"))
 
 
 def test_purifier_and_defence_work_on_cifar_shapes_with_a_wide_resnet() -> None:

@@ -1,12 +1,18 @@
-"""The paired test that says whether two runs differ for real (carso.compare), against hand-computed cases and an
-independent implementation (scipy's exact binomial test)."""
+"""The paired tests that say whether two runs differ for real (carso.compare; carso.stats), against hand-computed
+cases and an independent implementation (scipy's exact binomial test): on per-point verdicts the headline's sign-flip
+test is McNemar's exact test."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from carso.compare import mcnemar_exact, paired_test
+from carso.compare import paired_test as paired_outcomes
+from carso.stats import mcnemar_exact, paired_verdicts as paired_test
+
+
+def _outcomes(verdicts: list[bool]) -> tuple[list[float], list[bool]]:
+    return [float(v) for v in verdicts], verdicts
 
 
 def test_identical_verdicts_are_no_difference() -> None:
@@ -32,6 +38,11 @@ def test_mcnemar_against_hand_computed_cases(only_first: int, only_second: int, 
     assert (t["only_first"], t["only_second"]) == (only_first, only_second)
     assert t["p_value"] == pytest.approx(p, rel=1e-12) and t["verdict"] == verdict
     assert t["difference"] == pytest.approx((only_first - only_second) / len(first))
+    headline = paired_outcomes(_outcomes(first), _outcomes(second), 0.95)  # deterministic: the same test
+    assert (headline["ci_low"], headline["ci_high"]) == pytest.approx((t["ci_low"], t["ci_high"]))  # and interval
+    assert headline["p_value"] == pytest.approx(p, rel=1e-12) and headline["verdict"] == verdict
+    assert (headline["more_first"], headline["more_second"]) == (only_first, only_second)
+    assert headline["strict"]["p_value"] == t["p_value"]
 
 
 def test_mcnemar_agrees_with_scipy_s_exact_binomial_test() -> None:

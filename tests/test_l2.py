@@ -57,7 +57,7 @@ def test_the_stored_attacks_are_l2_attacks(l2_run: Path) -> None:
         assert (stored[name] - stored["clean"]).abs().max() > 0.1 + 1e-3  # past the L-inf box: not an L-inf attack
 
 
-@pytest.mark.parametrize("defence", ["at", "carso", "atop_rt", "atop"])
+@pytest.mark.parametrize("defence", ["at", "carso", "atop_rt", "atop", "at_noise"])
 def test_every_defence_is_evaluated_in_l2_and_its_points_stay_in_the_ball(l2_run: Path, defence: str) -> None:
     metrics = json.loads((l2_run / "eval" / defence / "metrics.json").read_text())
     assert (metrics["norm"], metrics["eps"]) == ("L2", EPS)

@@ -23,7 +23,8 @@ from report_reader import COMPARISON, figures, html_sections, md_sections
 D = "data/fashion_mnist"
 CLF = f"{D}/classifier/model.safetensors"
 DEFENCES = {"at": [], "carso": [f"{D}/purifier/model.safetensors"],
-            "atop_rt": [f"{D}/atop/pretrain/inpainter.safetensors"], "atop": [f"{D}/atop/finetune/inpainter.safetensors"]}
+            "atop_rt": [f"{D}/atop/pretrain/inpainter.safetensors"], "atop": [f"{D}/atop/finetune/inpainter.safetensors"],
+            "at_noise": []}
 STEPS = [["fetch", "--out", f"{D}/dataset"],
          ["train-classifier", "--data", f"{D}/dataset", "--out", f"{D}/classifier"],
          ["generate-adversarial", "--model", CLF, "--data", f"{D}/dataset", "--out", f"{D}/adversarial"],
@@ -50,7 +51,7 @@ def run_traced(args: list[str], cwd: Path, trace: Path) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fetch -> train-classifier -> generate-adversarial -> train-purifier -> pretrain-inpainter ->
-    finetune-inpainter -> evaluate (at, carso, atop_rt, atop) -> report, each through `python -m carso`;
+    finetune-inpainter -> evaluate (at, carso, atop_rt, atop, at_noise) -> report, each through `python -m carso`;
     traces/<i>.json records the carso modules, files and params keys step i really used."""
     root = tmp_path_factory.mktemp("chain")
     write_params(root / "params.yaml", load_tiny())
@@ -147,19 +148,29 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert list(m["attacks"]) == attacks  # every attack of the suite, in the order it ran
     alone = cfg["sanity"]["n_points"]  # each attack's own figure: on the subset that gets every attack
     entries = {**m["attacks"], "robust_worst_case": m["robust_worst_case"], "clean_subset": m["clean_subset"]}
+    draws, repeats = (cfg["verdict_draws"], cfg["verdict_repeats"]) if m["randomised"] else (1, 1)
     for key, e in entries.items():
-        assert e["n"] == (alone if key in attacks else cfg["n_points"])
-        assert e["ci_low"] <= e["accuracy"] <= e["ci_high"]
-        assert e["accuracy"] <= e["mean_accuracy"] + 1e-9  # all repeats correct <= the mean verdict
+        assert e["n"] == e["strict"]["n"] == (alone if key in attacks else cfg["n_points"])
+        assert e["ci_low"] <= e["accuracy"] <= e["ci_high"] and e["draws"] == draws and e["strict"]["repeats"] == repeats
+        if not m["randomised"]:  # one verdict per point: the headline and the strict rule coincide
+            assert e["accuracy"] == e["strict"]["accuracy"] and (e["ci_low"], e["ci_high"]) == (
+                e["strict"]["ci_low"], e["strict"]["ci_high"])
     head = json.loads((chain / "eval" / defence / "headline.json").read_text())  # DVC's metrics: the same figures
+    both = lambda e, n: {"acc": round(e["accuracy"], 4), "strict": round(e["strict"]["accuracy"], 4), "n": n}  # noqa: E731
     assert head == {"clean": {"acc": round(m["clean"]["accuracy"], 4), "n": m["clean"]["n"]},
-                    "worst_case": {"acc": round(m["robust_worst_case"]["accuracy"], 4), "n": cfg["n_points"]},
-                    "alone": {k: {"acc": round(m["attacks"][k]["accuracy"], 4), "n": alone} for k in attacks}}
+                    "clean_attacked": both(m["clean_subset"], cfg["n_points"]),
+                    "worst_case": both(m["robust_worst_case"], cfg["n_points"]),
+                    "alone": {k: both(m["attacks"][k], alone) for k in attacks},
+                    "verdict_draws": draws, "verdict_repeats": repeats}
     assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["norm"] == "Linf"
     robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
-    worst = robust["robust_worst_case"].bool()
-    assert worst.sum().item() == m["robust_worst_case"]["correct"] == m["cascade"][-1]["correct"]
-    assert worst[:alone].float().mean().item() <= min(a["accuracy"] for a in m["attacks"].values()) + 1e-9
+    worst, expected = robust["robust_worst_case"].bool(), robust["robust_expected"].double()
+    strict = m["robust_worst_case"]["strict"]
+    assert worst.sum().item() == strict["correct"] == m["cascade"][-1]["strict"]["correct"]
+    assert abs(expected.mean().item() - m["robust_worst_case"]["accuracy"]) < 1e-9
+    assert worst[:alone].double().mean().item() <= min(a["strict"]["accuracy"] for a in m["attacks"].values()) + 1e-9
+    assert sum(m["strongest_per_point"].values()) == cfg["n_points"]
+    assert [s["picked_points"] for s in m["cascade"]] == [m["strongest_per_point"][s["attack"]] for s in m["cascade"]]
     assert [s["attack"] for s in m["cascade"]] == attacks + ["more_steps"]
     for check in ("base_steps", "more_steps"):
         assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"] and m["sanity"][check]["run"] == m["strongest_pgd"]
@@ -167,7 +178,7 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert set(m["sanity"]["large_eps"]) == own_losses and {e["n"] for e in m["sanity"]["large_eps"].values()} == {alone}
     steps = next(r["steps"] for r, name in zip(cfg["pgd"], runs) if name == m["strongest_pgd"])
     assert m["sanity"]["more_steps"]["steps"] == cfg["sanity"]["more_steps_factor"] * steps
-    no_loss_reaches_zero = min(e["mean_accuracy"] for e in m["sanity"]["large_eps"].values()) > 0.10
+    no_loss_reaches_zero = min(e["accuracy"] for e in m["sanity"]["large_eps"].values()) > 0.10
     assert no_loss_reaches_zero == any("no attack loss brought accuracy near 0" in line for line in m["gradient_masking"])
     assert set(m["gradients"]) == {"ce", "dlr", "cw"}  # each loss, on the subset's clean-correct points
     for grads in m["gradients"].values():
@@ -182,8 +193,10 @@ def test_purifier_defences_are_randomised_and_attacked_with_eot(chain: Path, def
     at = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
-    assert at["randomised"] is False and at["verdict_repeats"] == 1 and at["attacks"]["autoattack"]["version"] == "standard"
-    assert m["randomised"] is True and m["verdict_repeats"] == cfg["verdict_repeats"]
+    assert at["randomised"] is False and at["verdict_repeats"] == at["verdict_draws"] == 1
+    assert at["attacks"]["autoattack"]["version"] == "standard"
+    assert m["randomised"] is True and (m["verdict_repeats"], m["verdict_draws"]) == (cfg["verdict_repeats"],
+                                                                                      cfg["verdict_draws"])
     for run in (a for a in m["attacks"].values() if a["kind"] == "pgd"):
         assert run["eot"] == cfg["pgd"][0]["eot"] and run["step_size"] == pytest.approx(0.007 * 0.1 / (8 / 255))
     assert {"pgd_dlr", "pgd_ce"} <= set(m["attacks"])  # cross-entropy and a margin loss by default
@@ -345,15 +358,29 @@ def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str,
         strongest = min(a["accuracy"] for a in m["attacks"].values() if not a.get("surrogate"))
         assert _agrees(_one(row[2]), m["clean"]) and _agrees(_one(row[3]), m["clean_subset"])
         assert _agrees(_one(row[5]), m["robust_worst_case"]) and abs(_one(row[4])["accuracy"] - strongest) <= 5e-5
+        assert _agrees(_one(row[6]), m["robust_worst_case"]["strict"])
+    (rules,) = sections["The headline and the strict bound"]["tables"]
+    assert [row[0] for row in rules[1:]] == list(DEFENCES)
+    for name, randomised, draws, clean, clean_strict, worst, worst_strict, gap in rules[1:]:
+        m = metrics[name]
+        assert randomised == ("yes" if m["randomised"] else "no")
+        assert draws == f"{m['verdict_draws']} + {m['verdict_draws']} / {m['verdict_repeats']}"
+        for cell, entry in ((clean, m["clean_subset"]), (clean_strict, m["clean_subset"]["strict"]),
+                            (worst, m["robust_worst_case"]), (worst_strict, m["robust_worst_case"]["strict"])):
+            assert _agrees(_one(cell), entry)
+        w = m["robust_worst_case"]
+        assert gap == f"{100 * (w['strict']['accuracy'] - w['accuracy']):+.1f} points"
     (alone,) = sections["Each attack alone (on the same first points)"]["tables"]
     assert len(alone) - 1 == sum(len(m["attacks"]) for m in metrics.values())
-    for defence, title, kind_, figure, _ in alone[1:]:
+    for defence, title, kind_, figure, strict, _ in alone[1:]:
         (entry,) = [a for a in metrics[defence]["attacks"].values() if a["title"] == title]
-        assert entry["kind"] == kind_ and _agrees(_one(figure), entry)
+        assert entry["kind"] == kind_ and _agrees(_one(figure), entry) and _agrees(_one(strict), entry["strict"])
     (cascade,) = sections["Attack cascade (cumulative)"]["tables"]
-    shown = [(row[0], row[1], int(row[2]), _one(row[4])) for row in cascade[1:]]
-    steps = [(n, s["attack"], s["attacked_points"], s) for n, m in metrics.items() for s in m["cascade"]]
-    assert [r[:3] for r in shown] == [s[:3] for s in steps] and all(_agrees(a[3], b[3]) for a, b in zip(shown, steps))
+    shown = [(row[0], row[1], int(row[2]), int(row[3]), _one(row[5]), _one(row[6])) for row in cascade[1:]]
+    steps = [(n, s["attack"], s["attacked_points"], s["picked_points"], s) for n, m in metrics.items()
+             for s in m["cascade"]]
+    assert [r[:4] for r in shown] == [s[:4] for s in steps]
+    assert all(_agrees(a[4], b[4]) and _agrees(a[5], b[4]["strict"]) for a, b in zip(shown, steps))
     (checks,) = sections["Gradient-masking checks (alone, on the same first points)"]["tables"]
     for defence, base, more, large, masking in checks[1:]:
         sanity = metrics[defence]["sanity"]
@@ -364,36 +391,66 @@ def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str,
 
 
 def _check_comparisons(chain: Path, sentences: list[str], conf: float) -> None:
-    """Each comparison sentence's figures and verdict, recomputed from the two defences' per-point verdicts."""
+    """Each comparison sentence's figures and verdict, recomputed from the two defences' per-point outcomes on the
+    headline (paired interval, sign-flip test), and the negative control's sentence."""
     from carso.defences import DEFENCES as REGISTRY
-    from carso.stats import paired_difference
+    from carso.report import point_outcomes
+    from carso.stats import paired_expected, paired_verdicts
 
     names = {spec.label: name for name, spec in REGISTRY.items()}
-    robust = {n: load_tensors(chain / "eval" / n / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
-              for n in DEFENCES}
+    outcomes = {n: point_outcomes(chain / "eval" / n / "examples.safetensors") for n in DEFENCES}
     found = [m for s in sentences if (m := COMPARISON.match(s))]
     assert {(names[m["a"]], names[m["b"]]) for m in found} == {
         (n, other) for n in DEFENCES for other in REGISTRY[n].compare_with}
     for m in found:
-        a, b, n = robust[names[m["a"]]], robust[names[m["b"]]], int(m["n"])
+        (a, sa), (b, sb), n = outcomes[names[m["a"]]], outcomes[names[m["b"]]], int(m["n"])
         assert n == min(len(a), len(b)) and float(m["level"]) == pytest.approx(100 * conf)
-        d = paired_difference(a[:n], b[:n], conf)
+        d = paired_expected(a[:n], b[:n], conf)
         for key in ("d", "lo", "hi"):
             value = {"d": d["difference"], "lo": d["ci_low"], "hi": d["ci_high"]}[key]
             assert abs(float(m[key]) - 100 * value) <= 0.05 + 1e-9, (m[0], key)
-        assert abs(float(m["acc_a"]) - 100 * sum(a[:n]) / n) <= 5e-3 and abs(float(m["acc_b"]) - 100 * sum(b[:n]) / n) <= 5e-3
-        assert (int(m["only_a"]), int(m["only_b"])) == (sum(x and not y for x, y in zip(a[:n], b[:n])),
-                                                        sum(y and not x for x, y in zip(a[:n], b[:n])))
-        expected = "beat" if d["ci_low"] > 0 else "did worse than" if d["ci_high"] < 0 else "did not measurably beat"
+        for shown, values in ((m["acc_a"], a[:n]), (m["acc_b"], b[:n])):  # printed to 2 decimals
+            assert abs(float(shown) - 100 * sum(values) / n) <= 5e-3 + 1e-9
+        assert (int(m["more_a"]), int(m["more_b"])) == (d["more_first"], d["more_second"])
+        expected = ("did not measurably beat" if d["verdict"] != "real" or d["difference"] == 0 else
+                    "beat" if d["difference"] > 0 else "did worse than")
         assert m["verdict"] == expected
+        strict = paired_verdicts(sa[:n], sb[:n], conf)
+        says = ("did not measurably beat" if strict["verdict"] != "real" or strict["difference"] == 0 else
+                "beat" if strict["difference"] > 0 else "did worse than")
+        assert (m["strict"] is None) == (says == expected), m[0]  # the strict rule is named where it disagrees
+    (control,) = [s for s in sentences if s.startswith("Negative control")]
+    d = paired_expected(outcomes["at_noise"][0][:20], outcomes["at"][0][:20], conf)
+    assert control.startswith("Negative control passed" if d["verdict"] != "real" else "Negative control FAILED")
+    assert f"difference {100 * d['difference']:+.1f} points" in control
+
+
+def test_the_negative_control_has_the_headline_of_at_on_the_tiny_run(chain: Path) -> None:
+    """`at_noise` is `at` with harmless noise on its logits: on the same first points its headline equals `at`'s
+    (the headline's paired test finds no difference and the difference's interval holds 0), its clean accuracy is
+    within a point of `at`'s, and the report says the control passed."""
+    from carso.report import point_outcomes
+    from carso.stats import paired_expected
+
+    m = {n: json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in ("at", "at_noise")}
+    n = m["at_noise"]["robust_worst_case"]["n"]
+    noisy, _ = point_outcomes(chain / "eval" / "at_noise" / "examples.safetensors")
+    at, _ = point_outcomes(chain / "eval" / "at" / "examples.safetensors")
+    d = paired_expected(noisy, at[:n], 0.9)
+    assert m["at_noise"]["randomised"] and not m["at"]["randomised"]
+    assert d["verdict"] == "within noise" and d["ci_low"] <= 0 <= d["ci_high"]
+    assert abs(m["at_noise"]["clean"]["accuracy"] - m["at"]["clean"]["accuracy"]) <= 0.01 + 1e-9
+    summary = md_sections((chain / "report" / "report.md").read_text())["Summary"]["items"]
+    assert summary[0].startswith("Negative control passed: the classifier alone with noisy logits")
 
 
 def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -> None:
     """Two runs that differ in one evaluation key (`at` attacked on 10 points instead of 20, under its own
     output_root; the other defences' results are what their unchanged settings give): `carso compare` lists that key
-    alone, puts each defence's figures side by side, pairs the worst-case verdicts on the points both attacked (a
-    McNemar test recomputed here), and its page renders in a browser without errors."""
+    alone, puts each defence's figures side by side, pairs the worst-case outcomes on the points both attacked (the
+    headline's test and the strict rule's, recomputed here), and its page renders in a browser without errors."""
     from carso.compare import paired_test
+    from carso.report import point_outcomes
 
     project = chain.parent.parent
     params = load_tiny()
@@ -426,12 +483,14 @@ def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -
             after = json.loads((fewer / "eval" / name / "metrics.json").read_text())
             assert _agrees(_one(first[2]), before["clean"]) and _agrees(_one(first[3]), before["robust_worst_case"])
             assert _agrees(_one(second[2]), after["clean"]) and _agrees(_one(second[3]), after["robust_worst_case"])
-            a, b = (load_tensors(r / "eval" / name / "examples.safetensors")[0]["robust_worst_case"].bool().tolist()
-                    for r in (chain, fewer))
-            n = min(len(a), len(b))
-            assert int(test_row[3]) == n == (10 if name == "at" else len(a))
-            t = paired_test(a[:n], b[:n], 0.9)
-            assert test_row[6] == f"{t['only_first']} / {t['only_second']}" and test_row[8] == t["verdict"]
+            assert _agrees(_one(first[4]), before["robust_worst_case"]["strict"])
+            a, b = (point_outcomes(r / "eval" / name / "examples.safetensors") for r in (chain, fewer))
+            n = min(len(a[0]), len(b[0]))
+            assert int(test_row[3]) == n == (10 if name == "at" else len(a[0]))
+            t = paired_test(a, b, 0.9)
+            assert test_row[6] == f"{t['more_first']} / {t['more_second']}" and test_row[8] == t["verdict"]
+            strict = t["strict"]
+            assert test_row[9] == f"{100 * strict['difference']:+.1f}, p {strict['p_value']:.3g}, {strict['verdict']}"
             if name != "at":  # unchanged settings: the same verdicts, no difference
                 assert (test_row[6], test_row[8]) == ("0 / 0", "within noise")
     assert (ARTIFACTS / "compare.png").stat().st_size > 5_000

@@ -31,11 +31,12 @@ def _differences(a: Any, b: Any, path: str = "") -> set[str]:
 
 
 @pytest.mark.parametrize("name, changed", [
-    ("carso_question", {"evaluation.defences.atop", "evaluation.defences.atop_rt", "evaluation.defences.carso_logit",
+    ("carso_question", {"evaluation.defences.atop", "evaluation.defences.atop_rt", "evaluation.defences.at_noise",
+                        "evaluation.defences.carso_logit",
                         "evaluation.defences.carso_prob", "evaluation.defences.carso_zero", "report.title",
                         "output_root"}),
     ("carso_large", {"purifier.decoder_channels", "purifier.epochs", "evaluation.defences.atop",
-                     "evaluation.defences.atop_rt", "report.title", "output_root"}),
+                     "evaluation.defences.atop_rt", "evaluation.defences.at_noise", "report.title", "output_root"}),
 ])
 def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: str, changed: set[str]) -> None:
     default, config = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / f"{name}.yaml")
@@ -56,7 +57,7 @@ def test_the_l2_config_is_the_default_run_in_the_l2_threat_model(tmp_path: Path)
     stored = {f"adversarial.attacks.{a}.{k}" for a in default["adversarial"]["attacks"] for k in ("eps", "step_size")}
     assert _differences(default, l2) == {"output_root", "evaluation.norm", "evaluation.eps", "classifier.attack.eps",
                                          "classifier.attack.step_size", "atop.finetune.adversary.eps",
-                                         "evaluation.defences.at.pgd"} | sanity | stored - {
+                                         "evaluation.defences.at.pgd", "evaluation.defences.at_noise.pgd"} | sanity | stored - {
         "adversarial.attacks.fgsm_weak.step_size", "adversarial.attacks.fgsm_strong.step_size"}
     assert l2["evaluation"]["norm"] == "L2"
     radius = lambda p: [p["evaluation"]["eps"], p["classifier"]["attack"]["eps"], p["atop"]["finetune"]["adversary"]["eps"],
@@ -64,7 +65,7 @@ def test_the_l2_config_is_the_default_run_in_the_l2_threat_model(tmp_path: Path)
     assert radius(l2) == pytest.approx([15 * e for e in radius(default)])
     assert all(run["step_size"] is None for run in l2["evaluation"]["defences"]["at"]["pgd"])
     table, commands, project = dry_run_config(tmp_path, "configs/l2_fashion_mnist.yaml")
-    assert table["evaluate"] == 4 and table["train_classifier"] == 1 and not (project / "data").exists()
+    assert table["evaluate"] == 5 and table["train_classifier"] == 1 and not (project / "data").exists()
 
 
 def test_the_short_v1_config_cuts_only_the_schedules() -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 D = "data/fashion_mnist"
-DEFENCES = ["at", "carso", "atop_rt", "atop"]
+DEFENCES = ["at", "carso", "atop_rt", "atop", "at_noise"]
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
            f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
            f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
@@ -98,7 +98,7 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", params)
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
-    assert len(jobs) == len(stages) == 22  # 11 per dataset: 5 trainings, 4 evaluations, fetch, report
+    assert len(jobs) == len(stages) == 24  # 12 per dataset: 5 trainings, 5 evaluations, fetch, report
     for job in jobs:
         name = stage_name(job)
         stage = stages.pop(name)
@@ -187,7 +187,7 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
             stage_name(j) for j in snakemake_jobs(tiny_local_run)}
         params["classifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
-        assert len(snakemake_jobs(tiny_local_run)) == 10  # a classifier change reruns everything downstream
+        assert len(snakemake_jobs(tiny_local_run)) == 11  # a classifier change reruns everything downstream
     finally:
         write_params(tiny_local_run / "params.yaml", load_tiny())
 
@@ -368,7 +368,7 @@ def test_another_params_file_is_passed_to_every_stage_and_writes_under_its_own_r
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", {**load_tiny(), "output_root": "runs/other"})
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 11 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 12 and all("--params other.yaml" in j["shell"] for j in jobs)
     files = [f for j in jobs for f in j["input"] + j["output"] + j["log"] if not f.startswith("carso/")]
     assert len(files) > 40 and all(f.startswith("runs/other/") for f in files), files
     assert all(" --out runs/other/data/fashion_mnist/" in j["shell"] for j in jobs if " --out " in j["shell"])

@@ -41,6 +41,8 @@ class DefenceSpec:
     compare_with: tuple[str, ...] = ()       # defences the report compares it with, on the same points
     published: str = ""                      # what its paper reports, for the report's comparisons
     published_settings: tuple[tuple[str, str, float], ...] = ()  # (dataset, norm, eps) the paper reports figures for
+    negative_control_of: str = ""            # a negative control: the defence whose headline it must equal (within
+                                             # the interval) because its expected predictions are that one's
     variant_of: str = ""                     # a variant (evaluation.defences.<name>.variant_of): its registered base
     overrides: tuple[tuple[str, object], ...] = ()  # the variant's `set`: dotted params keys and their values
 
