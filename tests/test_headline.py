@@ -148,3 +148,25 @@ def test_the_cascade_skips_only_points_no_picking_draw_found_correct(monkeypatch
     steps = {s["attack"]: s["attacked_points"] for s in metrics["cascade"]}
     assert steps["transfer"] == steps["pgd_ce"] == n - 5
     assert worst.estimate[20:25].tolist() == [0.0] * 5 and 0.2 < worst.estimate[25:].mean().item() < 0.8
+
+
+def test_the_cascade_replay_at_threshold_0_is_the_cascade_itself(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """bench/cascade_replay.py replays a recorded cascade at other thresholds; at 0 it must give the headline the
+    evaluation reported, and a higher threshold never spends more."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from cascade_replay import record_cascade, replay
+
+    p = torch.zeros(60)
+    p[30:] = torch.linspace(0.2, 1.0, 30)  # a spread of error rates past the subset
+    _no_attack(monkeypatch)
+    for name in ("__init__", "record"):  # the patch below is undone after the test
+        monkeypatch.setattr(evaluation.Cascade, name, getattr(evaluation.Cascade, name))
+    records = record_cascade()
+    metrics, _ = _evaluate(Flip(p), 60, _cfg(60, draws=16, repeats=4, subset=20), tmp_path)
+    headline, seconds = replay(records, 0)
+    assert headline == pytest.approx(metrics["robust_worst_case"]["accuracy"], abs=1e-12)
+    assert [r["name"] for r in records] == ["clean", *(s["attack"] for s in metrics["cascade"])]
+    assert replay(records, 0.5)[1] <= seconds
