@@ -200,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset the runs evaluated")
     p.add_argument("--out", required=True, help="folder for compare.html and compare.md")
     p.add_argument("--log-file", default=None, help="also write the log to this file")
+    text = "write dvc.yaml (params.yaml's pipeline) from the registry, or check that it has not drifted"
+    p = sub.add_parser("dvc-yaml", help=text, description=text)
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs")
+    p.add_argument("--log-file", default=None, help=argparse.SUPPRESS)
+    text = ("record a finished Snakemake run in DVC (dvc.lock and the cache): what the workflow does when it ends; "
+            "for a run made with --no-hooks")
+    p = sub.add_parser("record", help=text, description=text)
+    p.add_argument("--params", default="params.yaml", help="the run's params file (default: params.yaml)")
+    p.add_argument("--study", default=None, help="instead: a study file (studies/*.yaml); records its variants")
+    p.add_argument("--log-file", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -211,20 +221,60 @@ def cmd_compare(args: argparse.Namespace) -> None:
     log.info("wrote %s", Path(args.out) / "compare.html")
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    """Not a stage: dvc.yaml from params.yaml and the registry (carso.pipeline)."""
+    from carso.params import load_params
+    from carso.pipeline import ROOT_FILE, root_text
+
+    text = root_text(load_params("params.yaml"))
+    current = Path(ROOT_FILE).read_text() if Path(ROOT_FILE).exists() else ""
+    if args.check:
+        if text != current:
+            log.error("dvc.yaml differs from what the registry and params.yaml give: run `python -m carso dvc-yaml` "
+                      "and commit it")
+            return 1
+        log.info("dvc.yaml is up to date")
+        return 0
+    if text != current:
+        from carso.io import write_text
+
+        write_text(ROOT_FILE, text)
+    log.info("wrote %s", ROOT_FILE)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Not a stage: what the Snakefile's hooks do when a workflow ends (carso.record)."""
+    from carso.params import load_params
+    from carso.pipeline import write_generated
+    from carso.record import record_run
+    from carso.study import Plan, base_of, load_study
+
+    params_file = base_of(args.study) if args.study else args.params
+    params = load_params(params_file)
+    plan = Plan(params_file, params, load_study(args.study) if args.study else None)
+    record_run(write_generated(plan), params["datasets"])
+    return 0
+
+
+COMMANDS = {"compare": lambda args: cmd_compare(args) or 0, "dvc-yaml": cmd_dvc_yaml, "record": cmd_record}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_file)
     try:
-        if args.stage == "compare":
-            cmd_compare(args)
-            return 0
+        if args.stage in COMMANDS:
+            return COMMANDS[args.stage](args)
         from carso.params import load_params
+        from carso.record import job_record
 
-        params = load_params(args.params)
-        if args.dataset not in params["datasets"]:
-            raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
-                            f"({params['datasets']}); add it there first.")
-        STAGES[args.stage][0](args, params)
+        with job_record(args.log_file, sys.argv[1:] if argv is None else argv, getattr(args, "out", None)):
+            params = load_params(args.params)
+            if args.dataset not in params["datasets"]:
+                raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
+                                f"({params['datasets']}); add it there first.")
+            STAGES[args.stage][0](args, params)
     except UserError as err:
         log.error("%s", err)
         return 2

@@ -19,14 +19,26 @@ class Stage:
     keys: tuple[str, ...]       # the params.yaml keys it reads (dotted for nested ones)
     after: tuple[str, ...]      # the stages whose outputs it reads
     out: str                    # its folder under data/<dataset>/
+    args: tuple[tuple[str, str], ...] = ()  # CLI flags beyond --params/--dataset/--out/--log-file and the path under
+                                            # data/<dataset>/ each carries (a file or another stage's folder)
+    reads: tuple[str, ...] = ()  # the files under data/<dataset>/ it reads (DVC deps, Snakemake inputs)
+    writes: tuple[str, ...] = ()  # the files (or folders) under data/<dataset>/ it writes (DVC outs)
+    curves: tuple[str, ...] = ()  # training curves it writes (DVC plots, x: epoch)
+    metrics: tuple[str, ...] = ()  # summary figures it writes (DVC metrics)
+    extra: tuple[str, ...] = ()  # literal CLI tokens after --dataset (evaluate's --defence NAME)
 
+
+DATASET = ("dataset/train.safetensors", "dataset/test.safetensors", "dataset/manifest.json")
+MODEL = "classifier/model.safetensors"
 
 SHARED = (
-    Stage("fetch", ("data",), (), "dataset"),
+    Stage("fetch", ("data",), (), "dataset", writes=DATASET),
     Stage("train_classifier", ("classifier", "data.download_root", "evaluation.norm", "runtime.seed"), ("fetch",),
-          "classifier"),
+          "classifier", args=(("--data", "dataset"),), reads=DATASET,
+          writes=(MODEL, "classifier/train_metrics.json"), curves=("classifier/curve.csv",)),
     Stage("generate_adversarial", ("adversarial", "evaluation.norm", "runtime.seed"), ("fetch", "train_classifier"),
-          "adversarial"),
+          "adversarial", args=(("--model", MODEL), ("--data", "dataset")), reads=(MODEL, *DATASET[:2]),
+          writes=("adversarial/train.safetensors", "adversarial/test.safetensors", "adversarial/summary.json")),
 )
 
 
@@ -47,15 +59,24 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
     stages = {s.name: s for s in SHARED}
     for method in methods:
         for st in method.stages:
-            stages[st.name] = Stage(st.name, st.settings, st.after, st.out)
+            stages[st.name] = Stage(st.name, st.settings, st.after, st.out, st.args, st.reads, st.writes, st.curves)
     training = [s for s in stages if s not in {x.name for x in SHARED}]
     for name in names:
         spec = defence(name, params)
         producers = tuple(dict.fromkeys(producer(stages, a) for a in spec.artifacts))
-        stages[evaluate_stage(name)] = Stage(evaluate_stage(name), tuple(evaluation_keys(spec)),
-                                             ("generate_adversarial", *producers), f"eval/{name}")
-    stages["report"] = Stage("report", tuple(report_keys(methods)),
-                             (*training, *(evaluate_stage(n) for n in names)), "report")
+        folder = f"eval/{name}"
+        args = (("--model", MODEL), *(("--artifacts", a) for a in spec.artifacts), ("--data", "dataset"),
+                ("--adversarial", "adversarial"))
+        stages[evaluate_stage(name)] = Stage(
+            evaluate_stage(name), tuple(evaluation_keys(spec)), ("generate_adversarial", *producers), folder,
+            args, (MODEL, *spec.artifacts, "dataset/test.safetensors", "adversarial/test.safetensors"),
+            (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
+            extra=("--defence", name))
+    evaluations = [f"eval/{n}/{f}" for n in names for f in ("metrics.json", "examples.safetensors")]
+    reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
+             "adversarial/summary.json", *evaluations, *(f for m in methods for f in m.report_files))
+    stages["report"] = Stage("report", tuple(report_keys(methods)), (*training, *(evaluate_stage(n) for n in names)),
+                             "report", reads=reads, writes=("report/report.html", "report/report.md", "report/figures"))
     return stages
 
 

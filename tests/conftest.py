@@ -98,13 +98,43 @@ def fm_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+
+def shell(cmd: str, cwd: Path, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
+    """A shell command with this virtualenv's tools first on PATH, git's identity set and DVC offline."""
+    env = {**os.environ, **GIT_ENV, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def sh(cmd: str, cwd: Path, timeout: int = HANG_GUARD_S) -> str:
+    """A shell command that must succeed: its output."""
+    result = shell(cmd, cwd, timeout)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def make_dvc_repo(project: Path) -> Path:
+    """`project` as a fresh clone is: a git repository (data/ ignored) with the repository's DVC config."""
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
+    sh("git init -q && dvc init -q", project)
+    shutil.copy(REPO / ".dvc" / "config", project / ".dvc" / "config")
+    shutil.copy(REPO / ".dvcignore", project / ".dvcignore")
+    sh("git add -A && git commit -qm init", project)
+    return project
+
+
 @pytest.fixture(scope="session")
 def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny configuration through a local `snakemake --cores LOCAL_CORES`, once per session, with a hard
-    10-minute limit (the 12 jobs take 2 to 4 minutes on the 2-core machines seen, whose speed varies 2x from one
-    hour to the next; a hang still fails): the reference that the DVC run (test_workflow.py) and the Slurm run (test_workflow_slurm.py) must
-    reproduce bit for bit (the same thread count is what makes runs bit-identical)."""
-    project = make_project(tmp_path_factory.mktemp("smk"), load_tiny())
+    """The tiny configuration through a local `snakemake --cores LOCAL_CORES` in a git and DVC repository (as a
+    fresh clone is), once per session, with a hard 10-minute limit (the 12 jobs take 2 to 4 minutes on the 2-core
+    machines seen, whose speed varies 2x from one hour to the next; a hang still fails): the reference that the DVC
+    run (test_workflow.py) and the Slurm run (test_workflow_slurm.py) must reproduce bit for bit (the same thread
+    count is what makes runs bit-identical), recorded by DVC when it ends (test_dvc_record.py)."""
+    project = make_dvc_repo(make_project(tmp_path_factory.mktemp("smk"), load_tiny()))
     result = run_tool(["snakemake", "--cores", str(LOCAL_CORES)], cwd=project, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    (project / "logs" / "snakemake.stderr").write_text(result.stderr)  # what the run said (its DVC recording too)
     return project

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from browser import render
-from conftest import ARTIFACTS, HANG_GUARD_S, LOCAL_CORES, REPO, load_tiny, make_project, run_tool, write_params
+from conftest import ARTIFACTS, HANG_GUARD_S, LOCAL_CORES, REPO, load_tiny, make_project, run_tool, sh, write_params
 from report_reader import md_sections
 
 STUDIES = sorted(p.stem for p in (REPO / "studies").glob("*.yaml"))
@@ -175,6 +175,11 @@ def test_the_tiny_samples_study_trains_nothing_again_and_compares_its_variants(t
     assert result.returncode == 0, result.stderr[-4000:]
     rules = [r for r, _ in _jobs(result.stdout + result.stderr)]
     assert sorted(rules) == ["compare_study"] + ["evaluate"] * 4 + ["report"] * 4
+    # versioned by DVC: each variant folder's own pipeline file and lock (CARSO's evaluation, the report), all clean
+    assert "DVC: recorded 8 stage(s)" in result.stderr
+    locks = sorted(p.parent.name for p in (project / "runs" / "studies" / "carso_samples").glob("*/dvc.lock"))
+    assert locks == ["n_samples=1", "n_samples=16", "n_samples=2", "n_samples=8"]
+    assert sh("dvc status", project).strip().endswith("Data and pipelines are up to date.")
     runs = {n: project / "data" / "fashion_mnist" if n == 4 else
             project / "runs" / "studies" / "carso_samples" / f"n_samples={n}" / "data" / "fashion_mnist"
             for n in (1, 2, 4, 8, 16)}

@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ARTIFACTS, HANG_GUARD_S, REPO, load_tiny, make_project, run_tool, without_timings, write_params
+from conftest import ARTIFACTS, GIT_ENV, HANG_GUARD_S, REPO, load_tiny, make_project, run_tool, without_timings, write_params
 from report_reader import md_sections
 
 pytestmark = pytest.mark.slow
-GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 D = "data/fashion_mnist"
 DEFENCES = ["at", "carso", "atop_rt", "atop", "at_noise"]
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
@@ -64,6 +62,8 @@ def dvc_stages(project: Path) -> dict[str, dict[str, Any]]:
     stages = {}
     with Repo(str(project), uninitialized=True) as repo:
         for st in repo.index.stages:
+            if Path(st.dvcfile.path).resolve() != (project / "dvc.yaml").resolve():
+                continue  # the pipeline files of other runs (runs/*/dvc.yaml), if any
             stages[st.name] = {
                 "cmd": st.cmd, "outs": sorted(o.def_path for o in st.outs),
                 "deps": sorted(d.def_path for d in st.deps if not isinstance(d, ParamsDependency)),

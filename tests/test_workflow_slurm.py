@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from carso.io import sha256_file
-from conftest import LOCAL_CORES, REPO, load_tiny, make_project, run_tool, without_timings
+from conftest import LOCAL_CORES, REPO, load_tiny, make_dvc_repo, make_project, run_tool, sh, without_timings
 
 pytestmark = pytest.mark.slow
 LOCAL_SLURM = REPO / "tools" / "local_slurm.py"
@@ -141,7 +141,7 @@ def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: No
                                                                tmp_path: Path) -> None:
     params = load_tiny()
     params["runtime"]["device"] = "auto"  # as in every params file: the model rules ask Slurm for a GPU
-    on_slurm = make_project(tmp_path / "slurm", params)
+    on_slurm = make_dvc_repo(make_project(tmp_path / "slurm", params))
     edit_profile(on_slurm)
     plan = planned_jobs(on_slurm)
     rules = {name.split("_wildcards_")[0].removeprefix("rule_") for name in plan}
@@ -153,6 +153,9 @@ def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: No
     # the tiny DAG as 11 Slurm jobs, one at a time on the 2-CPU node: 4 to 8 min here (conftest: tiny_local_run)
     result = run_tool(["snakemake", "--profile", str(PROFILE)], cwd=on_slurm, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    # recorded in DVC once, by the process that drove the workflow, not by the 11 jobs
+    assert len(re.findall(r"DVC: recorded 12 stage\(s\)", result.stderr)) == 1, result.stderr[-4000:]
+    assert sh("dvc status", on_slurm).strip().endswith("Data and pipelines are up to date.")
     ran = {jobid: job for jobid, job in slurm_jobs().items() if jobid not in before}
     # one Slurm job per DAG job, all finished, all from this run (the plugin names them by its run id)
     assert sorted(job["Comment"] for job in ran.values()) == sorted(plan)

@@ -22,6 +22,10 @@ class StageSpec:
     settings: tuple[str, ...] = ()           # params.yaml keys it reads (the rule's settings, dvc.yaml's params)
     after: tuple[str, ...] = ()              # the stages whose outputs it reads (carso.stages adds their closure)
     out: str = ""                            # its folder under data/<dataset>/, e.g. "purifier"
+    args: tuple[tuple[str, str], ...] = ()   # each option but --out and the path under data/<dataset>/ it carries
+    reads: tuple[str, ...] = ()              # the files under data/<dataset>/ it reads (DVC deps, rule inputs)
+    writes: tuple[str, ...] = ()             # the files under data/<dataset>/ it writes (DVC outs), curves aside
+    curves: tuple[str, ...] = ()             # its training curves (DVC plots with x: epoch)
 
     @property
     def command(self) -> str:

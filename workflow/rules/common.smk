@@ -8,6 +8,8 @@ from carso.codedeps import stage_code
 from carso.defences import defence as defence_spec, methods_of
 from carso.errors import UserError
 from carso.params import validate as validate_params
+from carso.pipeline import is_root, root_text, write_generated
+from carso.record import record_run
 from carso.stages import evaluate_stage, producer
 from carso.study import Plan, load_study, lookup
 
@@ -29,6 +31,18 @@ if Path(PARAMS_FILE).resolve() == Path("params.yaml").resolve() and ROOT != ".":
 # the base run and one that some axis reaches writes under runs/studies/<study>/<those axes' values>/.
 PLAN = Plan(PARAMS_FILE, CONFIG, STUDY)
 PLAN.write_params_files()
+PIPELINE_FILES = write_generated(PLAN)  # DVC's pipeline file of each root (carso.pipeline); dvc.yaml is tracked
+if any(is_root(PLAN, prefix) for prefix in PLAN.roots) and Path("dvc.yaml").exists() \
+        and Path("dvc.yaml").read_text() != root_text(CONFIG):
+    print("warning: dvc.yaml does not describe params.yaml's DAG (a changed evaluation.defences or datasets?): "
+          "`python -m carso dvc-yaml` rewrites it; until then the stages it lacks are not recorded in DVC",
+          file=sys.stderr)
+
+
+def record_in_dvc():
+    """When the workflow ends, in the process that drives it (never in cluster jobs): commit to DVC every stage
+    whose job finished from the deps it has now (carso.record)."""
+    record_run(PIPELINE_FILES, DATASETS)
 
 
 def out(path):

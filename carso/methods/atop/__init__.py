@@ -15,6 +15,9 @@ PUBLISHED_SETTINGS = (("cifar10", "Linf", 8 / 255), ("cifar100", "Linf", 8 / 255
 _OPTIONS = (("--model", "classifier .safetensors"),
             ("--data", "fetched dataset folder (clean training images)"),
             ("--adversarial", "generate_adversarial's folder (monitor images)"))
+_ARGS = (("--model", "classifier/model.safetensors"), ("--data", "dataset"), ("--adversarial", "adversarial"))
+_READS = ("classifier/model.safetensors", "dataset/train.safetensors", "dataset/manifest.json",
+          "adversarial/test.safetensors")
 
 METHOD = MethodSpec(
     name="atop",
@@ -25,14 +28,20 @@ METHOD = MethodSpec(
                       help="pre-train AToP's inpainter (L1 + GAN) behind the random transform",
                       settings=("atop.transform", "atop.inpainter", "atop.discriminator", "atop.pretrain",
                                 "runtime.seed"),
-                      after=("generate_adversarial",), out="atop/pretrain"),
+                      after=("generate_adversarial",), out="atop/pretrain", args=_ARGS, reads=_READS,
+                      writes=("atop/pretrain/inpainter.safetensors", "atop/pretrain/discriminator.safetensors",
+                              "atop/pretrain/train_metrics.json"), curves=("atop/pretrain/curve.csv",)),
             StageSpec("finetune_inpainter", "carso.methods.atop.training:finetune_stage",
                       (*_OPTIONS, ("--pretrained", "pretrain_inpainter's folder"),
                        ("--out", "folder for the fine-tuned inpainter, checkpoint and curves")),
                       help="fine-tune the inpainter adversarially against the frozen classifier (AToP proper)",
                       settings=("atop.transform", "atop.inpainter", "atop.discriminator", "atop.finetune",
                                 "evaluation.norm", "runtime.seed"),
-                      after=("generate_adversarial", "pretrain_inpainter"), out="atop/finetune")),
+                      after=("generate_adversarial", "pretrain_inpainter"), out="atop/finetune",
+                      args=(*_ARGS, ("--pretrained", "atop/pretrain")),
+                      reads=(*_READS, "atop/pretrain/inpainter.safetensors", "atop/pretrain/discriminator.safetensors"),
+                      writes=("atop/finetune/inpainter.safetensors", "atop/finetune/train_metrics.json"),
+                      curves=("atop/finetune/curve.csv",))),
     defences=(DefenceSpec("atop_rt", "random transform + pre-trained inpainter (AToP without fine-tuning)",
                           "AToP without fine-tuning", "carso.methods.atop.defence:load",
                           artifacts=("atop/pretrain/inpainter.safetensors",), settings=("atop.transform",),
