@@ -213,33 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_compare(args: argparse.Namespace) -> None:
+def cmd_compare(args: argparse.Namespace) -> int:
     """Not a stage: reads finished runs (carso.compare), so no stage depends on its code."""
     from carso.compare import write_comparison
 
     write_comparison(args.runs, args.dataset, Path(args.out), args.study, args.rev)
     log.info("wrote %s", Path(args.out) / "compare.html")
+    return 0
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     """Not a stage: dvc.yaml from params.yaml and the registry (carso.pipeline)."""
     from carso.params import load_params
     from carso.pipeline import ROOT_FILE, root_text
+    from carso.study import write_if_changed
 
     text = root_text(load_params("params.yaml"))
-    current = Path(ROOT_FILE).read_text() if Path(ROOT_FILE).exists() else ""
     if args.check:
-        if text != current:
+        if not Path(ROOT_FILE).exists() or Path(ROOT_FILE).read_text() != text:
             log.error("dvc.yaml differs from what the registry and params.yaml give: run `python -m carso dvc-yaml` "
                       "and commit it")
             return 1
         log.info("dvc.yaml is up to date")
         return 0
-    if text != current:
-        from carso.io import write_text
-
-        write_text(ROOT_FILE, text)
-    log.info("wrote %s", ROOT_FILE)
+    log.info("wrote %s" if write_if_changed(Path(ROOT_FILE), text) else "%s was up to date", ROOT_FILE)
     return 0
 
 
@@ -257,7 +254,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compare": lambda args: cmd_compare(args) or 0, "dvc-yaml": cmd_dvc_yaml, "record": cmd_record}
+COMMANDS = {"compare": cmd_compare, "dvc-yaml": cmd_dvc_yaml, "record": cmd_record}  # not stages
 
 
 def main(argv: list[str] | None = None) -> int:

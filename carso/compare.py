@@ -26,7 +26,7 @@ from carso.io import read_json
 from carso.params import load_params, validate
 from carso.layout import Results
 from carso.report import Section, _level, _pct, _strict, point_outcomes, png, pyplot, render
-from carso.stats import paired_expected, paired_verdicts
+from carso.stats import paired_outcomes
 from carso.study import Plan, Study, load_study
 
 
@@ -140,16 +140,6 @@ def results_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
-def paired_test(first: tuple[list[float], list[bool]], second: tuple[list[float], list[bool]],
-                confidence: float) -> dict[str, Any]:
-    """first minus second, one defence's per-point outcomes in two runs on the same points (each trimmed to the
-    shorter): the headline's paired test (carso.stats.paired_expected) with the strict rule's under `strict`."""
-    n = min(len(first[0]), len(second[0]))
-    return {**paired_expected(first[0][:n], second[0][:n], confidence),
-            "strict": paired_verdicts(first[1][:n], second[1][:n], confidence),
-            "acc_first": sum(first[0][:n]) / n, "acc_second": sum(second[0][:n]) / n}
-
-
 def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
     """Every defence evaluated in two runs on the same test set: the paired test of the pair's headline (the expected
     accuracy under the strongest attack per point), and the strict rule's verdict beside it."""
@@ -166,7 +156,7 @@ def paired_rows(runs: list[Run], confidence: float) -> list[list[str]]:
                     rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", "0 (different test sets)", "", "", "", "",
                                  "not comparable", ""])
                     continue
-                t = paired_test(a.outcomes[name], b.outcomes[name], confidence)
+                t = paired_outcomes(a.outcomes[name], b.outcomes[name], confidence)
                 strict = t["strict"]
                 rows.append([f"`{name}`", f"`{a.name}`", f"`{b.name}`", str(t["n"]),
                              f"{100 * t['acc_first']:.2f}%, {100 * t['acc_second']:.2f}%",

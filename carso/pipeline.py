@@ -18,7 +18,7 @@ import yaml
 from carso.codedeps import stage_code
 from carso.defences import defence
 from carso.stages import Stage, producer
-from carso.study import Plan
+from carso.study import Plan, write_if_changed
 
 ROOT_FILE = "dvc.yaml"
 PERSIST = {"persist": True}
@@ -123,12 +123,7 @@ def write_generated(plan: Plan) -> list[Path]:
         files.append(path)
         if is_root(plan, prefix):
             continue
-        text = render(pipeline(plan, prefix), generated_header(plan, prefix))
-        if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_if_changed(path, render(pipeline(plan, prefix), generated_header(plan, prefix)))
     return files
 
 

@@ -22,7 +22,7 @@ from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, res
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.layout import Results
-from carso.stats import paired_expected, paired_verdicts
+from carso.stats import paired_outcomes
 
 # (title, kind, content): kind "list" (sentences), "table" (rows, the first is the header), "code" (text) or
 # "figure" (content: (file stem, PNG bytes))
@@ -55,12 +55,13 @@ def rule_words(m: dict[str, Any]) -> str:
     return "one verdict per point (deterministic: the expected accuracy and the strict rule coincide)"
 
 
-def point_outcomes(path: Path) -> tuple[list[float], list[bool]]:
-    """An evaluation's per-point outcomes on its attacked points (examples.safetensors): the headline's probability
-    of a correct answer under the strongest attack found, and the strict rule's verdict."""
+def point_outcomes(path: Path, tensors: dict[str, Any] | None = None) -> tuple[list[float], list[bool]]:
+    """An evaluation's per-point outcomes on its attacked points (examples.safetensors at `path`, or its `tensors`
+    already read from there): the headline's probability of a correct answer under the strongest attack found, and
+    the strict rule's verdict."""
     from carso.errors import UserError
 
-    tensors, _ = load_tensors(path)
+    tensors = load_tensors(path)[0] if tensors is None else tensors
     if "robust_expected" not in tensors:
         raise UserError(f"{path} predates the expected-accuracy headline (it holds only the strict verdicts); rerun "
                         "that evaluation (its `evaluate` job) to compare it.")
@@ -404,14 +405,10 @@ Outcomes = dict[str, tuple[list[float], list[bool]]]  # defence -> per-point (he
 
 def paired(first: str, second: str, evals: dict[str, dict[str, Any]], outcomes: Outcomes) -> dict[str, Any] | None:
     """`first` minus `second` on the first points both were attacked on (None if either is missing): the headline's
-    paired test (carso.stats.paired_expected) and, under `strict`, the strict rule's (carso.stats.paired_verdicts)."""
+    paired test and, under `strict`, the strict rule's (carso.stats.paired_outcomes)."""
     if not {first, second} <= set(evals) or not {first, second} <= set(outcomes):
         return None
-    (pa, sa), (pb, sb) = outcomes[first], outcomes[second]
-    n = min(len(pa), len(pb))
-    conf = evals[first]["robust_worst_case"]["confidence"]
-    return {**paired_expected(pa[:n], pb[:n], conf), "strict": paired_verdicts(sa[:n], sb[:n], conf),
-            "acc_first": sum(pa[:n]) / n, "acc_second": sum(pb[:n]) / n}
+    return paired_outcomes(outcomes[first], outcomes[second], evals[first]["robust_worst_case"]["confidence"])
 
 
 def _direction(d: dict[str, Any]) -> str:
@@ -554,8 +551,8 @@ def gather(results: Results, defences: list[str], params: dict[str, Any]) -> dic
     for name in defences:
         evals[name] = read_json(results.path(f"eval/{name}/metrics.json"))
         path = results.path(f"eval/{name}/examples.safetensors")
-        outcomes[name] = point_outcomes(path)
         tensors, _ = load_tensors(path)
+        outcomes[name] = point_outcomes(path, tensors)
         examples[name] = {k: v for k, v in tensors.items() if not k.startswith("robust_")}
     return {"manifest": read_json(results.path("dataset/manifest.json")),
             "train": read_json(results.path("classifier/train_metrics.json")),

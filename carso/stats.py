@@ -134,6 +134,17 @@ def paired_verdicts(first: Sequence[bool], second: Sequence[bool], confidence: f
             "more_first": d["only_first"], "more_second": d["only_second"], "interval": "Newcombe", "test": "McNemar"}
 
 
+def paired_outcomes(first: tuple[Sequence[float], Sequence[bool]], second: tuple[Sequence[float], Sequence[bool]],
+                    confidence: float = 0.95) -> dict[str, Any]:
+    """`first` minus `second`, one defence's per-point outcomes (headline probability, strict verdict) in two
+    evaluations, on the first points both attacked: the headline's paired test (`paired_expected`) with the strict
+    rule's (`paired_verdicts`) under `strict`, and each side's headline on those points."""
+    (pa, sa), (pb, sb) = first, second
+    n = min(len(pa), len(pb))
+    return {**paired_expected(pa[:n], pb[:n], confidence), "strict": paired_verdicts(sa[:n], sb[:n], confidence),
+            "acc_first": sum(pa[:n]) / n, "acc_second": sum(pb[:n]) / n}
+
+
 def paired_difference(first: list[bool], second: list[bool], confidence: float = 0.95) -> dict[str, float | int]:
     """Difference of two accuracies measured on the same points (first - second), with Newcombe's
     hybrid score interval for paired proportions (his method 10), which accounts for the pairing."""

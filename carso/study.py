@@ -264,8 +264,7 @@ class Plan:
             own["output_root"] = prefix.rstrip("/")
             text = (f"# written by carso.study from {self.study.source}: the params of the stages under this folder\n"
                     + yaml.safe_dump(own, sort_keys=False))
-            if not Path(file).exists() or Path(file).read_text() != text:
-                _write_atomic(Path(file), text)
+            write_if_changed(Path(file), text)
 
 
 def lookup(params: dict[str, Any], key: str) -> Any:
@@ -276,9 +275,14 @@ def lookup(params: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """As carso.io.write_text, without importing torch (carso.io does): the Snakefile calls this at parse time."""
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` to `path` atomically unless it holds that already (a file Snakemake reads at parse time keeps its
+    time when nothing changed); whether it wrote. As carso.io.write_text, without importing torch (carso.io does):
+    the Snakefile calls this at parse time."""
+    if path.exists() and path.read_text() == text:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return True

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from carso.compare import paired_test as paired_outcomes
+from carso.stats import paired_outcomes
 from carso.stats import mcnemar_exact, paired_verdicts as paired_test
 
 

@@ -449,7 +449,7 @@ def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -
     output_root; the other defences' results are what their unchanged settings give): `carso compare` lists that key
     alone, puts each defence's figures side by side, pairs the worst-case outcomes on the points both attacked (the
     headline's test and the strict rule's, recomputed here), and its page renders in a browser without errors."""
-    from carso.compare import paired_test
+    from carso.stats import paired_outcomes as paired_test
     from carso.report import point_outcomes
 
     project = chain.parent.parent
