@@ -230,6 +230,96 @@ def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
     return x_adv
 
 
+def pgd_tracked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                x_start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`spec` (PGD, or FGSM when steps == 1) as the evaluation runs it: each point returns its best iterate, not
+    only its last one, and the run's trajectory comes back for the attack-failure indicators.
+
+    Every iterate is scored by the attacker's own queries, the `spec.eot` draws its gradient step computes anyway
+    (the last iterate: one more pass without gradients): the share of those draws that classify it correctly, then
+    its mean loss. A point returns the iterate with the lowest share, the highest loss among equal shares, the
+    latest among equal both. For a deterministic defence an iterate that fooled the model mid-run and was lost
+    by a later step (a silent success) is kept; for a randomised one the pick uses the attacker's noisy draws, and
+    the evaluation judges it again with fresh ones (carso.verdicts).
+
+    Returns the points and, per point: `loss` and `correct` (steps + 1 columns: the attack loss averaged over the
+    draws and their share classified correctly, at each iterate; a point stopped by `zero_grad_patience` repeats
+    its last values), `picked` (the index of the returned iterate) and `last` (the share at the last iterate).
+    Restarts: a further run replaces a point's pick where its share is lower; the trajectory is the first run's."""
+    x_adv, trace = _tracked_run(model, x, y, spec, x_start)
+    for _ in range(spec.restarts - 1):
+        idx = (trace["best"] > 0).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        x_new, again = _tracked_run(model, x[idx], y[idx], spec, None)
+        better = again["best"] < trace["best"][idx]
+        x_adv[idx[better]] = x_new[better]
+        trace["best"][idx[better]] = again["best"][better]
+    return x_adv, trace
+
+
+def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, grad: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per point: the share of `spec.eot` draws that classify `x` correctly, the mean attack loss over them, and
+    (with `grad`) the mean input gradient, in the batched passes of `eot_passes`."""
+    correct = torch.zeros(len(x), device=x.device)
+    loss = torch.zeros(len(x), device=x.device)
+    if not grad:
+        with torch.no_grad():
+            for draws in eot_chunks(model, len(x), spec.eot, spec.pass_images):
+                logits = eot_logits(model, x, draws).float()
+                correct += (logits.argmax(1) == y.repeat(draws)).float().view(draws, -1).sum(0)
+                loss += attack_loss(logits, y.repeat(draws), spec.loss).view(draws, -1).sum(0)
+        return correct / spec.eot, loss / spec.eot, None
+    total = torch.zeros_like(x)
+    for draws, logits, value, g in eot_passes(model, x, y, spec.eot, spec.loss, spec.pass_images):
+        correct += (logits.argmax(1) == y.repeat(draws)).float().view(draws, -1).sum(0)
+        loss += value.view(draws, -1).sum(0)
+        total += g
+    return correct / spec.eot, loss / spec.eot, total / spec.eot
+
+
+def _tracked_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+                 x_start: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One run of `pgd_tracked` (its docstring); the trace also holds `best`, the returned iterate's share."""
+    if x_start is not None:
+        x_adv = project(x_start.clone(), x, spec.eps, spec.norm)
+    else:
+        x_adv = _random_start(x, spec.eps, spec.norm) if spec.random_start else x.clone()
+    x_adv, n = x_adv.detach(), len(x)
+    loss_t = torch.zeros(n, spec.steps + 1, device=x.device)
+    correct_t = torch.zeros(n, spec.steps + 1, device=x.device)
+    x_best, best = x_adv.clone(), torch.full((n,), 2.0, device=x.device)
+    best_loss, picked = torch.full((n,), float("-inf"), device=x.device), torch.zeros(n, dtype=torch.long)
+    active = torch.arange(n, device=x.device)
+    zero_run = torch.zeros(n, dtype=torch.long, device=x.device)
+
+    def keep(t: int, idx: torch.Tensor, share: torch.Tensor, value: torch.Tensor) -> None:
+        loss_t[idx, t:], correct_t[idx, t:] = value[:, None], share[:, None]  # stopped points repeat their values
+        better = (share < best[idx]) | ((share == best[idx]) & (value >= best_loss[idx]))
+        chosen = idx[better]
+        x_best[chosen], best[chosen], best_loss[chosen] = x_adv[chosen], share[better], value[better]
+        picked[chosen.cpu()] = t
+
+    for t in range(spec.steps):
+        if len(active) == 0:
+            break
+        share, value, grad = _scores(model, x_adv[active], y[active], spec, grad=True)
+        keep(t, active, share, value)
+        step = spec.alpha * ascent_direction(grad, spec.norm)
+        x_adv[active] = project(x_adv[active] + step, x[active], spec.eps, spec.norm)
+        if spec.zero_grad_patience is not None:
+            zero = grad.flatten(1).abs().amax(dim=1) == 0
+            zero_run[active] = torch.where(zero, zero_run[active] + 1, 0)
+            active = active[zero_run[active] < spec.zero_grad_patience]
+    if len(active):
+        share, value, _ = _scores(model, x_adv[active], y[active], spec, grad=False)
+        keep(spec.steps, active, share, value)
+    trace = {"loss": loss_t.cpu(), "correct": correct_t.cpu(), "picked": picked, "last": correct_t[:, -1].cpu().clone(),
+             "best": best.cpu()}
+    return x_best.detach(), trace
+
+
 @torch.no_grad()
 def _is_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y

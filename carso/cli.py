@@ -116,7 +116,8 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     out = Path(args.out)
     metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], built["evaluation"], cfg, device,
                                                     params["runtime"]["seed"], out, surrogates,
-                                                    section=f"evaluation.defences.{args.defence} of {args.params}")
+                                                    section=f"evaluation.defences.{args.defence} of {args.params}",
+                                                    naive=spec.naive)
     examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors",
                  {**examples, "robust_expected": robust.estimate, "robust_worst_case": robust.ok},

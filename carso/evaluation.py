@@ -15,7 +15,7 @@ from torch import nn
 
 from tqdm import tqdm
 
-from carso.attacks import LOSSES, AttackSpec, BatchedEoT, attack, gradient_diagnostics, predict, square_attack
+from carso.attacks import LOSSES, AttackSpec, BatchedEoT, gradient_diagnostics, pgd_tracked, predict, square_attack
 from carso.device import describe
 from carso.engine import engine_settings, prepare
 from carso.io import fingerprint, load_tensors, save_tensors, sha256_tensor
@@ -171,18 +171,21 @@ class AttackCache:
 
     def run(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
             device: torch.device, batch_size: int, x_start: torch.Tensor | None = None,
-            tag: dict[str, Any] | None = None) -> torch.Tensor:
-        """`attack` (PGD, FGSM, with EoT) on `x`, batch by batch; returns the adversarial points. `tag`: more
-        settings that name the run (a surrogate's, whose weights equal the defence's)."""
+            tag: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`pgd_tracked` (PGD, FGSM, with EoT; each point's best iterate) on `x`, batch by batch; returns the
+        adversarial points and the run's trajectory (for the indicators). `tag`: more settings that name the run (a
+        surrogate's, whose weights equal the defence's)."""
         settings = {"spec": asdict(spec), "x": sha256_tensor(x), "y": sha256_tensor(y),
-                    "start": None if x_start is None else sha256_tensor(x_start), "tag": tag}
+                    "start": None if x_start is None else sha256_tensor(x_start), "tag": tag, "best_iterate": True}
 
         def one_batch(i: int, sl: slice, folder: Path) -> dict[str, torch.Tensor]:
-            return {"x_adv": attack(model, x[sl].to(device), y[sl].to(device), spec,
-                                    x_start=None if x_start is None else x_start[sl].to(device))}
+            x_adv, trace = pgd_tracked(model, x[sl].to(device), y[sl].to(device), spec,
+                                       x_start=None if x_start is None else x_start[sl].to(device))
+            return {"x_adv": x_adv, **trace}
 
         desc = f"{name} ({spec.steps} steps x {spec.eot} EoT, eps {spec.eps:.4g})"
-        return self.batches(name, settings, len(x), batch_size, desc, one_batch)["x_adv"]
+        found = self.batches(name, settings, len(x), batch_size, desc, one_batch)
+        return found.pop("x_adv"), found
 
 
 MASKING_LIMITS = {"large_eps_max_accuracy": 0.10}
@@ -222,13 +225,114 @@ def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confid
         if best > MASKING_LIMITS["large_eps_max_accuracy"]:
             each = ", ".join(f"{loss} {100 * e['accuracy']:.2f}%" for loss, e in large.items())
             eps = next(iter(large.values()))["eps"]
-            found.append(f"at eps {eps:.3g} no attack loss brought accuracy near 0 ({each}; expected at most "
-                         f"{100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}% from at least one)")
+            found.append(f"at eps {eps:.3g}, starting from the clean points, no attack loss brought accuracy near 0 "
+                         f"({each}; near 0: at most {100 * MASKING_LIMITS['large_eps_max_accuracy']:.0f}% from at "
+                         "least one, as an unbounded attack leaves a classifier nothing)")
         more, base = sanity["more_steps"], sanity["base_steps"]
         if _clearly_more(verdicts["more_steps"], verdicts["base_steps"], confidence):
             found.append(f"{more['steps']} PGD steps left {100 * more['accuracy']:.2f}% correct, clearly more than "
                          f"{base['steps']} steps ({100 * base['accuracy']:.2f}%) on the same {more['n']} points")
     return found
+
+
+ZERO_GRADIENT_SHARE = 0.5   # a loss whose input gradient is exactly zero at more of the clean points than this is blind
+LATE_WINDOW = 0.1           # incomplete optimisation: the last tenth of a run's steps against the tenth before it
+LATE_RISE = 0.1             # ... flagged when the loss of its unbroken points still rose by this share of its total rise
+
+
+def indicators(results: dict[str, Any], standalone: dict[str, Verdict], traces: dict[str, tuple[torch.Tensor, dict]],
+               cascade: "Cascade", runs: list[PgdRun], conf: float) -> list[dict[str, Any]]:
+    """Indicators of attack failure (Pintor et al. 2022; Carlini et al. 2019, section on sanity checks) beyond the
+    masking checks, one entry per (indicator, attack), each with `fired`, its figures and a sentence. `severity`
+    "failure": when fired, a figure that ignored it would overstate the defence; "note": a fact about the defence
+    to read beside its figures (a randomised defence's predictions flip between draws)."""
+    found: list[dict[str, Any]] = []
+    for loss, g in results["gradients"].items():
+        share = g["clean"].get("zero_gradient_share", 0.0)
+        fired = share > ZERO_GRADIENT_SHARE
+        found.append({"indicator": "zero_gradient", "attack": loss, "severity": "failure", "fired": fired,
+                      "share": share, "text": f"the {loss} loss's input gradient is exactly zero at "
+                      f"{100 * share:.0f}% of the clean points" + (": an attack that follows it alone cannot move "
+                      "them (a naive figure)" if fired else "")})
+    for run in runs:
+        if run.name in traces:
+            found += _trace_indicators(run, *traces[run.name])
+    sanity = results["sanity"]
+    own = [r.name for r in runs if r.surrogate is None] or [r.name for r in runs]
+    pgd = standalone[own[0]]
+    for name in own[1:]:
+        pgd = pgd & standalone[name]
+    fgsm = standalone["fgsm"]
+    beats = int(((fgsm.select == 0) & (pgd.select > 0)).sum())
+    fired = _clearly_more(pgd, fgsm, conf)
+    found.append({"indicator": "fgsm_beats_pgd", "attack": "fgsm", "severity": "failure", "fired": fired,
+                  "fgsm": fgsm.estimate.mean().item(), "pgd": pgd.estimate.mean().item(), "points": beats,
+                  "text": f"one FGSM step left {100 * fgsm.estimate.mean().item():.2f}% correct, the PGD runs together "
+                  f"{100 * pgd.estimate.mean().item():.2f}% on the same {cascade.m} points; FGSM alone broke {beats} "
+                  "point(s) that no PGD run broke" + (": the iterative attacks are failing (clearly fewer broken "
+                  "than by one step)" if fired else "")})
+    if "eot_single" in sanity:
+        single, strongest = standalone["eot_single"], standalone[results["strongest_pgd"]]
+        gain = single.estimate.mean().item() - strongest.estimate.mean().item()
+        fired = _clearly_more(single, strongest, conf)
+        found.append({"indicator": "eot_gain", "attack": results["strongest_pgd"], "severity": "failure",
+                      "fired": fired, "single": single.estimate.mean().item(), "eot": strongest.estimate.mean().item(),
+                      "text": f"{results['attacks'][results['strongest_pgd']]['title']} with one draw per step instead "
+                      f"of its EoT left {100 * single.estimate.mean().item():.2f}% correct against "
+                      f"{100 * strongest.estimate.mean().item():.2f}% (gain {100 * gain:+.2f} points)" +
+                      (": an evaluation without EoT overstates this defence" if fired else "")})
+        clean = cascade.clean.head(cascade.m).select
+        flips = int(((clean > 0) & (clean < 1)).sum())
+        found.append({"indicator": "unstable_predictions", "attack": "clean", "severity": "note", "fired": flips > 0,
+                      "points": flips, "text": f"the defence's own randomness changes its clean prediction on {flips} "
+                      f"of {cascade.m} points (some but not all of {cascade.clean.draws} draws correct)"})
+    return found
+
+
+def _trace_indicators(run: PgdRun, idx: torch.Tensor, trace: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """A PGD run's silent successes (its last iterate correct by the attacker's draws where an earlier one fooled
+    them all: best-iterate tracking keeps those) and incomplete optimisation (the points still unbroken before the
+    last tenth of the steps: their mean loss still rising there, or some breaking there only)."""
+    kept = int(((trace["best"] == 0) & (trace["last"] >= 0.5)).sum())
+    out = [{"indicator": "silent_success", "attack": run.name, "severity": "note", "fired": kept > 0, "points": kept,
+            "attacked": len(idx), "text": f"{run.title}: on {kept} of {len(idx)} points an iterate fooled every draw "
+            "of the attacker but the last iterate did not; best-iterate tracking kept them"}]
+    loss, correct = trace["loss"], trace["correct"]
+    steps = loss.shape[1] - 1
+    if steps < 10 or len(idx) == 0:
+        return out
+    w = max(1, round(LATE_WINDOW * steps))
+    unbroken = correct[:, :steps + 1 - w].amin(dim=1) > 0
+    late = int((unbroken & (correct[:, steps + 1 - w:].amin(dim=1) == 0)).sum())
+    if unbroken.any():
+        last = loss[unbroken, steps + 1 - w:].mean().item()
+        rise_last = last - loss[unbroken, steps + 1 - 2 * w:steps + 1 - w].mean().item()
+        rise_total = last - loss[unbroken, 0].mean().item()
+    else:
+        rise_last = rise_total = 0.0
+    still = rise_last > LATE_RISE * abs(rise_total) and rise_last > 0
+    fired = still or late > max(1, 0.01 * len(idx))
+    out.append({"indicator": "incomplete_optimisation", "attack": run.name, "severity": "failure", "fired": fired,
+                "late_breaks": late, "unbroken": int(unbroken.sum()), "rise_last": rise_last, "rise_total": rise_total,
+                "text": f"{run.title}: over its last {w} steps the loss of the {int(unbroken.sum())} points still "
+                f"unbroken rose by {rise_last:+.3g} (from the start: {rise_total:+.3g}) and {late} point(s) broke "
+                "there" + (": more steps might lower this figure" if fired else "")})
+    return out
+
+
+def naive_figure(names: tuple[str, ...], standalone: dict[str, Verdict], cascade: "Cascade", results: dict[str, Any],
+                 conf: float, section: str) -> dict[str, Any]:
+    """What a naive evaluation of this defence would report: the worst case over the attacks `names` alone, on the
+    standalone subset (the headline: an attack judged by one draw is right on average)."""
+    missing = [n for n in names if n not in standalone]
+    if missing:
+        raise UserError(f"{section} lacks the attack(s) {', '.join(missing)} whose figure is this control's naive "
+                        f"one (attacks run: {', '.join(standalone)}); add them to its pgd list.")
+    verdict = standalone[names[0]]
+    for name in names[1:]:
+        verdict = verdict & standalone[name]
+    titles = [results["attacks"][n]["title"] if n in results["attacks"] else n for n in names]
+    return verdict.entry(conf, attacks=list(names), titles=titles)
 
 
 def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, cfg: dict[str, Any],
@@ -345,11 +449,11 @@ def _strongest(runs: list[PgdRun], cascade: "Cascade", verdicts: dict[str, Verdi
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path, surrogates: dict[str, nn.Module] | None = None,
-                     section: str = "the defence's evaluation section"
+                     section: str = "the defence's evaluation section", naive: tuple[str, ...] = ()
                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Verdict]:
     """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
     (`Cascade`): transfer, AutoAttack, Square, each PGD(-EoT) run in the order listed, then the gradient-masking
-    checks.
+    checks and the attack-failure indicators (`indicators`).
 
     `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier alone.
     `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). Every attack's
@@ -358,7 +462,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     strict rule (every attack and every repeat correct). Returns the metrics, the adversarial points of each attack
     (for the report's examples) and the per-point worst-case verdict (so defences can be compared on the same
     points). A randomised defence whose `cfg` (named `section` in the error) would attack it as a deterministic one
-    is refused before any attack runs.
+    is refused before any attack runs. `naive` names the attacks whose worst case a naive evaluation of this defence
+    would report (a positive control's, carso.methods.controls): their figure is given as `naive`.
     """
     conf, bs, eps, norm = common["confidence"], cfg["batch_size"], common["eps"], common.get("norm", "Linf")
     engine = engine_settings(cfg, device, model)
@@ -385,6 +490,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     verdicts: dict[str, Verdict] = {}
     adversarial = {"clean": xs}
     attacks: dict[str, dict[str, Any]] = {}  # name -> kind, title and settings, in the order they ran
+    traces: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # name -> (its points, its trajectory)
 
     def step(name: str, idx: torch.Tensor, run: Runner) -> None:
         start = time.perf_counter()
@@ -397,8 +503,9 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         """An attack crafted batch by batch (resumable, `cache`) on `source` (a surrogate's model, named by `tag`, or
         the defence) at the points `idx`, judged by `judge` on the defence."""
         def run(idx: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-            x_adv = cache.run(name, source, xs[idx], ys[idx], attack_spec, device, bs,
-                              x_start=None if x_start is None else x_start[idx], tag=tag)
+            x_adv, trace = cache.run(name, source, xs[idx], ys[idx], attack_spec, device, bs,
+                                     x_start=None if x_start is None else x_start[idx], tag=tag)
+            traces[name] = (idx, trace)
             return judge(x_adv, ys[idx]), x_adv
         return run
 
@@ -435,7 +542,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
                                       strongest.spec.eot, device, bs, engine["pass_images"])
     losses = list(dict.fromkeys(r.spec.loss for r in runs if r.surrogate is None)) or [strongest.spec.loss]
     results["sanity"] = _sanity(cascade, verdicts, step, crafted, strongest, adversarial[strongest.name], losses,
-                                cfg["sanity"], conf)
+                                cfg["sanity"], conf, judge.randomised)
     results["cascade"] = cascade.summary()
     results["robust_worst_case"] = cascade.worst.entry(conf, scope="cumulative")
     results["strongest_per_point"] = cascade.strongest()
@@ -443,6 +550,12 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     results["gradient_masking"] = masking_checks(results, standalone, conf)
     for line in results["gradient_masking"]:
         log.warning("possible gradient masking: %s", line)
+    results["indicators"] = indicators(results, standalone, traces, cascade, runs, conf)
+    for found in results["indicators"]:
+        (log.warning if found["fired"] and found["severity"] == "failure" else log.info)("indicator %s (%s): %s", found["indicator"], found["attack"],
+                                                       found["text"])
+    if naive:
+        results["naive"] = naive_figure(naive, standalone, cascade, results, conf, section)
     results["seconds"] = time.perf_counter() - t0
     shutil.rmtree(work_dir / "work", ignore_errors=True)
     return results, adversarial, cascade.worst
@@ -480,12 +593,15 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pgd: torch.
 
 def _sanity(cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[[str, torch.Tensor, Runner], None],
             crafted: Callable[..., Runner], strongest: PgdRun, x_pgd: torch.Tensor, losses: list[str],
-            cfg: dict[str, Any], conf: float) -> dict[str, Any]:
+            cfg: dict[str, Any], conf: float, randomised: bool) -> dict[str, Any]:
     """Gradient-masking checks on the standalone subset: the strongest PGD run continued to `more_steps_factor` x
     its steps (from where it stopped, on the points it left correct: the others keep its verdict; it joins the
-    worst case), and PGD at a very large eps with each attack loss of the suite (on every point of the subset;
-    another threat model, never in the worst case). `verdicts` gains `base_steps`, `more_steps` and
-    `large_eps_<loss>`."""
+    worst case); one FGSM step from the clean point with its loss and draws (iterative must beat single-step; it
+    joins the worst case); for a randomised defence the same run with one draw per step instead of its EoT (the EoT
+    gain; it joins the worst case); and PGD at a very large eps from the clean point with each attack loss of the
+    suite (on every point of the subset; another threat model, never in the worst case: a gradient that is exactly
+    zero leaves the points where they were, clean, so the check sees it). `verdicts` gains `base_steps`,
+    `more_steps`, `fgsm`, `eot_single` (randomised) and `large_eps_<loss>`."""
     spec = strongest.spec
     base = verdicts[strongest.name]
     out: dict[str, Any] = {"base_steps": cascade.standalone(base).entry(conf, steps=spec.steps, run=strongest.name)}
@@ -498,11 +614,20 @@ def _sanity(cascade: Cascade, verdicts: dict[str, Verdict], step: Callable[[str,
     verdicts.update(base_steps=base, more_steps=more)
     out["more_steps"] = cascade.standalone(more).entry(conf, steps=cfg["more_steps_factor"] * spec.steps,
                                                        run=strongest.name)
+    fgsm = AttackSpec("fgsm", eps=spec.eps, steps=1, step_size=spec.eps, random_start=False, eot=spec.eot,
+                      loss=spec.loss, norm=spec.norm, pass_images=spec.pass_images)
+    step("fgsm", cascade.targets(subset_only=True), crafted("fgsm", fgsm))
+    out["fgsm"] = cascade.standalone(verdicts["fgsm"]).entry(conf, loss=spec.loss, eot=spec.eot)
+    if randomised and spec.eot > 1:
+        step("eot_single", cascade.targets(subset_only=True), crafted("pgd_eot_single", replace(spec, eot=1)))
+        out["eot_single"] = cascade.standalone(verdicts["eot_single"]).entry(conf, run=strongest.name, eot=1,
+                                                                             steps=spec.steps)
     out["large_eps"] = {}
     subset = torch.arange(cascade.m)  # every point of the subset, misclassified clean or not: its figure must fall too
     for loss in losses:
         large = AttackSpec("pgd", eps=cfg["large_eps"], steps=cfg["large_eps_steps"], eot=spec.eot, loss=loss,
-                           zero_grad_patience=spec.zero_grad_patience, norm=spec.norm, pass_images=spec.pass_images)
+                           random_start=False, zero_grad_patience=spec.zero_grad_patience, norm=spec.norm,
+                           pass_images=spec.pass_images)
         name = f"large_eps_{loss}"
         verdicts[name] = scatter(crafted(f"pgd_{name}", large)(subset)[0], subset, len(x_pgd))
         out["large_eps"][loss] = verdicts[name].head(cascade.m).entry(conf, eps=cfg["large_eps"],

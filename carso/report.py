@@ -272,7 +272,12 @@ CASCADE_NOTE = [
     "estimate draws of its own, an unbiased estimate that no picking saw, not from the draws that picked it.",
     "The strongest PGD run continued to more steps runs only on the points its base run left correct; the others "
     "keep its verdict. PGD at a very large eps, once with each attack loss of the suite, runs on every point of the "
-    "subset and never enters the worst case; at least one loss must bring accuracy near 0.",
+    "subset from the clean point and never enters the worst case; at least one loss must bring accuracy near 0 (at "
+    "most 10%): a gradient that is exactly zero leaves the points clean, and the check sees it.",
+    "Every PGD run returns each point's best iterate by its own draws (the lowest share correct, then the highest "
+    "loss), not only its last one; a randomised defence's pick is judged again with fresh draws. One FGSM step with "
+    "the strongest run's loss and draws, and (randomised defences) that run with one draw per step instead of its "
+    "EoT, run on the first points and join the worst case: the indicators of attack failure compare them.",
     "Attacks that need no gradient of the defence (transfer from the classifier alone, the black-box Square) must not "
     "beat the white-box ones (AutoAttack, PGD): where one clearly does, the white-box attack's gradients are masked.",
     "A PGD run through a surrogate computes its gradients on the defence built with other settings (e.g. an "
@@ -507,6 +512,92 @@ def control_sentence(name: str, evals: dict[str, dict[str, Any]], outcomes: Outc
             f"predictions unchanged) has the headline of `{reference}` within the interval: {figures}. {penalty}")
 
 
+CONTROL_MARGIN = 0.05  # a positive control counts as broken when the protocol leaves it at most this far above its base
+
+
+def positive_controls(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                      specs: dict[str, DefenceSpec]) -> dict[str, dict[str, Any]]:
+    """Each evaluated positive control (`DefenceSpec.positive_control_of`) whose base was evaluated too: its naive
+    figure, the protocol's worst case, the paired difference against its base on the same points, and whether the
+    protocol broke it (at most CONTROL_MARGIN above the base)."""
+    out = {}
+    for name, m in evals.items():
+        base = specs[name].positive_control_of
+        d = paired(name, base, evals, outcomes) if base else None
+        if d is None:
+            continue
+        fired = [f"{i['indicator']} ({i['attack']})" for i in m.get("indicators", [])
+                 if i["fired"] and i["severity"] == "failure"] + [f"masking: {line.split(':')[0]}"
+                                                                 for line in m.get("gradient_masking", [])]
+        out[name] = {"base": base, "paired": d, "naive": m.get("naive"), "worst": m["robust_worst_case"],
+                     "broken": d["difference"] <= CONTROL_MARGIN, "fired": fired}
+    return out
+
+
+def controls_sentence(controls: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> list[str]:
+    """The report's first line about the protocol itself: did it break every positive control? A control it did
+    not break is a failed evaluation, said first."""
+    if not controls:
+        return []
+    level = _level(next(iter(controls.values()))["paired"]["confidence"])
+    failed = [n for n, c in controls.items() if not c["broken"]]
+    each = "; ".join(f"`{n}` {100 * c['worst']['accuracy']:.1f}% against `{c['base']}` "
+                     f"{100 * c['paired']['acc_second']:.1f}% ({100 * c['paired']['difference']:+.1f} points, {level} "
+                     f"paired interval [{100 * c['paired']['ci_low']:+.1f}, {100 * c['paired']['ci_high']:+.1f}])"
+                     + (f", naive figure {100 * c['naive']['accuracy']:.1f}%" if c["naive"] else "")
+                     for n, c in controls.items())
+    flagged = [n for n, c in controls.items() if c["fired"]]
+    flags = (f" The indicators flagged the naive figure of {len(flagged)} of {len(controls)}"
+             + (f" (not: {', '.join(f'`{n}`' for n in controls if n not in flagged)})" if len(flagged) < len(controls)
+                else "") + ".")
+    if failed:
+        return [f"EVALUATION FAILED: the protocol did not break the positive control(s) "
+                f"{', '.join(f'`{n}`' for n in failed)}, defences known to be broken, so its attacks are too weak here "
+                f"and every robust figure of this run may overstate its defence: {each}.{flags}"]
+    return [f"The protocol broke every positive control (defences known to be broken, each within "
+            f"{100 * CONTROL_MARGIN:.0f} points of the undefended model it wraps): {each}.{flags}"]
+
+
+def control_rows(controls: dict[str, dict[str, Any]], evals: dict[str, dict[str, Any]],
+                 specs: dict[str, DefenceSpec]) -> list[list[str]]:
+    rows = [["control", "naive evaluation", "naive figure", "protocol (worst case)", "undefended base",
+             "protocol minus base (paired)", "naive minus protocol", "indicators that fired", "verdict"]]
+    for name, c in controls.items():
+        d, naive = c["paired"], c["naive"]
+        level = _level(d["confidence"])
+        rows.append([f"`{name}` ({specs[name].title})",
+                     ", ".join(naive["titles"]) if naive else "not given", _pct(naive) if naive else "n/a",
+                     _pct(c["worst"]), f"`{c['base']}` {100 * d['acc_second']:.2f}% (same {d['n']} points)",
+                     f"{100 * d['difference']:+.1f} points, {level} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]",
+                     f"{100 * (naive['accuracy'] - c['worst']['accuracy']):+.1f} points" if naive else "n/a",
+                     "; ".join(c["fired"]) or "none", "broken" if c["broken"] else "NOT BROKEN: failed evaluation"])
+    return rows
+
+
+def indicator_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Every attack-failure indicator of every defence: what it measured, and whether it fired."""
+    rows = [["defence", "indicator", "concerns", "fired", "what it measured"]]
+    for name, m in evals.items():
+        for i in m.get("indicators", []):
+            fired = ("yes" if i["severity"] == "failure" else "yes (a note)") if i["fired"] else "no"
+            rows.append([f"`{name}`", i["indicator"].replace("_", " "), i["attack"], fired, i["text"]])
+    return rows
+
+
+def indicator_sentences(evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> list[str]:
+    """One sentence per defence (controls aside: their own section says it) on which an indicator of a failed or naive
+    attack fired."""
+    out = []
+    for name, m in evals.items():
+        if specs[name].positive_control_of:
+            continue
+        fired = [i["text"] for i in m.get("indicators", []) if i["fired"] and i["severity"] == "failure"]
+        if fired:
+            out.append(f"`{name}`: attack-failure indicators fired, so a figure from the attacks they concern alone "
+                       f"would overstate it: {'; '.join(fired)}.")
+    return out
+
+
 def published_sentence(spec: DefenceSpec, m: dict[str, Any]) -> str:
     """What the defence's paper reports, and whether it reports this run's dataset and threat model (when the
     metrics name them)."""
@@ -650,8 +741,12 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                    f"PGD-10 {100 * train['final_test_adv_acc']:.2f}% on the first {train['monitor_points']} test images.",
                    training_threat_line(params)] if "source" not in train else _imported_lines(train)
     specs = facts["specs"]
-    summary = comparisons(facts["evals"], facts["outcomes"], specs) + summary_sentences(facts["evals"]) + \
+    controls = positive_controls(facts["evals"], facts["outcomes"], specs)
+    summary = controls_sentence(controls, specs) + comparisons(facts["evals"], facts["outcomes"], specs) + \
+        summary_sentences(facts["evals"]) + indicator_sentences(facts["evals"], specs) + \
         saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]
+    control_section = ([("Controls: defences known to be broken, which the protocol must break", "table",
+                         control_rows(controls, facts["evals"], specs))] if controls else [])
     keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"]), params) for s in m.sections)
     settings = {k: params[k] for k in keys if k in params}
     level = _level(params["evaluation"]["confidence"])
@@ -663,12 +758,14 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
             ("The headline and the strict bound", "table", rules_rows(facts["evals"])),
             ("How the defences are judged", "list", RULES_NOTE),
+            *control_section,
             ("Clean and worst-case robust accuracy on the same attacked points", "figure",
              ("headline", headline_png(facts["evals"]))),
             ("Each attack alone (on the same first points)", "table", attack_rows(facts["evals"])),
             ("How the attacks ran", "list", CASCADE_NOTE),
             ("Attack cascade (cumulative)", "table", cascade_rows(facts["evals"])),
             ("Gradient-masking checks (alone, on the same first points)", "table", sanity_rows(facts["evals"])),
+            ("Indicators of attack failure (Pintor et al. 2022)", "table", indicator_rows(facts["evals"])),
             ("Input gradient of each attack loss (EoT-averaged, on the first points correct clean)", "table",
              gradient_rows(facts["evals"])),
             *examples,

@@ -53,7 +53,8 @@ def producer(graph: dict[str, Stage], artifact: str) -> str:
 
 def graph(params: dict[str, Any]) -> dict[str, Stage]:
     """Every stage the params file runs, upstream stages first: the shared ones, the training stages of the
-    methods behind evaluation.defences, one evaluation per defence and the report."""
+    methods behind evaluation.defences that an evaluated defence or the report reads, one evaluation per defence and
+    the report."""
     names = list(params["evaluation"]["defences"])
     methods = methods_of(names, params)
     stages = {s.name: s for s in SHARED}
@@ -72,6 +73,11 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
             args, (MODEL, *spec.artifacts, "dataset/test.safetensors", "adversarial/test.safetensors"),
             (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
             extra=("--defence", name))
+    needed = {s for n in names for s in upstream(stages, evaluate_stage(n))} | {
+        producer(stages, f) for m in methods for f in m.report_files}
+    for name in [t for t in training if t not in needed]:  # a method's stages that no evaluated defence reads
+        del stages[name]  # (at_noise needs none of the positive controls' trainings)
+    training = [t for t in training if t in needed]
     evaluations = [f"eval/{n}/{f}" for n in names for f in ("metrics.json", "examples.safetensors")]
     reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
              "adversarial/summary.json", *evaluations, *(f for m in methods for f in m.report_files))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +12,11 @@ from torch import nn
 from tqdm import tqdm
 
 from carso.attacks import AttackSpec, accuracy, attack, robust_accuracy
-from carso.checkpoint import save_classifier
+from carso.checkpoint import load_classifier, save_classifier
 from carso.data import dataset_spec, load_split
 from carso.device import autocast, describe_training, eval_mode, memory_format, with_precision
 from carso.distributed import Team, parallel
-from carso.io import fingerprint, read_json, write_json, write_text
+from carso.io import fingerprint, read_json, sha256_file, write_json, write_text
 from carso.models import build_classifier
 from carso.resume import EpochCheckpoint, code_digest, seed_epoch
 
@@ -82,11 +82,14 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], total_steps:
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
 def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor,
                  y: torch.Tensor, cfg: dict[str, Any], specs: list[AttackSpec], device: torch.device, gen: torch.Generator,
-                 team: Team, desc: str) -> tuple[float, float]:
-    """One pass over the data: attack each batch (in equal shares, one per training radius), then step on the
-    adversarial batch.
+                 team: Team, desc: str, augment_fn: Augment | None = None) -> tuple[float, float]:
+    """One pass over the data: attack each batch (in equal shares, one per training radius; no attack: standard
+    training), then step on the adversarial batch. `augment_fn` replaces `cfg["augment"]` when given.
 
     `net` is `model` as trained (wrapped for data parallelism under torchrun): every process draws the
     same order and augmentation for the global batch, then attacks and trains on its own shard. The
@@ -100,9 +103,11 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
         idx = order[start:start + bs]
         if not team.covers(len(idx)):
             continue
-        xb = team.shard(augment(x[idx].to(device), cfg["augment"], gen)).contiguous(memory_format=fmt)
+        xb = x[idx].to(device)
+        xb = augment_fn(xb, gen) if augment_fn else augment(xb, cfg["augment"], gen)
+        xb = team.shard(xb).contiguous(memory_format=fmt)
         yb = team.shard(y[idx]).to(device)
-        xb_adv = attack_shares(model, xb, yb, specs, autocast(device, cfg["precision"]))
+        xb_adv = attack_shares(model, xb, yb, specs, autocast(device, cfg["precision"])) if specs else xb
         with autocast(device, cfg["precision"]):
             logits = net(xb_adv).float()
         loss = F.cross_entropy(logits, yb)
@@ -116,10 +121,9 @@ def _train_epoch(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, s
     return loss_sum / len(y), correct / len(y)
 
 
-def _monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
+def _monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
              device: torch.device, norm: str = "Linf") -> tuple[float, float]:
-    """Clean and PGD accuracy (at the largest training radius) on a fixed test subset, in fp32 and eval mode."""
-    eps = max(training_radii(cfg))
+    """Clean and PGD-10 accuracy at radius `eps` on a fixed test subset, in fp32 and eval mode."""
     spec = AttackSpec("pgd", eps=eps, steps=10, step_size=eps / 4, norm=norm)
     with eval_mode(model):
         clean = accuracy(model, x, y, device, batch_size=500)
@@ -134,9 +138,12 @@ def _fresh_state(model: nn.Module, cfg: dict[str, Any], steps_per_epoch: int):
 
 
 def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: int,
-                     device: torch.device, team: Team = Team(), norm: str = "Linf") -> dict[str, Any]:
+                     device: torch.device, team: Team = Team(), norm: str = "Linf", init: Path | None = None,
+                     augment_fn: Augment | None = None, monitor_eps: float | None = None) -> dict[str, Any]:
     """Adversarially train the classifier described by `cfg` against attacks in `norm` (evaluation.norm); resume
-    from `out_dir/checkpoint.pt`.
+    from `out_dir/checkpoint.pt`. `cfg["attack"]` None: standard training (no attack; the monitor's PGD-10 at
+    `monitor_eps`). `init`: a classifier file to start from (a fine-tune). `augment_fn`: a batch augmentation in
+    place of `cfg["augment"]` (cfg must name it, as it names the run's checkpoint).
 
     Under torchrun, `team`'s processes train one model data-parallel and rank 0 alone monitors and
     writes; the others return an empty dict."""
@@ -146,25 +153,28 @@ def train_classifier(dataset: str, data_dir: Path, out_dir: Path, cfg: dict[str,
     x_mon, y_mon = load_split(data_dir, "test", limit=cfg["monitor_points"])
     model = build_classifier(cfg["arch"], in_channels=spec_ds.channels, num_classes=spec_ds.num_classes,
                              image_size=spec_ds.side, mean=spec_ds.mean, std=spec_ds.std, **cfg["arch_kwargs"])
+    if init is not None:
+        model.load_state_dict(load_classifier(init, dataset).state_dict())
     model = model.to(device, memory_format=memory_format(cfg["channels_last"]))
     steps_per_epoch = -(-len(y_train) // cfg["batch_size"])
     opt, sched = _fresh_state(model, cfg, steps_per_epoch)
     manifest = read_json(data_dir / "manifest.json")
     key = fingerprint({"cfg": cfg, "norm": norm, "seed": seed, "data": manifest["splits"]["train"],
-                       "code": code_digest(TRAINING_MODULES)})
+                       "code": code_digest(TRAINING_MODULES), **({"init": sha256_file(init)} if init else {})})
     checkpoint = EpochCheckpoint(out_dir / "checkpoint.pt", key)
     curve = checkpoint.restore({"model": model, "optimizer": opt, "scheduler": sched})
     net = parallel(model, team, device)
-    specs = training_attack(cfg, norm)
+    specs = training_attack(cfg, norm) if cfg["attack"] else []
+    eps = max(training_radii(cfg)) if cfg["attack"] else monitor_eps
     for epoch in range(len(curve) + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         gen = seed_epoch(seed, epoch, team.rank)
         loss, adv_acc = _train_epoch(model, net, opt, sched, x_train, y_train, cfg, specs, device, gen, team,
-                                     f"epoch {epoch}/{cfg['epochs']}")
+                                     f"epoch {epoch}/{cfg['epochs']}", augment_fn)
         speed = len(y_train) / (time.perf_counter() - t0)  # training images (attack included) per second, all processes
         if not team.is_main:
             continue
-        clean_mon, adv_mon = _monitor(model, x_mon, y_mon, cfg, device, norm)
+        clean_mon, adv_mon = _monitor(model, x_mon, y_mon, eps, device, norm)
         row = {"epoch": epoch, "device": str(device), "lr": opt.param_groups[0]["lr"], "train_loss": loss,
                "train_adv_acc": adv_acc,
                "test_clean_acc": clean_mon, "test_adv_acc": adv_mon, "images_per_second": speed,

@@ -129,7 +129,7 @@ def make_dvc_repo(project: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny configuration through a local `snakemake --cores LOCAL_CORES` in a git and DVC repository (as a
-    fresh clone is), once per session, with a hard 10-minute limit (the 12 jobs take 2 to 4 minutes on the 2-core
+    fresh clone is), once per session, with a hard 10-minute limit (the 18 jobs take 2 to 5 minutes on the 2-core
     machines seen, whose speed varies 2x from one hour to the next; a hang still fails): the reference that the DVC
     run (test_workflow.py) and the Slurm run (test_workflow_slurm.py) must reproduce bit for bit (the same thread
     count is what makes runs bit-identical), recorded by DVC when it ends (test_dvc_record.py)."""
@@ -138,3 +138,17 @@ def tiny_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr[-4000:]
     (project / "logs" / "snakemake.stderr").write_text(result.stderr)  # what the run said (its DVC recording too)
     return project
+
+
+def tracked(pgd: Any) -> Any:
+    """A stub attack `pgd(model, x, y, spec, x_start) -> points` as the evaluation calls its PGD runs
+    (carso.attacks.pgd_tracked): the points and a trajectory in which nothing moved (every iterate as correct as the
+    first, the last one returned)."""
+    import torch
+
+    def run(model: Any, x: Any, y: Any, spec: Any, x_start: Any = None) -> tuple[Any, dict[str, Any]]:
+        n, steps = len(x), spec.steps
+        trace = {"loss": torch.zeros(n, steps + 1), "correct": torch.ones(n, steps + 1),
+                 "picked": torch.full((n,), steps), "last": torch.ones(n), "best": torch.ones(n)}
+        return pgd(model, x, y, spec, x_start), trace
+    return run

@@ -20,7 +20,7 @@ def test_dvc_deps_are_the_code_each_stage_runs() -> None:
     stages = dvc_stages(REPO)
     assert {name.split("@")[0] for name in stages} == {
         "fetch", "train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter",
-        "finetune_inpainter", *(f"evaluate_{d}" for d in DEFENCES), "report"}
+        "finetune_inpainter", "train_plain", "finetune_resize", *(f"evaluate_{d}" for d in DEFENCES), "report"}
     for name, stage in stages.items():
         declared = sorted(d for d in stage["deps"] if d.startswith("carso/"))
         assert declared == expected_code(name.split("@")[0]), name

@@ -115,7 +115,7 @@ def test_a_config_run_and_a_study_get_pipeline_files_of_their_own(tmp_path: Path
     study: one pipeline file per variant folder with only the stages written there (deps on the base run's)."""
     _, _, project = dry_run_config(tmp_path / "config", "configs/l2_fashion_mnist.yaml")
     jobs = snakemake_jobs(project, "--config", "params_file=configs/l2_fashion_mnist.yaml")
-    assert len(jobs) == 12
+    assert len(jobs) == 12  # (the L2 config evaluates no positive control)
     _same_dag(project, jobs, {"runs/l2_fashion_mnist/dvc.yaml": "runs/l2_fashion_mnist/"})
 
     project = make_project(tmp_path / "study", load_tiny())
@@ -144,10 +144,10 @@ def _outs(lock: dict[str, Any]) -> dict[str, str]:
 def test_a_snakemake_run_is_versioned_shared_restored_and_compared(tiny_local_run: Path, tmp_path: Path) -> None:
     project = tiny_local_run
     said = (project / "logs" / "snakemake.stderr").read_text()
-    assert re.search(r"DVC: recorded 12 stage\(s\) in dvc.lock and the cache in [\d.]+ s", said), said[-2000:]
+    assert re.search(r"DVC: recorded 18 stage\(s\) in dvc.lock and the cache in [\d.]+ s", said), said[-2000:]
     assert _status(project) == {}  # every stage recorded, nothing changed
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert len(lock["stages"]) == 12
+    assert len(lock["stages"]) == 18
     model = project / D / "classifier" / "model.safetensors"
     md5 = _outs(lock)[f"{D}/classifier/model.safetensors"]
     cached = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]

@@ -35,15 +35,15 @@ def test_attack_cache_resumes_bit_identically(model: nn.Module, tmp_path: Path) 
     x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
     spec = AttackSpec("pgd", eps=0.1, steps=3, step_size=0.04)
     cache = AttackCache(tmp_path, "model-a", seed=0)
-    first = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
+    first, _ = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
     files = sorted(tmp_path.glob("pgd_*/batch_*.safetensors"))
     assert len(files) == 3
     files[1].unlink()  # as if the run had been killed during the second batch
     torch.manual_seed(123)  # whatever the global RNG holds, each batch draws from its own seed
-    resumed = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
+    resumed, _ = cache.run("pgd", model, x, y, spec, CPU, batch_size=4)
     assert torch.equal(first, resumed)
     assert (first - x).abs().max() <= 0.1 + 1e-6
-    other = AttackCache(tmp_path, "model-b", seed=0).run("pgd", model, x, y, spec, CPU, batch_size=4)
+    other, _ = AttackCache(tmp_path, "model-b", seed=0).run("pgd", model, x, y, spec, CPU, batch_size=4)
     assert len(list(tmp_path.glob("pgd_*"))) == 2 and other.shape == first.shape  # another model: fresh state
 
 
@@ -282,7 +282,8 @@ def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
     assert not set(calls["pgd_more_steps"]) - set(subset)
     assert {a["n"] for a in m["attacks"].values()} == {4} and list(m["attacks"]) == ["transfer", "autoattack",
                                                                                       "pgd_ce", "pgd_dlr"]
-    assert [s["attack"] for s in m["cascade"]] == ["transfer", "autoattack", "pgd_ce", "pgd_dlr", "more_steps"]
+    assert [s["attack"] for s in m["cascade"]] == ["transfer", "autoattack", "pgd_ce", "pgd_dlr", "more_steps", "fgsm"]
+    assert calls["fgsm"] == [i for i in subset]  # the single-step check: the subset's points correct clean
     assert m["sanity"]["base_steps"]["run"] == m["strongest_pgd"] in ("pgd_ce", "pgd_dlr")
     worst = worst.ok
     assert m["robust_worst_case"]["n"] == 12 and m["robust_worst_case"]["strict"]["correct"] == int(worst.sum())
@@ -360,7 +361,7 @@ def test_masking_checks_flag_clear_signatures_and_not_noise() -> None:
     one_loss_enough = _results(healthy, {"ce": 0.3, "dlr": 0.02})  # the margin loss reaches ~0: no flag
     assert masking_checks(one_loss_enough, healthy, 0.95) == []
     none_reach = masking_checks(_results(healthy, {"ce": 0.3, "dlr": 0.2}), healthy, 0.95)
-    assert len(none_reach) == 1 and "eps 0.95 no attack loss" in none_reach[0] and "dlr 20.00%" in none_reach[0]
+    assert len(none_reach) == 1 and "eps 0.95, starting from the clean points, no attack loss" in none_reach[0] and "dlr 20.00%" in none_reach[0]
     more = {**healthy, "base_steps": _verdict(20, 50), "more_steps": _verdict(35, 50)}
     assert "400 PGD steps" in masking_checks(_results(more), more, 0.95)[0]
 

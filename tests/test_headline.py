@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from carso import evaluation
+from conftest import tracked
 from carso.attacks import AttackSpec
 from carso.stats import wilson_interval
 
@@ -67,7 +68,7 @@ def _no_attack(monkeypatch: pytest.MonkeyPatch, flagged: list[int] | None = None
         flags[[i for i in (flagged or []) if i < len(x)]] = False
         return flags, _moved(x)
 
-    monkeypatch.setattr(evaluation, "attack", pgd)
+    monkeypatch.setattr(evaluation, "pgd_tracked", tracked(pgd))
     monkeypatch.setattr(evaluation, "run_autoattack", autoattack)
     monkeypatch.setattr(evaluation, "square_attack", lambda model, x, *a, **k: _moved(x))
 
@@ -102,8 +103,8 @@ def test_the_headline_of_a_defence_wrong_with_probability_p_is_1_minus_p_and_the
     for entry in (clean, robust):  # no attack moves it: the expected accuracy is 1 - p, before and after the suite
         assert _covers(entry, 1 - p) and abs(entry["accuracy"] - (1 - p)) < 0.03 and entry["n"] == n
     assert _covers(clean["strict"], (1 - p) ** k)  # one set of K verdicts per point
-    attacks = len(metrics["cascade"])  # transfer, AutoAttack, Square, two PGD runs, the continued PGD
-    assert attacks == 6 and robust["strict"]["accuracy"] < 0.02  # about (1 - p)^(K x 6): the rule, not the defence
+    attacks = len(metrics["cascade"])  # transfer, AutoAttack, Square, two PGD runs, the continued PGD, FGSM, EoT 1
+    assert attacks == 8 and robust["strict"]["accuracy"] < 0.02  # about (1 - p)^(K x 8): the rule, not the defence
     # picking the minimum over 7 candidates with the draws that judge it would understate the defence
     assert worst.select.mean().item() < worst.estimate.mean().item() - 0.05
     for name, a in metrics["attacks"].items():  # each attack alone, on the subset: still about 1 - p

@@ -66,7 +66,8 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
     "mirror_unset": (lambda p: p["data"]["mirror"].__setitem__("fashion_mnist", None),
                      ["'data.mirror.fashion_mnist'", "download"]),
     "unknown_defence": (lambda p: p["evaluation"]["defences"].__setitem__("bpda", p["evaluation"]["defences"]["at"]),
-                        ["'evaluation.defences.bpda' is not a registered defence (at, carso, atop_rt, atop, at_noise)",
+                        ["'evaluation.defences.bpda' is not a registered defence (at, carso, atop_rt, atop, at_noise, plain, "
+                         "ctl_scaled, ctl_quant, ctl_resize)",
                          "variant_of: <defence>"]),
     "registered_as_variant": (lambda p: p["evaluation"]["defences"]["carso"].__setitem__("variant_of", "carso"),
                               ["'evaluation.defences.carso' is the registered defence", "a name of its own"]),

@@ -24,7 +24,9 @@ D = "data/fashion_mnist"
 CLF = f"{D}/classifier/model.safetensors"
 DEFENCES = {"at": [], "carso": [f"{D}/purifier/model.safetensors"],
             "atop_rt": [f"{D}/atop/pretrain/inpainter.safetensors"], "atop": [f"{D}/atop/finetune/inpainter.safetensors"],
-            "at_noise": []}
+            "at_noise": [], "plain": [f"{D}/controls/plain/model.safetensors"],
+            "ctl_scaled": [f"{D}/controls/plain/model.safetensors"], "ctl_quant": [f"{D}/controls/plain/model.safetensors"],
+            "ctl_resize": [f"{D}/controls/resize/model.safetensors"]}
 STEPS = [["fetch", "--out", f"{D}/dataset"],
          ["train-classifier", "--data", f"{D}/dataset", "--out", f"{D}/classifier"],
          ["generate-adversarial", "--model", CLF, "--data", f"{D}/dataset", "--out", f"{D}/adversarial"],
@@ -33,6 +35,8 @@ STEPS = [["fetch", "--out", f"{D}/dataset"],
           "--out", f"{D}/atop/pretrain"],
          ["finetune-inpainter", "--model", CLF, "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial",
           "--pretrained", f"{D}/atop/pretrain", "--out", f"{D}/atop/finetune"],
+         ["train-plain", "--data", f"{D}/dataset", "--out", f"{D}/controls/plain"],
+         ["finetune-resize", "--data", f"{D}/dataset", "--plain", f"{D}/controls/plain", "--out", f"{D}/controls/resize"],
          *(["evaluate", "--defence", name, "--model", CLF, *(["--artifacts", *files] if files else []),
             "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--out", f"{D}/eval/{name}"]
            for name, files in DEFENCES.items()),
@@ -171,7 +175,13 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert worst[:alone].double().mean().item() <= min(a["strict"]["accuracy"] for a in m["attacks"].values()) + 1e-9
     assert sum(m["strongest_per_point"].values()) == cfg["n_points"]
     assert [s["picked_points"] for s in m["cascade"]] == [m["strongest_per_point"][s["attack"]] for s in m["cascade"]]
-    assert [s["attack"] for s in m["cascade"]] == attacks + ["more_steps"]
+    eot_single = ["eot_single"] if m["randomised"] and max(r["eot"] for r in cfg["pgd"]) > 1 else []
+    assert [s["attack"] for s in m["cascade"]] == attacks + ["more_steps", "fgsm", *eot_single]
+    assert m["sanity"]["fgsm"]["n"] == alone and ("eot_single" in m["sanity"]) == bool(eot_single)
+    kinds = {(i["indicator"], i["attack"]) for i in m["indicators"]}  # every indicator, for every run it concerns
+    assert {("zero_gradient", loss) for loss in ("ce", "dlr", "cw")} | {("fgsm_beats_pgd", "fgsm")} <= kinds
+    assert {("silent_success", name) for name in runs} <= kinds
+    assert all(isinstance(i["fired"], bool) and i["text"] for i in m["indicators"])
     for check in ("base_steps", "more_steps"):
         assert m["sanity"][check]["n"] == cfg["sanity"]["n_points"] and m["sanity"][check]["run"] == m["strongest_pgd"]
     own_losses = {r["loss"] for r in cfg["pgd"] if not r.get("surrogate")}
@@ -441,7 +451,30 @@ def test_the_negative_control_has_the_headline_of_at_on_the_tiny_run(chain: Path
     assert d["verdict"] == "within noise" and d["ci_low"] <= 0 <= d["ci_high"]
     assert abs(m["at_noise"]["clean"]["accuracy"] - m["at"]["clean"]["accuracy"]) <= 0.01 + 1e-9
     summary = md_sections((chain / "report" / "report.md").read_text())["Summary"]["items"]
-    assert summary[0].startswith("Negative control passed: the classifier alone with noisy logits")
+    assert summary[1].startswith("Negative control passed: the classifier alone with noisy logits")
+
+
+def test_the_reports_first_sentence_says_whether_the_protocol_broke_each_positive_control(chain: Path) -> None:
+    """The tiny run evaluates the positive controls: the report's first sentence names every one, and says the
+    evaluation failed exactly when one of them ends more than 5 points above `plain` on the same points (the paired
+    difference recomputed from the per-point outcomes); each control's naive figure is in its metrics."""
+    from carso.report import CONTROL_MARGIN, point_outcomes
+    from carso.stats import paired_expected
+
+    summary = md_sections((chain / "report" / "report.md").read_text())["Summary"]["items"]
+    base, _ = point_outcomes(chain / "eval" / "plain" / "examples.safetensors")
+    standing = []
+    for name in ("ctl_scaled", "ctl_quant", "ctl_resize"):
+        m = json.loads((chain / "eval" / name / "metrics.json").read_text())
+        assert m["naive"]["n"] > 0 and f"{name} " in summary[0]  # (the reader drops the backticks)
+        mine, _ = point_outcomes(chain / "eval" / name / "examples.safetensors")
+        n = min(len(mine), len(base))
+        d = paired_expected(mine[:n], base[:n], 0.9)
+        assert f"{name} {100 * m['robust_worst_case']['accuracy']:.1f}%" in summary[0]
+        if d["difference"] > CONTROL_MARGIN:
+            standing.append(name)
+    assert summary[0].startswith("EVALUATION FAILED" if standing else "The protocol broke every positive control")
+    assert all(name in summary[0].split(":")[0] for name in standing)
 
 
 def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -> None:

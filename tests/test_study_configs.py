@@ -30,13 +30,18 @@ def _differences(a: Any, b: Any, path: str = "") -> set[str]:
     return set() if a == b else {path}
 
 
+# The default run's positive controls (carso.methods.controls), which the question and L2 configs leave out.
+POSITIVE_CONTROLS = {f"evaluation.defences.{d}" for d in ("plain", "ctl_scaled", "ctl_quant", "ctl_resize")}
+
+
 @pytest.mark.parametrize("name, changed", [
     ("carso_question", {"evaluation.defences.atop", "evaluation.defences.atop_rt", "evaluation.defences.at_noise",
-                        "evaluation.defences.carso_logit",
+                        *POSITIVE_CONTROLS, "evaluation.defences.carso_logit",
                         "evaluation.defences.carso_prob", "evaluation.defences.carso_zero", "report.title",
                         "output_root"}),
     ("carso_large", {"purifier.decoder_channels", "purifier.epochs", "evaluation.defences.atop",
-                     "evaluation.defences.atop_rt", "evaluation.defences.at_noise", "report.title", "output_root"}),
+                     "evaluation.defences.atop_rt", "evaluation.defences.at_noise", *POSITIVE_CONTROLS, "report.title",
+                     "output_root"}),
 ])
 def test_a_question_config_is_the_default_run_changed_only_where_it_says(name: str, changed: set[str]) -> None:
     default, config = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / f"{name}.yaml")
@@ -53,11 +58,13 @@ def test_the_l2_config_is_the_default_run_in_the_l2_threat_model(tmp_path: Path)
     """Every radius 15 x the default's, the norm L2, PGD's step left to its L2 rule; nothing else differs; it
     dry-runs every stage (a schema bound of 1 on a radius once refused it)."""
     default, l2 = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / "l2_fashion_mnist.yaml")
-    sanity = {f"evaluation.defences.{d}.sanity.large_eps" for d in default["evaluation"]["defences"]}
+    sanity = {f"evaluation.defences.{d}.sanity.large_eps" for d in default["evaluation"]["defences"]
+              if f"evaluation.defences.{d}" not in POSITIVE_CONTROLS}
     stored = {f"adversarial.attacks.{a}.{k}" for a in default["adversarial"]["attacks"] for k in ("eps", "step_size")}
     assert _differences(default, l2) == {"output_root", "evaluation.norm", "evaluation.eps", "classifier.attack.eps",
                                          "classifier.attack.step_size", "atop.finetune.adversary.eps",
-                                         "evaluation.defences.at.pgd", "evaluation.defences.at_noise.pgd"} | sanity | stored - {
+                                         "evaluation.defences.at.pgd", "evaluation.defences.at_noise.pgd",
+                                         *POSITIVE_CONTROLS} | sanity | stored - {
         "adversarial.attacks.fgsm_weak.step_size", "adversarial.attacks.fgsm_strong.step_size"}
     assert l2["evaluation"]["norm"] == "L2"
     radius = lambda p: [p["evaluation"]["eps"], p["classifier"]["attack"]["eps"], p["atop"]["finetune"]["adversary"]["eps"],

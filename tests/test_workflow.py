@@ -19,16 +19,18 @@ from report_reader import md_sections
 
 pytestmark = pytest.mark.slow
 D = "data/fashion_mnist"
-DEFENCES = ["at", "carso", "atop_rt", "atop", "at_noise"]
+DEFENCES = ["at", "carso", "atop_rt", "atop", "at_noise", "plain", "ctl_scaled", "ctl_quant", "ctl_resize"]
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
            f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
            f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
            f"{D}/atop/finetune/inpainter.safetensors", f"{D}/atop/finetune/curve.csv",
+           f"{D}/controls/plain/model.safetensors", f"{D}/controls/resize/model.safetensors",
            *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "headline.json",
                                                                      "examples.safetensors")),
            f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
-TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter"]
+TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
+             "train_plain", "finetune_resize"]
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
@@ -98,7 +100,7 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", params)
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
-    assert len(jobs) == len(stages) == 24  # 12 per dataset: 5 trainings, 5 evaluations, fetch, report
+    assert len(jobs) == len(stages) == 36  # 18 per dataset: 7 trainings, 9 evaluations, fetch, report
     for job in jobs:
         name = stage_name(job)
         stage = stages.pop(name)
@@ -187,7 +189,8 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
             stage_name(j) for j in snakemake_jobs(tiny_local_run)}
         params["classifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
-        assert len(snakemake_jobs(tiny_local_run)) == 11  # a classifier change reruns everything downstream
+        assert len(snakemake_jobs(tiny_local_run)) == 15  # a classifier change reruns everything downstream
+        # (not the controls' trainings: classifier.epochs is not one of their settings)
     finally:
         write_params(tiny_local_run / "params.yaml", load_tiny())
 
@@ -368,7 +371,7 @@ def test_another_params_file_is_passed_to_every_stage_and_writes_under_its_own_r
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", {**load_tiny(), "output_root": "runs/other"})
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 12 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 18 and all("--params other.yaml" in j["shell"] for j in jobs)
     files = [f for j in jobs for f in j["input"] + j["output"] + j["log"] if not f.startswith("carso/")]
     assert len(files) > 40 and all(f.startswith("runs/other/") for f in files), files
     assert all(" --out runs/other/data/fashion_mnist/" in j["shell"] for j in jobs if " --out " in j["shell"])

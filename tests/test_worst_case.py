@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from carso import evaluation
+from conftest import tracked
 from carso.attacks import AttackSpec
 from carso.verdicts import Verdict
 
@@ -79,6 +80,8 @@ def _stubs(monkeypatch: pytest.MonkeyPatch, left_out: str | None, surrogate: nn.
             out = x.clone()
             out[:, 0, 0, 1] = 1.0
             return out
+        if spec.method == "fgsm":  # the single-step check: breaks nothing here
+            return x.clone()
         if not spec.random_start:  # the strongest run continued from where it stopped
             return _mark(x_start, breaks("more_steps"))
         name = "pgd_surrogate" if model is surrogate else f"pgd_{spec.loss}"
@@ -88,7 +91,7 @@ def _stubs(monkeypatch: pytest.MonkeyPatch, left_out: str | None, surrogate: nn.
         x_adv = _mark(x, breaks("autoattack"))
         return torch.tensor([i != breaks("autoattack") for i in _ids(x)]), x_adv
 
-    monkeypatch.setattr(evaluation, "attack", pgd)
+    monkeypatch.setattr(evaluation, "pgd_tracked", tracked(pgd))
     monkeypatch.setattr(evaluation, "run_autoattack", autoattack)
     monkeypatch.setattr(evaluation, "square_attack", lambda model, x, *a, **k: _mark(x, breaks("square")))
 

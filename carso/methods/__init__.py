@@ -47,6 +47,10 @@ class DefenceSpec:
     published_settings: tuple[tuple[str, str, float], ...] = ()  # (dataset, norm, eps) the paper reports figures for
     negative_control_of: str = ""            # a negative control: the defence whose headline it must equal (within
                                              # the interval) because its expected predictions are that one's
+    positive_control_of: str = ""            # a positive control: a defence known to be broken, wrapping the undefended
+                                             # model this names; the protocol must bring it down to that one's figure
+    naive: tuple[str, ...] = ()              # a positive control's naive evaluation: the attacks (metrics names) whose
+                                             # worst case alone would overstate it
     variant_of: str = ""                     # a variant (evaluation.defences.<name>.variant_of): its registered base
     overrides: tuple[tuple[str, object], ...] = ()  # the variant's `set`: dotted params keys and their values
 
