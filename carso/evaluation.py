@@ -2,7 +2,9 @@
 several losses, through surrogates where configured), all in fp32, each with a confidence interval."""
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import shutil
 import time
 import warnings
@@ -240,6 +242,11 @@ LATE_WINDOW = 0.1           # incomplete optimisation: the last tenth of a run's
 LATE_RISE = 0.1             # ... flagged when the loss of its unbroken points still rose by this share of its total rise
 
 
+def worst_of(verdicts: list[Verdict]) -> Verdict:
+    """Several attacks' verdicts on the same points as one: per point the strongest (`Verdict.__and__`)."""
+    return functools.reduce(operator.and_, verdicts)
+
+
 def indicators(results: dict[str, Any], standalone: dict[str, Verdict], traces: dict[str, tuple[torch.Tensor, dict]],
                cascade: "Cascade", runs: list[PgdRun], conf: float) -> list[dict[str, Any]]:
     """Indicators of attack failure (Pintor et al. 2022; Carlini et al. 2019, section on sanity checks) beyond the
@@ -259,9 +266,7 @@ def indicators(results: dict[str, Any], standalone: dict[str, Verdict], traces: 
             found += _trace_indicators(run, *traces[run.name])
     sanity = results["sanity"]
     own = [r.name for r in runs if r.surrogate is None] or [r.name for r in runs]
-    pgd = standalone[own[0]]
-    for name in own[1:]:
-        pgd = pgd & standalone[name]
+    pgd = worst_of([standalone[name] for name in own])
     fgsm = standalone["fgsm"]
     beats = int(((fgsm.select == 0) & (pgd.select > 0)).sum())
     fired = _clearly_more(pgd, fgsm, conf)
@@ -328,9 +333,7 @@ def naive_figure(names: tuple[str, ...], standalone: dict[str, Verdict], cascade
     if missing:
         raise UserError(f"{section} lacks the attack(s) {', '.join(missing)} whose figure is this control's naive "
                         f"one (attacks run: {', '.join(standalone)}); add them to its pgd list.")
-    verdict = standalone[names[0]]
-    for name in names[1:]:
-        verdict = verdict & standalone[name]
+    verdict = worst_of([standalone[name] for name in names])
     titles = [results["attacks"][n]["title"] if n in results["attacks"] else n for n in names]
     return verdict.entry(conf, attacks=list(names), titles=titles)
 
@@ -552,8 +555,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         log.warning("possible gradient masking: %s", line)
     results["indicators"] = indicators(results, standalone, traces, cascade, runs, conf)
     for found in results["indicators"]:
-        (log.warning if found["fired"] and found["severity"] == "failure" else log.info)("indicator %s (%s): %s", found["indicator"], found["attack"],
-                                                       found["text"])
+        failed = found["fired"] and found["severity"] == "failure"
+        (log.warning if failed else log.info)("indicator %s (%s): %s", found["indicator"], found["attack"], found["text"])
     if naive:
         results["naive"] = naive_figure(naive, standalone, cascade, results, conf, section)
     results["seconds"] = time.perf_counter() - t0

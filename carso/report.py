@@ -586,12 +586,13 @@ def indicator_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 def indicator_sentences(evals: dict[str, dict[str, Any]], specs: dict[str, DefenceSpec]) -> list[str]:
     """One sentence per defence (controls aside: their own section says it) on which an indicator of a failed or naive
-    attack fired."""
+    attack fired; a zero gradient is left to `saturation_sentences`, which says it against `at`."""
     out = []
     for name, m in evals.items():
         if specs[name].positive_control_of:
             continue
-        fired = [i["text"] for i in m.get("indicators", []) if i["fired"] and i["severity"] == "failure"]
+        fired = [i["text"] for i in m.get("indicators", [])
+                 if i["fired"] and i["severity"] == "failure" and i["indicator"] != "zero_gradient"]
         if fired:
             out.append(f"`{name}`: attack-failure indicators fired, so a figure from the attacks they concern alone "
                        f"would overstate it: {'; '.join(fired)}.")
