@@ -1,4 +1,4 @@
-"""Attacks in [0, 1] pixel space under an L-inf or L2 threat model: FGSM (optionally with random start), PGD,
+"""Attacks in [0, 1] pixel space under an L-inf, L2 or L1 threat model: FGSM (optionally with random start), PGD,
 and Square (score-based, no gradients, from pyautoattack).
 
 Every attack returns a perturbed batch that lies inside the eps-ball around `x` and inside [0, 1].
@@ -36,6 +36,7 @@ class AttackSpec:
     zero_grad_patience: int | None = None  # PGD stops on a point after this many steps in a row whose (EoT)
                                # input gradient was exactly zero: it learns nothing there (None: never stop)
     norm: str = "Linf"         # threat model: Linf (signed-gradient steps) | L2 (steps along the normalised gradient)
+                               # | L1 (sparse steps on the largest gradient coordinates, `ascent_direction`)
     pass_images: int | None = None  # EoT draws are batched into passes of up to this many images (each draw with its
                                # own randomness: the same gradient estimate in fewer, larger passes); None: one per pass
 
@@ -46,32 +47,71 @@ class AttackSpec:
         return self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
 
 
-NORMS = ("Linf", "L2")
+NORMS = ("Linf", "L2", "L1")
+L1_STEP_SHARE = 0.05  # an L1 step moves the largest 5% of the usable gradient coordinates (SLIDE's 95th percentile)
+
+
+def _per_point(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-point value shaped to broadcast over the dimensions of `like`'s points."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
     """Per-point L2 norm, shaped to broadcast over the point's dimensions."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    return _per_point(t.flatten(1).norm(dim=1), t)
+
+
+def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-point `norm` distance between `x_adv` and `x` (a vector)."""
+    delta = (x_adv - x).flatten(1)
+    orders = {"Linf": float("inf"), "L2": 2.0, "L1": 1.0}
+    if norm not in orders:
+        raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    return delta.norm(p=orders[norm], dim=1)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
-    """`x_adv` moved into the `norm` ball of radius `eps` around `x`, then into [0, 1].
+    """`x_adv` moved into the `norm` ball of radius `eps` around `x`, and into [0, 1].
 
     L2: the perturbation is scaled onto the ball; clipping to [0, 1] afterwards only shortens it (each
-    coordinate moves towards `x`, which lies in [0, 1]), so the result stays in the ball."""
+    coordinate moves towards `x`, which lies in [0, 1]), so the result stays in the ball. L1: the exact projection
+    onto the intersection of the ball and the box (pyautoattack's, the one APGD-L1 uses), as clipping after an L1
+    projection would leave budget unused."""
     if norm == "Linf":
         return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
-    if norm != "L2":
+    if norm == "L2":
+        delta = x_adv - x
+        scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return (x + delta * scale).clamp_(0.0, 1.0)
+    if norm != "L1":
         raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    from pyautoattack.autopgd_base import L1_projection
+
     delta = x_adv - x
-    scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
-    return (x + delta * scale).clamp_(0.0, 1.0)
+    return (x + delta + L1_projection(x, delta, eps).to(x.dtype)).clamp_(0.0, 1.0)
 
 
-def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    """The steepest-ascent step of unit size in `norm`: the gradient's sign (L-inf) or its direction (L2).
-    A zero gradient gives a zero step in both."""
-    return grad.sign() if norm == "Linf" else grad / _l2(grad).clamp_min(1e-12)
+def ascent_direction(grad: torch.Tensor, norm: str, x_adv: torch.Tensor | None = None) -> torch.Tensor:
+    """The steepest-ascent step of unit size in `norm`: the gradient's sign (L-inf), its direction (L2), or (L1) a
+    sparse step: the sign on the largest `L1_STEP_SHARE` of the coordinates that can still move that way (given
+    `x_adv`, a pixel at 0 or 1 pushed outward is left out, as APGD-L1 does), scaled to unit L1 norm (Tramer & Boneh
+    2019; a dense L1 step would spread its budget over every pixel and reach nothing). A zero gradient gives a zero
+    step in every norm."""
+    if norm == "Linf":
+        return grad.sign()
+    if norm == "L2":
+        return grad / _l2(grad).clamp_min(1e-12)
+    if norm != "L1":
+        raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+    g = grad.flatten(1).clone()
+    if x_adv is not None:
+        pixel = x_adv.flatten(1)
+        g[((pixel <= 0) & (g < 0)) | ((pixel >= 1) & (g > 0))] = 0
+    k = max(1, round(L1_STEP_SHARE * g.shape[1]))
+    top = g.abs().topk(k, dim=1).values[:, -1:]
+    sparse = torch.where((g.abs() >= top) & (g != 0), g.sign(), torch.zeros_like(g))
+    sparse = sparse / sparse.abs().sum(dim=1, keepdim=True).clamp_min(1.0)
+    return sparse.view_as(grad)
 
 
 LOSSES = ("ce", "dlr", "cw")
@@ -186,12 +226,16 @@ def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
-    """A uniform point of the L-inf ball, or (L2) a random direction at a radius drawn uniformly in [0, eps]."""
+    """A uniform point of the L-inf ball; (L2) a random direction at a radius drawn uniformly in [0, eps]; (L1) a
+    Laplace direction, scaled to unit L1 norm, at such a radius (then projected into the box)."""
     if norm == "Linf":
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
-    direction = torch.randn_like(x)
-    radius = torch.rand(len(x), *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) * eps
-    return project(x + ascent_direction(direction, "L2") * radius, x, eps, "L2")
+    radius = _per_point(torch.rand(len(x), device=x.device, dtype=x.dtype) * eps, x)
+    if norm == "L2":
+        return project(x + ascent_direction(torch.randn_like(x), "L2") * radius, x, eps, "L2")
+    direction = torch.distributions.Laplace(0.0, 1.0).sample(x.shape).to(x)
+    direction = direction / _per_point(direction.flatten(1).abs().sum(dim=1).clamp_min(1e-12), x)
+    return project(x + direction * radius, x, eps, norm)
 
 
 def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
@@ -207,7 +251,7 @@ def pgd_single(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
         return _pgd_with_patience(model, x, y, x_adv, spec, autocast)
     for _ in range(spec.steps):
         grad = _input_gradient(model, x_adv, y, autocast, spec.eot, spec.loss, spec.pass_images)
-        x_adv = project(x_adv.detach() + spec.alpha * ascent_direction(grad, spec.norm), x, spec.eps, spec.norm)
+        x_adv = project(x_adv.detach() + spec.alpha * ascent_direction(grad, spec.norm, x_adv), x, spec.eps, spec.norm)
     return x_adv.detach()
 
 
@@ -222,7 +266,7 @@ def _pgd_with_patience(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv
         if len(active) == 0:
             break
         grad = _input_gradient(model, x_adv[active], y[active], autocast, spec.eot, spec.loss, spec.pass_images)
-        step = spec.alpha * ascent_direction(grad, spec.norm)
+        step = spec.alpha * ascent_direction(grad, spec.norm, x_adv[active])
         x_adv[active] = project(x_adv[active] + step, x[active], spec.eps, spec.norm)
         zero = grad.flatten(1).abs().amax(dim=1) == 0
         zero_run[active] = torch.where(zero, zero_run[active] + 1, 0)
@@ -306,7 +350,7 @@ def _tracked_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Attac
             break
         share, value, grad = _scores(model, x_adv[active], y[active], spec, grad=True)
         keep(t, active, share, value)
-        step = spec.alpha * ascent_direction(grad, spec.norm)
+        step = spec.alpha * ascent_direction(grad, spec.norm, x_adv[active])
         x_adv[active] = project(x_adv[active] + step, x[active], spec.eps, spec.norm)
         if spec.zero_grad_patience is not None:
             zero = grad.flatten(1).abs().amax(dim=1) == 0

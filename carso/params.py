@@ -133,7 +133,11 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
         for key, eps in _radii(params).items():
             if eps > 1:
                 raise UserError(f"{source}: '{key}' is {eps}, but an L-inf radius in [0, 1] pixel units is at most "
-                                "1; lower it (or set evaluation.norm to L2, whose radii can exceed 1).")
+                                "1; lower it (or set evaluation.norm to L2 or L1, whose radii can exceed 1).")
+    for name, d in params["evaluation"]["defences"].items():
+        if (d.get("hopskipjump") or {}).get("enabled") and params["evaluation"]["norm"] == "L1":
+            raise UserError(f"{source}: 'evaluation.defences.{name}.hopskipjump' is enabled but evaluation.norm is L1, "
+                            "and HopSkipJump (ART) has L-inf and L2 versions only; set its enabled to false.")
     attacks = params["adversarial"]["attacks"]
     transfer = params["evaluation"]["transfer_attack"]
     if transfer not in attacks:

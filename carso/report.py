@@ -247,8 +247,15 @@ def _settings(a: dict[str, Any]) -> str:
     if a["kind"] == "autoattack":
         order = f", in the order {' then '.join(a['order'])}" if a.get("order") else ""
         return f"version {a['version']}{order}"
+    draws = f", each query the mean of {a['draws']} draws" if a.get("draws", 1) > 1 else ""
     if a["kind"] == "square":
-        return f"at most {a['n_queries']} queries per point, p_init {a['p_init']}"
+        return f"at most {a['n_queries']} queries per point, p_init {a['p_init']}{draws}"
+    if a["kind"] == "spsa":
+        return (f"{a['iterations']} Adam steps (lr {a['lr']:.3g}) x {2 * a['samples']} queries (delta {a['delta']:.3g}), "
+                f"margin loss, on the first {a['points']} points{draws}")
+    if a["kind"] == "hopskipjump":
+        return (f"{a['max_iter']} iterations, {a['init_eval']} to {a['max_eval']} queries per gradient estimate, "
+                f"labels only (ART), a point counts only inside the ball, on the first {a['points']} points{draws}")
     return f"stored {a.get('attack', '')}, crafted on the classifier alone"
 
 
@@ -256,7 +263,7 @@ def _threat(m: dict[str, Any]) -> str:
     return f"{NORM_NAMES.get(m.get('norm', 'Linf'), m.get('norm'))} eps {m['eps']:.4g}"
 
 
-NORM_NAMES = {"Linf": "L-inf", "L2": "L2"}
+NORM_NAMES = {"Linf": "L-inf", "L2": "L2", "L1": "L1"}
 
 
 CASCADE_NOTE = [

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carso import evaluation
+from carso.evaluation import checks
 from carso.attacks import AttackSpec, pgd_single, pgd_tracked
 from carso.data import dataset_spec, load_split
 from carso.defences import DEFENCES
@@ -164,7 +165,7 @@ def test_incomplete_optimisation_fires_only_while_the_loss_of_unbroken_points_st
     idx = torch.arange(4)
     rising = [i / 20 for i in range(21)]
     flat = [min(i, 10) / 10 for i in range(21)]
-    fired = lambda tr: next(i for i in evaluation._trace_indicators(run, idx, tr)  # noqa: E731
+    fired = lambda tr: next(i for i in checks._trace_indicators(run, idx, tr)  # noqa: E731
                             if i["indicator"] == "incomplete_optimisation")["fired"]
     assert fired(_trace(rising)) and not fired(_trace(flat))
     assert not fired(_trace(rising, correct=0.0))  # broken from the start: nothing left to optimise

@@ -11,7 +11,8 @@ from torch import nn
 
 from carso.attacks import AttackSpec, pgd_single, predict
 from carso import evaluation
-from carso.evaluation import AttackCache, _autoattack, masking_checks, pgd_spec
+from carso.evaluation import AttackCache, Threat, masking_checks, pgd_spec
+from carso.evaluation.families import Target, autoattack as autoattack_family
 from carso.verdicts import Judge, Verdict
 from carso.models import build_classifier
 from carso.defences import DEFENCES, defence
@@ -50,8 +51,9 @@ def test_attack_cache_resumes_bit_identically(model: nn.Module, tmp_path: Path) 
 def test_autoattack_resumes_batch_by_batch(model: nn.Module, tmp_path: Path) -> None:
     x = torch.rand(10, 1, 28, 28)
     y = predict(model, x, CPU, 10)  # every point starts correct, so AutoAttack attacks them all
-    run = lambda: _autoattack(model, x, y, 0.05, "Linf", {"version": "standard"}, CPU, 4, 0,  # noqa: E731
-                              AttackCache(tmp_path, "model-a", seed=0), Judge(model, False, 1, 1, CPU, 4))
+    target = lambda: Target(model, x, y, Threat("Linf", 0.05), CPU, 4, 0,  # noqa: E731
+                            AttackCache(tmp_path, "model-a", seed=0), Judge(model, False, 1, 1, CPU, 4))
+    run = lambda: autoattack_family.run(target(), torch.arange(len(y)), "standard")  # noqa: E731
     first, x_first = run()
     files = sorted(tmp_path.glob("autoattack_*/batch_*"))
     assert [f.name for f in files] == [f"batch_{i:05d}.safetensors" for i in range(3)]  # AutoAttack's state is gone
@@ -151,10 +153,10 @@ def test_a_resumed_evaluation_equals_an_uninterrupted_one(model: nn.Module, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "run_autoattack", killed)
+    monkeypatch.setattr(autoattack_family, "run_autoattack", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
-    monkeypatch.setattr(evaluation, "run_autoattack", real)
+    monkeypatch.setattr(autoattack_family, "run_autoattack", real)
     torch.manual_seed(99)  # whatever the global RNG holds when the rerun starts
     resumed, _, worst_resumed = run(tmp_path / "b")
     def without_time(r: dict) -> dict:
@@ -261,7 +263,7 @@ def test_the_cascade_gives_later_attacks_only_the_survivors_past_the_subset(
         return real_aa(model_, xs, *args, **kwargs)
 
     monkeypatch.setattr(AttackCache, "run", spy_run)
-    monkeypatch.setattr(evaluation, "run_autoattack", spy_aa)
+    monkeypatch.setattr(autoattack_family, "run_autoattack", spy_aa)
     pgd = {"steps": 5, "step_size": 0.01, "eot": 1, "restarts": 1, "zero_grad_patience": 2}
     cfg = {"n_points": 12, "batch_size": 4, "verdict_draws": 1, "verdict_repeats": 1,
            "pgd": [{"loss": "ce", **pgd}, {"loss": "dlr", **pgd}],

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from carso import evaluation
+from carso.evaluation.families import autoattack as autoattack_family, square as square_family
 from conftest import tracked
 from carso.attacks import AttackSpec
 from carso.stats import wilson_interval
@@ -68,9 +69,9 @@ def _no_attack(monkeypatch: pytest.MonkeyPatch, flagged: list[int] | None = None
         flags[[i for i in (flagged or []) if i < len(x)]] = False
         return flags, _moved(x)
 
-    monkeypatch.setattr(evaluation, "pgd_tracked", tracked(pgd))
-    monkeypatch.setattr(evaluation, "run_autoattack", autoattack)
-    monkeypatch.setattr(evaluation, "square_attack", lambda model, x, *a, **k: _moved(x))
+    monkeypatch.setattr(evaluation.cache, "pgd_tracked", tracked(pgd))
+    monkeypatch.setattr(autoattack_family, "run_autoattack", autoattack)
+    monkeypatch.setattr(square_family, "square_attack", lambda model, x, *a, **k: _moved(x))
 
 
 def _cfg(n: int, draws: int, repeats: int, subset: int) -> dict[str, Any]:

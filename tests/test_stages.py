@@ -147,14 +147,18 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     m = json.loads((chain / "eval" / defence / "metrics.json").read_text())
     cfg = load_tiny()["evaluation"]["defences"][defence]
     runs = [f"pgd_{r['loss']}" + ("_surrogate" if r.get("surrogate") else "") for r in cfg["pgd"]]
-    attacks = ["transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else []),
-               *(["square"] if cfg["square"]["enabled"] else []), *runs]
+    query = {"square": _query_runs("square", cfg["square"], m["randomised"]),
+             **{f: _query_runs(f, cfg.get(f), m["randomised"]) for f in ("spsa", "hopskipjump")}}
+    attacks = ["transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else []), *query["square"], *runs,
+               *query["spsa"], *query["hopskipjump"]]
     assert list(m["attacks"]) == attacks  # every attack of the suite, in the order it ran
     alone = cfg["sanity"]["n_points"]  # each attack's own figure: on the subset that gets every attack
+    capped = {name: min(alone, cfg[f]["n_points"]) for f in ("spsa", "hopskipjump") for name in query[f]}
+    points = {name: capped.get(name, alone) for name in attacks}  # a query attack: on its own first n_points
     entries = {**m["attacks"], "robust_worst_case": m["robust_worst_case"], "clean_subset": m["clean_subset"]}
     draws, repeats = (cfg["verdict_draws"], cfg["verdict_repeats"]) if m["randomised"] else (1, 1)
     for key, e in entries.items():
-        assert e["n"] == e["strict"]["n"] == (alone if key in attacks else cfg["n_points"])
+        assert e["n"] == e["strict"]["n"] == points.get(key, cfg["n_points"])
         assert e["ci_low"] <= e["accuracy"] <= e["ci_high"] and e["draws"] == draws and e["strict"]["repeats"] == repeats
         if not m["randomised"]:  # one verdict per point: the headline and the strict rule coincide
             assert e["accuracy"] == e["strict"]["accuracy"] and (e["ci_low"], e["ci_high"]) == (
@@ -164,7 +168,7 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert head == {"clean": {"acc": round(m["clean"]["accuracy"], 4), "n": m["clean"]["n"]},
                     "clean_attacked": both(m["clean_subset"], cfg["n_points"]),
                     "worst_case": both(m["robust_worst_case"], cfg["n_points"]),
-                    "alone": {k: both(m["attacks"][k], alone) for k in attacks},
+                    "alone": {k: both(m["attacks"][k], points[k]) for k in attacks},
                     "verdict_draws": draws, "verdict_repeats": repeats}
     assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["norm"] == "Linf"
     robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
@@ -172,7 +176,10 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     strict = m["robust_worst_case"]["strict"]
     assert worst.sum().item() == strict["correct"] == m["cascade"][-1]["strict"]["correct"]
     assert abs(expected.mean().item() - m["robust_worst_case"]["accuracy"]) < 1e-9
-    assert worst[:alone].double().mean().item() <= min(a["strict"]["accuracy"] for a in m["attacks"].values()) + 1e-9
+    uncapped = [a for name, a in m["attacks"].items() if name not in capped]
+    assert worst[:alone].double().mean().item() <= min(a["strict"]["accuracy"] for a in uncapped) + 1e-9
+    for name, n in capped.items():  # on its own points, the worst case is at most what the query attack left
+        assert worst[:n].double().mean().item() <= m["attacks"][name]["strict"]["accuracy"] + 1e-9
     assert sum(m["strongest_per_point"].values()) == cfg["n_points"]
     assert [s["picked_points"] for s in m["cascade"]] == [m["strongest_per_point"][s["attack"]] for s in m["cascade"]]
     eot_single = ["eot_single"] if m["randomised"] and max(r["eot"] for r in cfg["pgd"]) > 1 else []
@@ -196,6 +203,27 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
         for key in ("zero_gradient_share", "zero_loss_share", "nonfinite_share"):
             assert 0 <= grads["clean"][key] <= 1 and 0 <= grads["pgd_final"][key] <= 1
     assert not (chain / "eval" / defence / "work").exists()  # resumable state is cleared once complete
+
+
+def _query_runs(family: str, section: dict | None, randomised: bool) -> list[str]:
+    """The attacks a query family runs: one per k of its draws on a randomised defence (`<family>_k<k>` for k > 1),
+    k = 1 only on a deterministic one; none when it is absent or disabled."""
+    if not section or not section["enabled"]:
+        return []
+    ks = sorted(set(section.get("draws", [1]))) if randomised else [1]
+    return [family if k == 1 else f"{family}_k{k}" for k in ks]
+
+
+def test_query_attacks_run_through_the_k_draw_view_on_the_tiny_run(chain: Path) -> None:
+    """`at` gets SPSA and HopSkipJump (one draw per query: it is deterministic); the randomised `at_noise` gets Square
+    and SPSA with one draw and with the mean of 4 per query, each judged with the judge's fresh draws."""
+    at = json.loads((chain / "eval" / "at" / "metrics.json").read_text())
+    noisy = json.loads((chain / "eval" / "at_noise" / "metrics.json").read_text())
+    assert {"spsa", "hopskipjump"} <= set(at["attacks"]) and at["attacks"]["hopskipjump"]["kind"] == "hopskipjump"
+    assert {"square", "square_k4", "spsa", "spsa_k4"} <= set(noisy["attacks"])
+    assert noisy["attacks"]["square_k4"]["draws"] == 4 and noisy["attacks"]["spsa_k4"]["draws"] == 4
+    assert noisy["attacks"]["spsa_k4"]["draws"] == 4 and noisy["attacks"]["spsa_k4"]["n"] == 5
+    assert "4 draws per query" in noisy["attacks"]["square_k4"]["title"]
 
 
 @pytest.mark.parametrize("defence", ["carso", "atop_rt", "atop"])

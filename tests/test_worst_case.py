@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from carso import evaluation
+from carso.evaluation.families import autoattack as autoattack_family, square as square_family
 from conftest import tracked
 from carso.attacks import AttackSpec
 from carso.verdicts import Verdict
@@ -91,9 +92,9 @@ def _stubs(monkeypatch: pytest.MonkeyPatch, left_out: str | None, surrogate: nn.
         x_adv = _mark(x, breaks("autoattack"))
         return torch.tensor([i != breaks("autoattack") for i in _ids(x)]), x_adv
 
-    monkeypatch.setattr(evaluation, "pgd_tracked", tracked(pgd))
-    monkeypatch.setattr(evaluation, "run_autoattack", autoattack)
-    monkeypatch.setattr(evaluation, "square_attack", lambda model, x, *a, **k: _mark(x, breaks("square")))
+    monkeypatch.setattr(evaluation.cache, "pgd_tracked", tracked(pgd))
+    monkeypatch.setattr(autoattack_family, "run_autoattack", autoattack)
+    monkeypatch.setattr(square_family, "square_attack", lambda model, x, *a, **k: _mark(x, breaks("square")))
 
 
 CFG: dict[str, Any] = {

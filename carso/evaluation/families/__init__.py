@@ -1,0 +1,62 @@
+"""The attack families of the protocol, one module each behind one call shape.
+
+A family's `plan(target, cfg, common)` returns the attacks it contributes to a defence's suite (none when its section of
+`evaluation.defences.<name>` is disabled), each an `Attack`: a name, what the metrics say of it, and a `Runner`
+(point indices in, the judge's per-point verdict and the adversarial points out). The suite runs them as a cascade
+in the order of `FAMILIES`. A new attack is one module here and one entry in that table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from carso.evaluation.cache import AttackCache
+from carso.evaluation.cascade import Runner
+from carso.evaluation.threat import Threat
+from carso.verdicts import Judge
+
+
+@dataclass
+class Target:
+    """What every family is given: the defence, the attacked points, the threat, and the evaluation's tools (the
+    resumable cache, the judge that re-draws, the batching). `traces` collects the PGD runs' trajectories for the
+    indicators; `x_transfer` and `surrogates` are the transfer points and the models surrogate runs differentiate."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: Threat
+    device: torch.device
+    batch_size: int
+    seed: int
+    cache: AttackCache
+    judge: Judge
+    pass_images: int | None = None
+    x_transfer: torch.Tensor | None = None
+    surrogates: dict[str, nn.Module] = field(default_factory=dict)
+    traces: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack of a suite: its name (a key of the metrics' `attacks`), what the metrics record of it (`kind`,
+    `title` and its settings) and how to run it."""
+
+    name: str
+    info: dict[str, Any]
+    run: Runner
+
+
+Plan = Callable[[Target, dict[str, Any], dict[str, Any]], list[Attack]]  # (target, its section, evaluation)
+
+
+def families() -> tuple[Plan, ...]:
+    """The families in the order a suite runs them: transfer, AutoAttack and Square first, so the cascade leaves the
+    PGD runs only the points they did not break; the query attacks (SPSA, HopSkipJump), thousands of queries per
+    point, last, on the standalone subset and the points everything before them left standing."""
+    from carso.evaluation.families import autoattack, hopskipjump, pgd, spsa, square, transfer
+
+    return (transfer.plan, autoattack.plan, square.plan, pgd.plan, spsa.plan, hopskipjump.plan)
