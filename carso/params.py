@@ -135,9 +135,14 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
                 raise UserError(f"{source}: '{key}' is {eps}, but an L-inf radius in [0, 1] pixel units is at most "
                                 "1; lower it (or set evaluation.norm to L2 or L1, whose radii can exceed 1).")
     for name, d in params["evaluation"]["defences"].items():
-        if (d.get("hopskipjump") or {}).get("enabled") and params["evaluation"]["norm"] == "L1":
+        hsj = d.get("hopskipjump") or {}
+        if hsj.get("enabled") and params["evaluation"]["norm"] == "L1":
             raise UserError(f"{source}: 'evaluation.defences.{name}.hopskipjump' is enabled but evaluation.norm is L1, "
                             "and HopSkipJump (ART) has L-inf and L2 versions only; set its enabled to false.")
+        if hsj and hsj["init_eval"] > hsj["max_eval"]:
+            raise UserError(f"{source}: 'evaluation.defences.{name}.hopskipjump.init_eval' ({hsj['init_eval']}) is "
+                            f"larger than its max_eval ({hsj['max_eval']}); HopSkipJump grows its gradient estimate "
+                            "from init_eval up to max_eval queries, so lower init_eval or raise max_eval.")
     attacks = params["adversarial"]["attacks"]
     transfer = params["evaluation"]["transfer_attack"]
     if transfer not in attacks:

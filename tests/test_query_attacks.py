@@ -188,3 +188,7 @@ def test_query_attacks_refuse_a_wrong_setting_in_one_sentence(tiny_params) -> No
                                                    "delta": 0.01, "lr": 0.01, "draws": [1]}
     with pytest.raises(UserError, match="spsa"):
         validate(bad, "params.yaml")
+    bad = copy.deepcopy(tiny_params)
+    bad["evaluation"]["defences"]["at"]["hopskipjump"]["init_eval"] = 100  # above its max_eval, 40
+    with pytest.raises(UserError, match="hopskipjump.init_eval' \\(100\\) is larger than its max_eval \\(40\\)"):
+        validate(bad, "params.yaml")
