@@ -39,6 +39,7 @@ def gradient_estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, direct
     return (slope.view(s, len(x), *([1] * (x.dim() - 1))) * directions).mean(dim=0)
 
 
+@torch.no_grad()
 def spsa(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, iterations: int, samples: int,
          delta: float, lr: float) -> torch.Tensor:
     """SPSA on a batch: `iterations` Adam steps (learning rate `lr`) on the margin, each from `samples` random
