@@ -179,7 +179,7 @@ def test_l2_projection_keeps_points_in_the_ball_and_in_the_unit_box() -> None:
     inside = project(near, x, 2.0, "L2")
     assert torch.allclose(inside, near.clamp(0, 1))  # inside the ball: untouched but for the box
     with pytest.raises(ValueError, match="unknown norm"):
-        project(x, x, 0.5, "L1")
+        project(x, x, 0.5, "L0")  # L1 is a threat now (tests/test_query_attacks.py); L0 is none
 
 
 def test_l2_pgd_stays_in_the_ball_and_breaks_what_it_should(model_and_batch) -> None:

@@ -149,7 +149,7 @@ def test_the_l1_threat_projects_into_the_ball_and_the_box() -> None:
     far = x + 2 * torch.randn_like(x)
     for eps in (0.5, 5.0):
         inside = project(far, x, eps, "L1")
-        assert ((inside - x).flatten(1).abs().sum(dim=1) <= eps * (1 + 1e-5)).all()
+        assert ((inside - x).flatten(1).abs().sum(dim=1) <= eps * (1 + 1e-4)).all()  # float32 rounding
         assert inside.min() >= 0 and inside.max() <= 1
         assert Threat("L1", eps).contains(inside, x).all()
     near = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
@@ -171,7 +171,7 @@ def test_l1_pgd_breaks_an_undefended_model_inside_the_ball(model_and_batch) -> N
     model, x, y = model_and_batch
     torch.manual_seed(0)
     x_adv = attack(model, x, y, AttackSpec("pgd", eps=5.0, steps=20, step_size=1.0, norm="L1", loss="dlr"))
-    assert ((x_adv - x).flatten(1).abs().sum(dim=1) <= 5.0 * (1 + 1e-5)).all()
+    assert ((x_adv - x).flatten(1).abs().sum(dim=1) <= 5.0 * (1 + 1e-4)).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (predict(model, x_adv, CPU, 16) != y).float().mean() >= 0.5
 

@@ -35,8 +35,9 @@ class Threat:
         """Per-point distance in this threat's norm."""
         return distance(x_adv, x, self.norm)
 
-    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, slack: float = 1e-5) -> torch.Tensor:
-        """Per point: does `x_adv` lie in the ball (up to float rounding, `slack` relative to eps) and in [0, 1]?"""
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, slack: float = 1e-4) -> torch.Tensor:
+        """Per point: does `x_adv` lie in the ball (up to float32 rounding, `slack` relative to eps: an L1 distance
+        sums the rounding of every pixel moved) and in [0, 1]?"""
         inside = self.distance(x_adv, x) <= self.eps * (1 + slack)
         in_box = (x_adv.flatten(1).amin(dim=1) >= 0) & (x_adv.flatten(1).amax(dim=1) <= 1)
         return inside & in_box
