@@ -247,7 +247,7 @@ def _settings(a: dict[str, Any]) -> str:
     if a["kind"] == "autoattack":
         order = f", in the order {' then '.join(a['order'])}" if a.get("order") else ""
         return f"version {a['version']}{order}"
-    draws = f", each query the mean of {a['draws']} draws" if a.get("draws", 1) > 1 else ""
+    draws = f", each query the mean of {a['query_draws']} draws" if a.get("query_draws", 1) > 1 else ""
     if a["kind"] == "square":
         return f"at most {a['n_queries']} queries per point, p_init {a['p_init']}{draws}"
     if a["kind"] == "spsa":

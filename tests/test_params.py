@@ -43,7 +43,7 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
                             ["'evaluation.defences.carso.pgd[2].surrogate'", "'carso.aggregation'", "'median'"]),
     "linf_eps_above_one": (lambda p: p["evaluation"]["defences"]["at"]["sanity"].__setitem__("large_eps", 1.5),
                            ["'evaluation.defences.at.sanity.large_eps' is 1.5", "at most 1", "L2"]),
-    "unknown_norm": (lambda p: p["evaluation"].__setitem__("norm", "L1"), ["'evaluation.norm'", "'Linf', 'L2'"]),
+    "unknown_norm": (lambda p: p["evaluation"].__setitem__("norm", "L0"), ["'evaluation.norm'", "'Linf', 'L2', 'L1'"]),
     "purifier_unknown_attack": (lambda p: p["purifier"].__setitem__("attacks", ["pgd_strong", "cw"]),
                                 ["'purifier.attacks'", "'cw'", "adversarial.attacks", "pgd_weak"]),
     "transfer_outside_threat_model": (lambda p: p["evaluation"].__setitem__("eps", 0.05),

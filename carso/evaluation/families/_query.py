@@ -33,7 +33,7 @@ def attacks(target: Target, family: str, title: str, cfg: dict[str, Any], settin
     for k in draw_counts(target, cfg):
         name = attack_name(family, k)
         info = {"kind": family, "title": f"{title}, {k} draw{'s' if k > 1 else ''} per query" if target.judge.randomised
-                else title, "draws": k, "points": cfg["n_points"], **settings}
+                else title, "query_draws": k, "points": cfg["n_points"], **settings}
         out.append(Attack(name, info, _runner(target, name, k, cfg["n_points"], settings, craft)))
     return out
 

@@ -26,7 +26,7 @@ def plan(target: Target, cfg: dict[str, Any], common: dict[str, Any]) -> list[At
     for k in draw_counts(target, {"draws": square.get("draws", [1])}):
         per_query = f", {k} draws per query" if k > 1 else ""
         info = {"kind": "square", "title": f"Square ({square['n_queries']} queries{per_query})",
-                "n_queries": square["n_queries"], "p_init": square["p_init"], "draws": k}
+                "n_queries": square["n_queries"], "p_init": square["p_init"], "query_draws": k}
         out.append(Attack(attack_name("square", k), info, functools.partial(run, target, cfg=square, k=k)))
     return out
 
