@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carso.attacks import attack_loss
 from carso.evaluation.families import Attack, Target
 from carso.evaluation.families._query import attacks
 from carso.evaluation.threat import Threat
@@ -19,10 +20,9 @@ PASS_IMAGES = 1024  # queries per forward pass (times the view's draws)
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """z_y - max_{i != y} z_i per point: positive while the point is classified correctly (SPSA minimises it)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return true - other
+    """z_y - max_{i != y} z_i per point: positive while the point is classified correctly (SPSA minimises it); the
+    negated `cw` attack loss."""
+    return -attack_loss(logits, y, "cw")
 
 
 @torch.no_grad()
