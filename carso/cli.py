@@ -89,9 +89,9 @@ def cmd_generate_adversarial(args: argparse.Namespace, params: dict[str, Any]) -
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from carso.data import load_adversarial, load_split
+    from carso.data import load_split
     from carso.defences import defence, resolve
-    from carso.evaluation import evaluate_defence, example_tensors, headline
+    from carso.evaluation import evaluate_defence, example_tensors, headline, unseen_section
     from carso.params import defence_params, pgd_run_name, with_overrides
     from carso.io import save_tensors, write_json
 
@@ -100,24 +100,26 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
         raise UserError(f"defence '{args.defence}' has no section in evaluation.defences of {args.params}; "
                         f"add one (see the default params.yaml).")
     spec = defence(args.defence, params)
+    built = defence_params(params, args.defence, args.params)  # a variant's `set` applied
+    common, x_transfer, threat = _evaluation_threat(args, params, built)
     if len(args.artifacts) != len(spec.artifacts):
         wanted = " ".join(f"data/{args.dataset}/{a}" for a in spec.artifacts) or "nothing"
         raise UserError(f"defence '{args.defence}' loads {len(spec.artifacts)} trained file(s) but --artifacts gave "
                         f"{len(args.artifacts)}; pass --artifacts {wanted} (the files its training stages write).")
     load = lambda p: resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, p)  # noqa: E731
-    built = defence_params(params, args.defence, args.params)  # a variant's `set` applied
     model = load(built)
     cfg = params["evaluation"]["defences"][args.defence]
     surrogates = {pgd_run_name(run): load(with_overrides(built, run["surrogate"], args.params))
                   for run in cfg["pgd"] if run.get("surrogate")}
     x, y = load_split(Path(args.data), "test")
-    transfer = built["evaluation"]["transfer_attack"]
-    stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
+    if threat:
+        cfg = unseen_section(cfg, params["evaluation"]["threats"][threat])
     out = Path(args.out)
-    metrics, adversarial, robust = evaluate_defence(model, x, y, stored[transfer], built["evaluation"], cfg, device,
+    metrics, adversarial, robust = evaluate_defence(model, x, y, x_transfer, common, cfg, device,
                                                     params["runtime"]["seed"], out, surrogates,
                                                     section=f"evaluation.defences.{args.defence} of {args.params}",
-                                                    naive=spec.naive)
+                                                    naive=() if threat else spec.naive)
+    metrics = {"threat": threat or "training", **metrics}
     examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors",
                  {**examples, "robust_expected": robust.estimate, "robust_worst_case": robust.ok},
@@ -128,6 +130,31 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     variant = {"variant_of": spec.variant_of, "set": cfg["set"]} if spec.variant_of else {}
     write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **variant, **metrics})
     write_json(out / "headline.json", headline(metrics))
+
+
+def _evaluation_threat(args: argparse.Namespace, params: dict[str, Any], built: dict[str, Any]
+                       ) -> tuple[dict[str, Any], Any, str | None]:
+    """The evaluation settings, the stored transfer points and the unseen threat's name (None: the training threat)
+    of an evaluate command. Under an unseen threat the norm and radius are its own and there are no transfer points
+    (they were crafted in the training threat's ball)."""
+    from carso.data import load_adversarial
+
+    threats = params["evaluation"].get("threats") or {}
+    if args.threat is not None:
+        if args.threat not in threats:
+            raise UserError(f"--threat {args.threat}: evaluation.threats of {args.params} has no such threat "
+                            f"({', '.join(threats) or 'it declares none'}); add it there or drop --threat.")
+        if args.defence not in threats[args.threat]["defences"]:
+            raise UserError(f"--threat {args.threat}: defence '{args.defence}' is not in "
+                            f"evaluation.threats.{args.threat}.defences of {args.params}; add it there.")
+        t = threats[args.threat]
+        return {**built["evaluation"], "norm": t["norm"], "eps": t["eps"]}, None, args.threat
+    if args.adversarial is None:
+        raise UserError("evaluate under the training threat needs --adversarial (generate_adversarial's folder, "
+                        "e.g. data/fashion_mnist/adversarial) for the transfer attack; or give --threat NAME.")
+    transfer = built["evaluation"]["transfer_attack"]
+    stored = load_adversarial(Path(args.adversarial) / "test.safetensors", [transfer])
+    return built["evaluation"], stored[transfer], None
 
 
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
@@ -165,7 +192,10 @@ FINAL_STAGES: dict[str, Stage] = {
                                 ("--model", "classifier .safetensors"),
                                 ("--artifacts*", "the defence's trained files, in the order of its registry entry"),
                                 ("--data", "fetched dataset folder"),
-                                ("--adversarial", "generate_adversarial's folder (transfer attack)"),
+                                ("--adversarial?", "generate_adversarial's folder (the transfer attack; needed "
+                                                   "without --threat)"),
+                                ("--threat?", "an unseen threat of evaluation.threats (default: the training threat, "
+                                              "evaluation.norm and eps, with the defence's full suite)"),
                                 ("--out", "folder for metrics.json, headline.json and examples.safetensors")],
                  "evaluate one defence with the full protocol"),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),
@@ -187,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
         p.add_argument("--log-file", default=None, help="also write the log to this file")
-        for flag, help_text in options:  # a trailing "*" marks an optional list of values
+        for flag, help_text in options:  # a trailing "*" marks an optional list of values, "?" an optional value
             if flag.endswith("*"):
                 p.add_argument(flag.rstrip("*"), nargs="*", default=[], help=help_text)
+            elif flag.endswith("?"):
+                p.add_argument(flag.rstrip("?"), default=None, help=help_text)
             else:
                 p.add_argument(flag, required=True, help=help_text)
     text = "compare runs (each named by its params file): parameter differences, figures, paired tests"

@@ -69,6 +69,13 @@ def evaluation_keys(spec: DefenceSpec) -> list[str]:
             f"evaluation.defences.{spec.name}", "runtime.seed", *spec.settings]
 
 
+def threat_keys(spec: DefenceSpec, threat: str) -> list[str]:
+    """The params.yaml keys one defence's evaluation under the unseen threat `threat` depends on: that threat's
+    section instead of the training threat, so changing one threat's radius reruns only its evaluations."""
+    return ["evaluation.confidence", f"evaluation.threats.{threat}", f"evaluation.defences.{spec.name}", "runtime.seed",
+            *spec.settings]
+
+
 def report_keys(methods: list[MethodSpec]) -> list[str]:
     """The params.yaml sections the report depends on: it prints every setting of the shared stages, the
     evaluation, its own, and those of each method it reports on."""

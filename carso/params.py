@@ -76,6 +76,9 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
         return f"{source}: the key '{'.'.join(filter(None, [_key(error.absolute_path) if error.absolute_path else '', missing]))}' is missing; add it (see the default params.yaml)."
     if error.validator in ("minItems", "uniqueItems", "minProperties"):
         return f"{source}: '{where}' must be a non-empty list or mapping without duplicates (got {error.instance!r})."
+    if error.validator == "pattern":  # (a propertyNames pattern reports the name as the instance)
+        return (f"{source}: '{where}' holds an invalid name; names must match {error.validator_value} "
+                f"(got {error.instance!r}).")
     if error.validator == "propertyNames":
         return f"{source}: '{where}' holds an invalid name; names must match [a-z][a-z0-9_]* (got {error.instance!r})."
     return f"{source}: '{where}' must be {_allowed(error, root)} (got {error.instance!r})."
@@ -143,6 +146,7 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
             raise UserError(f"{source}: 'evaluation.defences.{name}.hopskipjump.init_eval' ({hsj['init_eval']}) is "
                             f"larger than its max_eval ({hsj['max_eval']}); HopSkipJump grows its gradient estimate "
                             "from init_eval up to max_eval queries, so lower init_eval or raise max_eval.")
+    _check_threats(params, source)
     attacks = params["adversarial"]["attacks"]
     transfer = params["evaluation"]["transfer_attack"]
     if transfer not in attacks:
@@ -166,6 +170,29 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
                             f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")
         _check_variant(params, name, source)
         _check_pgd_runs(params, name, source, derived)
+
+
+def _check_threats(params: dict[str, Any], source: str) -> None:
+    """Each unseen threat (evaluation.threats) names evaluated defences, has radii its norm allows with the masking
+    check's radius beyond the threat's, and is not the training threat (evaluate_<defence> covers that one)."""
+    evaluation = params["evaluation"]
+    for name, threat in (evaluation.get("threats") or {}).items():
+        key = f"evaluation.threats.{name}"
+        missing = [d for d in threat["defences"] if d not in evaluation["defences"]]
+        if missing:
+            raise UserError(f"{source}: '{key}.defences' names {', '.join(missing)}, which evaluation.defences does "
+                            f"not evaluate ({', '.join(evaluation['defences'])}); list only those, or add a section.")
+        if threat["norm"] == "Linf" and max(threat["eps"], threat["large_eps"]) > 1:
+            raise UserError(f"{source}: '{key}' is an L-inf threat with a radius above 1 (eps {threat['eps']}, "
+                            f"large_eps {threat['large_eps']}); an L-inf radius in [0, 1] pixel units is at most 1.")
+        if threat["large_eps"] <= threat["eps"]:
+            raise UserError(f"{source}: '{key}.large_eps' ({threat['large_eps']}) is not larger than its eps "
+                            f"({threat['eps']}); the masking check attacks at a radius where every defence must "
+                            "fall, so make it much larger (e.g. the whole image's norm).")
+        if (threat["norm"], threat["eps"]) == (evaluation["norm"], evaluation["eps"]):
+            raise UserError(f"{source}: '{key}' is the training threat ({threat['norm']} eps {threat['eps']}: "
+                            "evaluation.norm and evaluation.eps), which each defence's own evaluation already "
+                            "attacks with its full suite; remove it or change its norm or radius.")
 
 
 def pgd_run_name(cfg: dict[str, Any]) -> str:

@@ -36,8 +36,9 @@ HEADER = """\
 
 
 def dvc_name(stage: str) -> str:
-    """The DVC stage of a graph stage: evaluate:<defence> -> evaluate_<defence>."""
-    return stage.replace(":", "_")
+    """The DVC stage of a graph stage: evaluate:<defence> -> evaluate_<defence>, evaluate:<defence>@<threat> ->
+    evaluate_<defence>_under_<threat> (DVC keeps `@` for its foreach items)."""
+    return stage.replace(":", "_").replace("@", "_under_")
 
 
 def command_of(stage: str) -> str:
@@ -47,7 +48,7 @@ def command_of(stage: str) -> str:
 
 def _code(stage: Stage, params: dict[str, Any]) -> list[str]:
     if stage.name.startswith("evaluate:"):
-        return stage_code("evaluate", [defence(stage.name.split(":", 1)[1], params).base])
+        return stage_code("evaluate", [defence(stage.name.split(":", 1)[1].split("@")[0], params).base])
     if stage.name == "report":
         return stage_code("report", sorted({defence(n, params).base for n in params["evaluation"]["defences"]}))
     return stage_code(stage.name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from carso.defences import defence, evaluation_keys, methods_of, report_keys
+from carso.defences import defence, evaluation_keys, methods_of, report_keys, threat_keys
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,21 @@ SHARED = (
 )
 
 
-def evaluate_stage(name: str) -> str:
-    return f"evaluate:{name}"
+def evaluate_stage(name: str, threat: str | None = None) -> str:
+    """The graph name of defence `name`'s evaluation: evaluate:<defence> under the training threat,
+    evaluate:<defence>@<threat> under an unseen one (evaluation.threats)."""
+    return f"evaluate:{name}" + (f"@{threat}" if threat else "")
+
+
+def threat_folder(name: str, threat: str) -> str:
+    """Where defence `name`'s evaluation under unseen threat `threat` writes, under data/<dataset>/."""
+    return f"threats/{threat}/{name}"
+
+
+def unseen(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (defence, unseen threat) pair the params file evaluates, threat by threat."""
+    threats = params["evaluation"].get("threats") or {}
+    return [(name, threat) for threat, t in threats.items() for name in t["defences"]]
 
 
 def producer(graph: dict[str, Stage], artifact: str) -> str:
@@ -53,8 +66,8 @@ def producer(graph: dict[str, Stage], artifact: str) -> str:
 
 def graph(params: dict[str, Any]) -> dict[str, Stage]:
     """Every stage the params file runs, upstream stages first: the shared ones, the training stages of the
-    methods behind evaluation.defences that an evaluated defence or the report reads, one evaluation per defence and
-    the report."""
+    methods behind evaluation.defences that an evaluated defence or the report reads, one evaluation per defence, one
+    per (defence, unseen threat) of evaluation.threats, and the report."""
     names = list(params["evaluation"]["defences"])
     methods = methods_of(names, params)
     stages = {s.name: s for s in SHARED}
@@ -63,27 +76,41 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
             stages[st.name] = Stage(st.name, st.settings, st.after, st.out, st.args, st.reads, st.writes, st.curves)
     training = [s for s in stages if s not in {x.name for x in SHARED}]
     for name in names:
-        spec = defence(name, params)
-        producers = tuple(dict.fromkeys(producer(stages, a) for a in spec.artifacts))
-        folder = f"eval/{name}"
-        args = (("--model", MODEL), *(("--artifacts", a) for a in spec.artifacts), ("--data", "dataset"),
-                ("--adversarial", "adversarial"))
-        stages[evaluate_stage(name)] = Stage(
-            evaluate_stage(name), tuple(evaluation_keys(spec)), ("generate_adversarial", *producers), folder,
-            args, (MODEL, *spec.artifacts, "dataset/test.safetensors", "adversarial/test.safetensors"),
-            (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
-            extra=("--defence", name))
+        stages[evaluate_stage(name)] = _evaluation(stages, name, params)
+    for name, threat in unseen(params):
+        stages[evaluate_stage(name, threat)] = _evaluation(stages, name, params, threat)
     needed = {s for n in names for s in upstream(stages, evaluate_stage(n))} | {
         producer(stages, f) for m in methods for f in m.report_files}
     for name in [t for t in training if t not in needed]:  # a method's stages that no evaluated defence reads
         del stages[name]  # (at_noise needs none of the positive controls' trainings)
     training = [t for t in training if t in needed]
-    evaluations = [f"eval/{n}/{f}" for n in names for f in ("metrics.json", "examples.safetensors")]
+    evaluations = [f"{folder}/{f}" for folder in [f"eval/{n}" for n in names] + [threat_folder(*p) for p in unseen(params)]
+                   for f in ("metrics.json", "examples.safetensors")]
     reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
              "adversarial/summary.json", *evaluations, *(f for m in methods for f in m.report_files))
-    stages["report"] = Stage("report", tuple(report_keys(methods)), (*training, *(evaluate_stage(n) for n in names)),
+    evaluations_after = (*(evaluate_stage(n) for n in names), *(evaluate_stage(*p) for p in unseen(params)))
+    stages["report"] = Stage("report", tuple(report_keys(methods)), (*training, *evaluations_after),
                              "report", reads=reads, writes=("report/report.html", "report/report.md", "report/figures"))
     return stages
+
+
+def _evaluation(stages: dict[str, Stage], name: str, params: dict[str, Any], threat: str | None = None) -> Stage:
+    """Defence `name`'s evaluation: under the training threat (with the stored transfer attack, crafted in its
+    ball), or under the unseen threat `threat` (no transfer points: its own radius)."""
+    spec = defence(name, params)
+    producers = tuple(dict.fromkeys(producer(stages, a) for a in spec.artifacts))
+    folder = threat_folder(name, threat) if threat else f"eval/{name}"
+    args = (("--model", MODEL), *(("--artifacts", a) for a in spec.artifacts), ("--data", "dataset"))
+    reads = (MODEL, *spec.artifacts, "dataset/test.safetensors")
+    if threat is None:
+        args, reads = (*args, ("--adversarial", "adversarial")), (*reads, "adversarial/test.safetensors")
+        keys, after, extra = evaluation_keys(spec), ("generate_adversarial", *producers), ("--defence", name)
+    else:
+        keys, after = threat_keys(spec, threat), ("train_classifier", *producers)
+        extra = ("--defence", name, "--threat", threat)
+    return Stage(evaluate_stage(name, threat), tuple(keys), after, folder, args, reads,
+                 (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
+                 extra=extra)
 
 
 def upstream(stages: dict[str, Stage], name: str) -> list[str]:

@@ -20,7 +20,8 @@ from conftest import REPO, dry_run_config
 CONFIGS = {"cifar10": 0.5, "cifar100": 0.15}  # dataset -> published adversarial fraction of the purifier's batches
 EPS, HALF_EPS = 8 / 255, 4 / 255
 STAGE_JOBS = {"fetch": 1, "train_classifier": 1, "generate_adversarial": 1, "train_purifier": 1,
-              "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 4, "report": 1}  # 11 jobs (plus `all`)
+              "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 4, "evaluate_threat": 8,
+              "report": 1}  # 19 jobs (plus `all`): 4 defences under the training threat and under L2 and L1
 
 
 def key_tree(node: Any) -> Any:
@@ -101,10 +102,10 @@ def test_the_26_hooked_layers_exist_and_the_purifier_builds(config: tuple[str, d
 
 
 @pytest.mark.parametrize("dataset", sorted(CONFIGS))
-def test_snakemake_dry_run_lists_the_eleven_jobs(dataset: str, tmp_path: Path) -> None:
+def test_snakemake_dry_run_lists_the_nineteen_jobs(dataset: str, tmp_path: Path) -> None:
     table, commands, project = dry_run_config(tmp_path, f"configs/{dataset}.yaml")
-    assert table == {**STAGE_JOBS, "all": 1, "total": 12}
-    assert len(commands) == 11
+    assert table == {**STAGE_JOBS, "all": 1, "total": 20}
+    assert len(commands) == 19
     assert all(f"--params configs/{dataset}.yaml --dataset {dataset} " in c for c in commands), commands
     assert not (project / "data").exists()
 

@@ -98,6 +98,18 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
                               ["'atop.finetune.adversary.target'", "'classifier', 'pipeline'"]),
     "atop_monitor_attack": (lambda p: p["atop"]["pretrain"].__setitem__("monitor_attack", "cw"),
                             ["'atop.pretrain.monitor_attack'", "'cw'", "adversarial.attacks"]),
+    "threat_unknown_defence": (lambda p: p["evaluation"]["threats"]["l2"]["defences"].append("bpda"),
+                               ["'evaluation.threats.l2.defences' names bpda", "evaluation.defences does not evaluate"]),
+    "threat_linf_above_one": (lambda p: p["evaluation"]["threats"]["l2"].update(norm="Linf"),
+                              ["'evaluation.threats.l2' is an L-inf threat", "eps 1.5", "at most 1"]),
+    "threat_large_eps_small": (lambda p: p["evaluation"]["threats"]["l1"].__setitem__("large_eps", 5),
+                               ["'evaluation.threats.l1.large_eps' (5)", "its eps (7.5)", "much larger"]),
+    "threat_is_training": (lambda p: p["evaluation"]["threats"]["l2"].update(norm="Linf", eps=0.1, large_eps=0.95),
+                           ["'evaluation.threats.l2' is the training threat", "Linf eps 0.1", "already"]),
+    "threat_bad_name": (lambda p: p["evaluation"]["threats"].__setitem__("L2-big", p["evaluation"]["threats"]["l2"]),
+                        ["'evaluation.threats'", "invalid name", "'L2-big'"]),
+    "threat_missing_key": (lambda p: p["evaluation"]["threats"]["l2"].pop("large_eps"),
+                           ["'evaluation.threats.l2.large_eps' is missing"]),
 }
 
 

@@ -27,6 +27,7 @@ DEFENCES = {"at": [], "carso": [f"{D}/purifier/model.safetensors"],
             "at_noise": [], "plain": [f"{D}/controls/plain/model.safetensors"],
             "ctl_scaled": [f"{D}/controls/plain/model.safetensors"], "ctl_quant": [f"{D}/controls/plain/model.safetensors"],
             "ctl_resize": [f"{D}/controls/resize/model.safetensors"]}
+UNSEEN = [("at", "l2"), ("atop", "l2"), ("at", "l1")]  # the tiny config's evaluation.threats: (defence, threat)
 STEPS = [["fetch", "--out", f"{D}/dataset"],
          ["train-classifier", "--data", f"{D}/dataset", "--out", f"{D}/classifier"],
          ["generate-adversarial", "--model", CLF, "--data", f"{D}/dataset", "--out", f"{D}/adversarial"],
@@ -40,6 +41,9 @@ STEPS = [["fetch", "--out", f"{D}/dataset"],
          *(["evaluate", "--defence", name, "--model", CLF, *(["--artifacts", *files] if files else []),
             "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--out", f"{D}/eval/{name}"]
            for name, files in DEFENCES.items()),
+         *(["evaluate", "--defence", name, "--threat", threat, "--model", CLF,
+            *(["--artifacts", *DEFENCES[name]] if DEFENCES[name] else []), "--data", f"{D}/dataset",
+            "--out", f"{D}/threats/{threat}/{name}"] for name, threat in UNSEEN),
          ["report", "--root", D, "--out", f"{D}/report"]]
 
 
@@ -103,6 +107,8 @@ def test_each_stage_declares_every_file_and_params_key_it_reads(chain: Path) -> 
         trace = json.loads((folder / f"{i}.json").read_text())
         stage = args[0].replace("-", "_")
         name = f"evaluate_{args[args.index('--defence') + 1]}" if stage == "evaluate" else stage
+        if "--threat" in args:
+            name += f"_under_{args[args.index('--threat') + 1]}"
         declared = stages[f"{name}@fashion_mnist"]
         files = [f for f in trace["reads"] if f.startswith("data/")]
         own = [str(Path(out).parent) for out in declared["outs"]]  # its resumable state (checkpoint, attack batches)
@@ -203,6 +209,67 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
         for key in ("zero_gradient_share", "zero_loss_share", "nonfinite_share"):
             assert 0 <= grads["clean"][key] <= 1 and 0 <= grads["pgd_final"][key] <= 1
     assert not (chain / "eval" / defence / "work").exists()  # resumable state is cleared once complete
+
+
+@pytest.mark.parametrize("pair", UNSEEN, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_unseen_threats_attack_in_their_own_ball_with_the_derived_suite(chain: Path, pair: tuple[str, str]) -> None:
+    """A defence under an unseen threat: its own norm and radius, the suite unseen_section derives from the defence's
+    section (no transfer, no query attack), every adversarial point inside that ball and in [0, 1], the masking
+    checks at the threat's large radius, and the same per-point outcomes as under the training threat's files."""
+    from carso.evaluation import Threat, unseen_section
+
+    name, threat = pair
+    params = load_tiny()
+    t = params["evaluation"]["threats"][threat]
+    cfg = unseen_section(params["evaluation"]["defences"][name], t)
+    folder = chain / "threats" / threat / name
+    m = json.loads((folder / "metrics.json").read_text())
+    assert (m["threat"], m["norm"], m["eps"], m["precision"]) == (threat, t["norm"], t["eps"], "fp32")
+    runs = [f"pgd_{r['loss']}" for r in cfg["pgd"]]
+    square = [k for k in m["attacks"] if k.startswith("square")]  # (one run per k of the k-draw view)
+    assert bool(square) == cfg["square"]["enabled"]
+    assert list(m["attacks"]) == [*(["autoattack"] if cfg["autoattack"]["enabled"] else []), *square, *runs]
+    assert m["robust_worst_case"]["n"] == cfg["n_points"] == min(t["n_points"], params["evaluation"]["defences"][name]["n_points"])
+    assert all(e["eps"] == t["large_eps"] for e in m["sanity"]["large_eps"].values())
+    assert all(a["step_size"] == pytest.approx(2.5 * t["eps"] / a["steps"]) for a in m["attacks"].values()
+               if a["kind"] == "pgd")
+    tensors, _ = load_tensors(folder / "examples.safetensors")
+    ball = Threat(t["norm"], t["eps"])
+    assert ball.contains(tensors["adversarial"], tensors["clean"]).all()
+    assert len(tensors["robust_expected"]) == cfg["n_points"]
+    head = json.loads((folder / "headline.json").read_text())
+    assert head["worst_case"]["n"] == cfg["n_points"] and set(head["alone"]) == set(m["attacks"])
+    assert not (folder / "work").exists()
+
+
+def test_the_report_has_the_generalisation_table_with_the_metrics_figures(chain: Path) -> None:
+    """Rows the defences, columns the training threat and each unseen threat (each figure the metrics file's, the
+    paired difference against `at` recomputed), and a sentence per defence and threat on whether it generalises."""
+    from carso.stats import paired_outcomes
+    from report_reader import md_sections
+
+    sections = md_sections((chain / "report" / "report.md").read_text())
+    (table,) = sections["Generalisation: threats and attack families the defences were not trained for"]["tables"]
+    header, rows = table[0], {row[0].strip("`"): row for row in table[1:]}
+    assert header[1].startswith("training threat (L-inf eps 0.1)")
+    assert header[2].startswith("unseen: L2 eps 1.5 (l2)") and header[3].startswith("unseen: L1 eps 7.5 (l1)")
+    assert list(rows) == list(DEFENCES)
+    for col, threat in ((2, "l2"), (3, "l1")):
+        for name in DEFENCES:
+            cell = rows[name][col]
+            if (name, threat) not in UNSEEN:
+                assert cell == "not evaluated"
+                continue
+            m = json.loads((chain / "threats" / threat / name / "metrics.json").read_text())
+            assert _agrees(figures(cell)[0], m["robust_worst_case"])
+            if name != "at":
+                outcome = lambda d: tuple(t.tolist() for t in (  # noqa: E731
+                    (x := load_tensors(chain / "threats" / threat / d / "examples.safetensors")[0])["robust_expected"],
+                    x["robust_worst_case"].bool()))
+                d = paired_outcomes(outcome(name), outcome("at"), m["robust_worst_case"]["confidence"])
+                assert f"vs `at` {100 * d['difference']:+.1f}" in cell
+    sentences = sections["What the unseen threats show"]["items"]
+    assert any(s.startswith("`atop` against `at` under L2 eps 1.5 (l2, not trained for)") for s in sentences)
 
 
 def _query_runs(family: str, section: dict | None, randomised: bool) -> list[str]:

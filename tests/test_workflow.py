@@ -20,6 +20,8 @@ from report_reader import md_sections
 pytestmark = pytest.mark.slow
 D = "data/fashion_mnist"
 DEFENCES = ["at", "carso", "atop_rt", "atop", "at_noise", "plain", "ctl_scaled", "ctl_quant", "ctl_resize"]
+UNSEEN = [("at", "l2"), ("atop", "l2"), ("at", "l1")]  # the tiny config's evaluation.threats: (defence, threat)
+UNSEEN_STAGES = [f"evaluate_{name}_under_{threat}" for name, threat in UNSEEN]
 OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"{D}/classifier/curve.csv",
            f"{D}/adversarial/train.safetensors", f"{D}/adversarial/summary.json", f"{D}/purifier/model.safetensors",
            f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
@@ -27,6 +29,8 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/controls/plain/model.safetensors", f"{D}/controls/resize/model.safetensors",
            *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "headline.json",
                                                                      "examples.safetensors")),
+           *(f"{D}/threats/{threat}/{name}/{f}" for name, threat in UNSEEN
+             for f in ("metrics.json", "headline.json", "examples.safetensors")),
            f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
 TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
@@ -79,6 +83,9 @@ def stage_name(job: dict[str, Any]) -> str:
     if job["rule"] == "evaluate":
         defence = re.search(r"--defence (\w+)", job["shell"]).group(1)
         return f"evaluate_{defence}@{dataset}"
+    if job["rule"] == "evaluate_threat":
+        defence, threat = (re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat"))
+        return f"evaluate_{defence}_under_{threat}@{dataset}"
     return f"{job['rule']}@{dataset}"
 
 
@@ -90,6 +97,8 @@ def expected_settings(job: dict[str, Any], params: dict[str, Any]) -> list[str]:
     stage = job["rule"]
     if stage == "evaluate":
         stage = evaluate_stage(re.search(r"--defence (\w+)", job["shell"]).group(1))
+    if stage == "evaluate_threat":
+        stage = evaluate_stage(*(re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat")))
     return sorted(graph(params)[stage].keys)
 
 
@@ -100,7 +109,8 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", params)
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
-    assert len(jobs) == len(stages) == 36  # 18 per dataset: 7 trainings, 9 evaluations, fetch, report
+    assert len(jobs) == len(stages) == 52  # 26 per dataset: 7 trainings, 9 evaluations, 8 under unseen threats,
+    # fetch, report
     for job in jobs:
         name = stage_name(job)
         stage = stages.pop(name)
@@ -114,7 +124,7 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
 def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
     for out in OUTPUTS:
         assert (tiny_local_run / out).exists(), out
-    for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES)):
+    for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES):
         bench = (tiny_local_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
     assert "clean accuracy" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
@@ -125,11 +135,14 @@ def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
 def evaluation_changes() -> list[tuple[str, Any, set[str]]]:
     """Each key of the evaluation (the shared ones, and each defence's section), a new value for it, and the stages
     a change to it must rerun: the evaluations that read it and the report, nothing upstream."""
-    every = {f"evaluate_{name}@fashion_mnist" for name in DEFENCES}
-    changes = [("evaluation.eps", 0.12, every), ("evaluation.confidence", 0.8, every),
+    every = {f"evaluate_{name}@fashion_mnist" for name in DEFENCES}  # under the training threat
+    unseen = {f"{stage}@fashion_mnist" for stage in UNSEEN_STAGES}
+    changes = [("evaluation.eps", 0.12, every), ("evaluation.confidence", 0.8, every | unseen),
                ("evaluation.transfer_attack", "pgd_weak", every),
-               *((f"evaluation.defences.{name}.verdict_repeats", 3, {f"evaluate_{name}@fashion_mnist"})
-                 for name in DEFENCES)]
+               ("evaluation.threats.l2.eps", 1.0, {"evaluate_at_under_l2@fashion_mnist",
+                                                   "evaluate_atop_under_l2@fashion_mnist"}),
+               *((f"evaluation.defences.{name}.verdict_repeats", 3, {f"evaluate_{name}@fashion_mnist", *(
+                   f"evaluate_{name}_under_{t}@fashion_mnist" for n, t in UNSEEN if n == name)}) for name in DEFENCES)]
     return [(key, value, stages | {"report@fashion_mnist"}) for key, value, stages in changes]
 
 
@@ -166,30 +179,32 @@ def test_snakemake_reruns_only_evaluation_after_an_evaluation_change(tiny_local_
     write_params(tiny_local_run / "params.yaml", params)
     try:  # one defence's evaluation settings rerun that defence's evaluation and the report only
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
-            "evaluate_at@fashion_mnist", "report@fashion_mnist"]
+            "evaluate_at@fashion_mnist", "evaluate_at_under_l1@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "report@fashion_mnist"]
         atop_eval = params["evaluation"]["defences"]["atop"]
         repeats, atop_eval["verdict_repeats"] = atop_eval["verdict_repeats"], 3  # nothing of AToP's retrains
         write_params(tiny_local_run / "params.yaml", params)
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
-            "evaluate_at@fashion_mnist", "evaluate_atop@fashion_mnist", "report@fashion_mnist"]
+            "evaluate_at@fashion_mnist", "evaluate_at_under_l1@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "evaluate_atop@fashion_mnist",
+            "evaluate_atop_under_l2@fashion_mnist", "report@fashion_mnist"]
         atop_eval["verdict_repeats"] = repeats  # (back, so that each step below checks one change)
         params["purifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
-            "evaluate_at@fashion_mnist", "evaluate_carso@fashion_mnist", "report@fashion_mnist",
-            "train_purifier@fashion_mnist"]
+            "evaluate_at@fashion_mnist", "evaluate_at_under_l1@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "evaluate_carso@fashion_mnist",
+            "report@fashion_mnist", "train_purifier@fashion_mnist"]
         params["atop"]["finetune"]["ce_weight"] = 0.1  # AToP's fine-tuning: its stage and its defence only
         write_params(tiny_local_run / "params.yaml", params)
         assert sorted(stage_name(j) for j in snakemake_jobs(tiny_local_run)) == [
-            "evaluate_at@fashion_mnist", "evaluate_atop@fashion_mnist", "evaluate_carso@fashion_mnist",
-            "finetune_inpainter@fashion_mnist", "report@fashion_mnist", "train_purifier@fashion_mnist"]
+            "evaluate_at@fashion_mnist", "evaluate_at_under_l1@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "evaluate_atop@fashion_mnist",
+            "evaluate_atop_under_l2@fashion_mnist", "evaluate_carso@fashion_mnist", "finetune_inpainter@fashion_mnist",
+            "report@fashion_mnist", "train_purifier@fashion_mnist"]
         params["atop"]["transform"]["missing_share"] = 0.5  # the transform: both AToP trainings and defences
         write_params(tiny_local_run / "params.yaml", params)
         assert {"pretrain_inpainter@fashion_mnist", "evaluate_atop_rt@fashion_mnist"} <= {
             stage_name(j) for j in snakemake_jobs(tiny_local_run)}
         params["classifier"]["epochs"] = 3
         write_params(tiny_local_run / "params.yaml", params)
-        assert len(snakemake_jobs(tiny_local_run)) == 15  # a classifier change reruns everything downstream
+        assert len(snakemake_jobs(tiny_local_run)) == 18  # a classifier change reruns everything downstream
         # (not the controls' trainings: classifier.epochs is not one of their settings)
     finally:
         write_params(tiny_local_run / "params.yaml", load_tiny())
@@ -226,7 +241,7 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation_also_as_a_queued
         project)
     first = _sh("dvc repro", project)
     assert {s.split("@")[0] for s in ran_stages(first)} == {
-        "fetch", *TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), "report"}
+        "fetch", *TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES, "report"}
     for path in sorted((tiny_local_run / D).rglob("*")):  # the same artifacts as Snakemake's, bit for bit
         name = path.relative_to(tiny_local_run)
         if path.suffix == ".safetensors":
@@ -248,18 +263,21 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation_also_as_a_queued
     params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(project / "params.yaml", params)
     second = _sh("dvc repro", project)
-    assert ran_stages(second) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+    assert ran_stages(second) == {"evaluate_at@fashion_mnist", "evaluate_at_under_l2@fashion_mnist",
+                                  "evaluate_at_under_l1@fashion_mnist", "report@fashion_mnist"}
     assert model.stat().st_mtime_ns == before and model.exists()
     assert "evaluation.defences.at.n_points" in _sh("dvc params diff", project)
     _sh(f"dvc metrics diff --json > {tmp_path / 'diff.json'}", project)
     diff = json.loads((tmp_path / "diff.json").read_text())
-    assert set(diff) == {f"{D}/eval/at/headline.json"}, diff  # what changed, and nothing else
+    assert set(diff) == {f"{D}/eval/at/headline.json"}, diff  # what changed, and nothing else (at's unseen
+    # threats reran, on their own 8 points: the same figures)
     assert (diff[f"{D}/eval/at/headline.json"]["worst_case.n"]["old"],
             diff[f"{D}/eval/at/headline.json"]["worst_case.n"]["new"]) == (20, 10)
     _sh(f"dvc metrics show --json > {tmp_path / 'show.json'}", project)
     [workspace] = json.loads((tmp_path / "show.json").read_text()).values()  # one revision: the working tree
     shown = workspace["data"]
-    assert set(shown) == {f"{D}/eval/{name}/headline.json" for name in DEFENCES}  # only the headlines
+    assert set(shown) == {f"{D}/eval/{name}/headline.json" for name in DEFENCES} | {
+        f"{D}/threats/{threat}/{name}/headline.json" for name, threat in UNSEEN}  # only the headlines
     for name, entry in shown.items():
         assert entry["data"] == json.loads((project / name).read_text())
         assert len(entry["data"]["alone"]) <= 7  # at most 2 x (2 + 7) columns per defence
@@ -279,7 +297,9 @@ def _queued_experiment_reruns_only_what_its_key_reaches(project: Path, tmp_path:
         assert time.monotonic() < deadline, status
         time.sleep(2)
     assert re.search(rf"{name}.*Success", status), _sh(f"dvc queue logs {name}", project)
-    assert ran_stages(_sh(f"dvc queue logs {name}", project)) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+    assert ran_stages(_sh(f"dvc queue logs {name}", project)) == {
+        "evaluate_at@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "evaluate_at_under_l1@fashion_mnist",
+        "report@fashion_mnist"}
     _sh(f"dvc exp show --json > {tmp_path / 'exps.json'}", project)
     rows = [exp for rev in json.loads((tmp_path / "exps.json").read_text())
             for exp in [rev, *[e for e in (rev.get("experiments") or []) for e in e.get("revs", [])]]]

@@ -15,8 +15,9 @@ from carso.evaluation.families.autoattack import AUTOATTACK_ORDER, is_randomised
 from carso.evaluation.families.pgd import PgdRun, pgd_eot_spec, pgd_runs, pgd_spec
 from carso.evaluation.checks import indicators, masking_checks, naive_figure
 from carso.evaluation.suite import deterministic_protocol, evaluate_defence, example_tensors, headline
-from carso.evaluation.threat import Threat
+from carso.evaluation.threat import Threat, unseen_section
 
 __all__ = ["AUTOATTACK_ORDER", "AttackCache", "Cascade", "PgdRun", "Threat", "deterministic_protocol",
            "evaluate_defence", "example_tensors", "headline", "indicators", "is_randomised", "masking_checks",
-           "model_digest", "naive_figure", "pgd_eot_spec", "pgd_runs", "pgd_spec", "run_autoattack", "worst_of"]
+           "model_digest", "naive_figure", "pgd_eot_spec", "pgd_runs", "pgd_spec", "run_autoattack", "unseen_section",
+           "worst_of"]

@@ -47,7 +47,7 @@ def deterministic_protocol(cfg: dict[str, Any]) -> list[str]:
     return found
 
 
-def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor,
+def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor | None,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path, surrogates: dict[str, nn.Module] | None = None,
                      section: str = "the defence's evaluation section", naive: tuple[str, ...] = ()

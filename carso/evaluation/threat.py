@@ -1,7 +1,9 @@
 """The threat model an evaluation attacks in: a norm and a radius, as one small value passed to every attack."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,3 +43,23 @@ class Threat:
         inside = self.distance(x_adv, x) <= self.eps * (1 + slack)
         in_box = (x_adv.flatten(1).amin(dim=1) >= 0) & (x_adv.flatten(1).amax(dim=1) <= 1)
         return inside & in_box
+
+
+def unseen_section(cfg: dict[str, Any], threat: dict[str, Any]) -> dict[str, Any]:
+    """The suite a defence gets under an unseen threat (`evaluation.threats.<name>`), derived from its own section
+    `cfg` (`evaluation.defences.<defence>`): the same AutoAttack version, judge, batching and engine; its first
+    `pgd_runs` PGD runs on the defence itself (with their loss, EoT and steps) plus every run through a surrogate, each
+    with its step size scaled to this radius (step_size null); Square where both enable it; no query attack (their
+    thousands of queries per point run under the training threat); on the threat's first `n_points` (at most the
+    defence's), its masking checks at the threat's `large_eps`. The stored transfer points were crafted in the
+    training threat's ball, so the caller gives none."""
+    out = copy.deepcopy(cfg)
+    for key in ("spsa", "hopskipjump"):
+        out.pop(key, None)
+    own = [run for run in cfg["pgd"] if not run.get("surrogate")][:threat["pgd_runs"]]
+    out["pgd"] = [{**run, "step_size": None} for run in cfg["pgd"] if run in own or run.get("surrogate")]
+    out["n_points"] = min(cfg["n_points"], threat["n_points"])
+    out["sanity"] = {**cfg["sanity"], "n_points": min(cfg["sanity"]["n_points"], out["n_points"]),
+                     "large_eps": threat["large_eps"]}
+    out["square"] = {**cfg["square"], "enabled": cfg["square"]["enabled"] and threat["square"]}
+    return out

@@ -10,7 +10,7 @@ from carso.errors import UserError
 from carso.params import validate as validate_params
 from carso.pipeline import is_root, root_text, write_generated
 from carso.record import record_run
-from carso.stages import evaluate_stage, producer
+from carso.stages import evaluate_stage, producer, threat_folder, unseen
 from carso.study import Plan, load_study, lookup
 
 CONFIG = {k: v for k, v in config.items() if k not in ("params_file", "study")}  # the params file's own keys
@@ -73,6 +73,7 @@ def params_file(wildcards):
 DATASETS = config["datasets"]
 DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: evaluation.defences, in its order
 SPECS = {name: defence_spec(name, config) for name in DEFENCES}  # a variant: its base's loader, files and code
+UNSEEN = unseen(config)  # (defence, threat) of evaluation.threats: one evaluate_threat job each
 METHODS = methods_of(DEFENCES, config)  # the methods behind them: only their training stages are built
 
 
@@ -130,6 +131,12 @@ def evaluate_inputs(wildcards):
     return {**inputs, "artifacts": artifacts} if artifacts else inputs
 
 
+def threat_inputs(wildcards):
+    """A defence under an unseen threat reads what its evaluation under the training threat does, except the stored
+    transfer examples (crafted in the training threat's ball)."""
+    return {k: v for k, v in evaluate_inputs(wildcards).items() if k != "adversarial"}
+
+
 def report_inputs(wildcards):
     """The shared results, every evaluated defence's metrics and examples, and each method's report files."""
     d = "data/{dataset}"
@@ -139,7 +146,9 @@ def report_inputs(wildcards):
               "train": made(wildcards, f"{d}/classifier/train_metrics.json"),
               "adversarial": made(wildcards, f"{d}/adversarial/summary.json"),
               "evals": [made(wildcards, f"{d}/eval/{name}/{f}") for name in DEFENCES
-                        for f in ("metrics.json", "examples.safetensors")]}
+                        for f in ("metrics.json", "examples.safetensors")],
+              "threats": [made(wildcards, f"{d}/{threat_folder(name, threat)}/{f}") for name, threat in UNSEEN
+                          for f in ("metrics.json", "examples.safetensors")]}
     return {**inputs, "methods": [made(wildcards, f"{d}/{f}") for m in METHODS for f in m.report_files]}
 
 

@@ -1,0 +1,117 @@
+"""The report's generalisation part: every defence under the threats it was not trained for (evaluation.threats)
+and under the attack families that use no gradient of it, beside its figure under the training threat, each with
+its interval and n and the paired difference against the classifier alone (`at`) on the same points."""
+from __future__ import annotations
+
+from typing import Any
+
+from carso.io import load_tensors, read_json
+from carso.layout import Results
+from carso.stats import paired_outcomes
+from carso.stages import threat_folder, unseen
+
+Outcomes = dict[str, tuple[list[float], list[bool]]]  # defence -> per-point (headline probability, strict verdict)
+QUERY_KINDS = {"spsa": "gradient-free (SPSA)", "hopskipjump": "decision-based (HopSkipJump)"}
+NORM_NAMES = {"Linf": "L-inf", "L2": "L2", "L1": "L1"}
+REFERENCE = "at"
+
+
+def threat_label(m: dict[str, Any]) -> str:
+    return f"{NORM_NAMES.get(m.get('norm', 'Linf'), m.get('norm'))} eps {m['eps']:.4g}"
+
+
+def outcomes_of(results: Results, folder: str) -> tuple[list[float], list[bool]]:
+    """An evaluation's per-point outcomes (examples.safetensors): the headline's probability, the strict verdict."""
+    tensors, _ = load_tensors(results.path(f"{folder}/examples.safetensors"))
+    return tensors["robust_expected"].tolist(), tensors["robust_worst_case"].bool().tolist()
+
+
+def gather_threats(results: Results, params: dict[str, Any]) -> dict[str, tuple[dict[str, Any], Outcomes]]:
+    """Per unseen threat: each evaluated defence's metrics and per-point outcomes under it."""
+    found: dict[str, tuple[dict[str, Any], Outcomes]] = {}
+    for name, threat in unseen(params):
+        evals, outcomes = found.setdefault(threat, ({}, {}))
+        evals[name] = read_json(results.path(f"{threat_folder(name, threat)}/metrics.json"))
+        outcomes[name] = outcomes_of(results, threat_folder(name, threat))
+    return found
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    return (f"{100 * entry['accuracy']:.2f}% [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}] "
+            f"(n={entry['n']})")
+
+
+def versus(name: str, evals: dict[str, Any], outcomes: Outcomes) -> dict[str, Any] | None:
+    """`name` minus `at` on the first points both were attacked on, under one threat (None: either is missing)."""
+    if name == REFERENCE or not {name, REFERENCE} <= set(evals) or not {name, REFERENCE} <= set(outcomes):
+        return None
+    return paired_outcomes(outcomes[name], outcomes[REFERENCE], evals[name]["robust_worst_case"]["confidence"])
+
+
+def _difference(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return ""
+    real = "" if d["verdict"] == "real" else ", not significant"
+    return f"; vs `at` {100 * d['difference']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]{real}"
+
+
+def _query_entry(m: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The strongest run of a query family alone (its draws per query: the k-draw view), or None if it did not run."""
+    runs = [a for a in m["attacks"].values() if a["kind"] == kind]
+    return min(runs, key=lambda a: a["accuracy"]) if runs else None
+
+
+def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                        threats: dict[str, tuple[dict[str, Any], Outcomes]]) -> list[list[str]]:
+    """Rows the defences; columns the worst case under the training threat, under each unseen threat and each query
+    family's strongest run alone, each with its interval and n and (threats) the paired difference against `at`."""
+    kinds = [k for k in QUERY_KINDS if any(_query_entry(m, k) for m in evals.values())]
+    training = next(iter(evals.values()))
+    header = ["defence", f"training threat ({threat_label(training)}), worst case"]
+    header += [f"unseen: {threat_label(next(iter(e.values())))} ({t}), worst case" for t, (e, _) in threats.items()]
+    header += [f"{QUERY_KINDS[k]}, alone (training threat)" for k in kinds]
+    rows = [header]
+    for name, m in evals.items():
+        row = [f"`{name}`", _cell(m["robust_worst_case"]) + _difference(versus(name, evals, outcomes))]
+        for t_evals, t_outcomes in threats.values():
+            row.append(_cell(t_evals[name]["robust_worst_case"]) + _difference(versus(name, t_evals, t_outcomes))
+                       if name in t_evals else "not evaluated")
+        row += [_cell(q) if (q := _query_entry(m, k)) else "not run" for k in kinds]
+        rows.append(row)
+    return rows
+
+
+def _gap(d: dict[str, Any]) -> str:
+    return f"{100 * d['difference']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+
+def generalisation_sentences(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                             threats: dict[str, tuple[dict[str, Any], Outcomes]]) -> list[str]:
+    """Per defence and unseen threat: its paired difference against `at` there, beside the one under the training
+    threat, and whether the gap narrowed or widened beyond both intervals (a defence that generalises better than
+    `at` gains on it under threats it was not trained for)."""
+    out = []
+    for threat, (t_evals, t_outcomes) in threats.items():
+        label = threat_label(next(iter(t_evals.values())))
+        for name in t_evals:
+            unseen_d, trained_d = versus(name, t_evals, t_outcomes), versus(name, evals, outcomes)
+            if unseen_d is None or trained_d is None:
+                continue
+            if unseen_d["ci_low"] > trained_d["ci_high"]:
+                trend = "it closes on `at` under the unseen threat: the intervals do not overlap"
+            elif unseen_d["ci_high"] < trained_d["ci_low"]:
+                trend = "it falls further behind `at` under the unseen threat: the intervals do not overlap"
+            else:
+                trend = "the two intervals overlap, so this run cannot tell whether it generalises better or worse"
+            out.append(f"`{name}` against `at` under {label} ({threat}, not trained for): {_gap(unseen_d)} "
+                       f"(n={unseen_d['n']}); under the training threat: {_gap(trained_d)} (n={trained_d['n']}); "
+                       f"{trend}.")
+    return out
+
+
+GENERALISATION_NOTE = (
+    "Unseen threats (evaluation.threats) use each defence's own suite, lighter: its AutoAttack version, its first PGD "
+    "runs with their step size scaled to the radius, surrogate runs, Square where enabled, the masking checks at the "
+    "threat's large radius; no transfer points (crafted in the training threat's ball) and no query attacks. "
+    "Differences against `at` are paired on the same first points, with the headline's paired interval; a "
+    "difference marked not significant is one the sign-flip test does not support.")
