@@ -228,7 +228,10 @@ def test_unseen_threats_attack_in_their_own_ball_with_the_derived_suite(chain: P
     runs = [f"pgd_{r['loss']}" for r in cfg["pgd"]]
     square = [k for k in m["attacks"] if k.startswith("square")]  # (one run per k of the k-draw view)
     assert bool(square) == cfg["square"]["enabled"]
-    assert list(m["attacks"]) == [*(["autoattack"] if cfg["autoattack"]["enabled"] else []), *square, *runs]
+    first = [*(["autoattack"] if cfg["autoattack"]["enabled"] else []), *square]
+    assert list(m["attacks"]) == ([*runs, *first] if t["pgd_first"] else [*first, *runs])  # the order they ran in
+    assert all(a["steps"] <= t["pgd_steps"] for a in m["attacks"].values() if a["kind"] == "pgd")
+    assert m["sanity"]["fgsm"]["n"] == min(t["sanity_points"], cfg["n_points"]) == cfg["sanity"]["n_points"]
     assert m["robust_worst_case"]["n"] == cfg["n_points"] == min(t["n_points"], params["evaluation"]["defences"][name]["n_points"])
     assert all(e["eps"] == t["large_eps"] for e in m["sanity"]["large_eps"].values())
     assert all(a["step_size"] == pytest.approx(2.5 * t["eps"] / a["steps"]) for a in m["attacks"].values()

@@ -11,7 +11,8 @@ from carso.pipeline import dvc_name, root_text
 from carso.stages import evaluate_stage, graph, reached
 from conftest import load_tiny, run_cli, write_params
 
-THREAT = {"norm": "L2", "eps": 1.5, "large_eps": 14, "n_points": 8, "pgd_runs": 1, "square": False, "defences": ["at"]}
+THREAT = {"norm": "L2", "eps": 1.5, "large_eps": 14, "n_points": 8, "sanity_points": 3, "pgd_runs": 1, "pgd_steps": 4,
+          "pgd_first": True, "square": False, "defences": ["at"]}
 
 
 def _section(**changes: Any) -> dict[str, Any]:
@@ -29,7 +30,8 @@ def test_the_unseen_suite_keeps_the_defence_s_attacks_scaled_to_the_threat() -> 
     assert [r["loss"] for r in out["pgd"]] == [own[0]["loss"], "ce"] and out["pgd"][1]["surrogate"]
     assert all(r["step_size"] is None for r in out["pgd"])  # scaled to the threat's radius (pgd_spec)
     assert [r["eot"] for r in out["pgd"]] == [own[0]["eot"], 1] and out["autoattack"] == cfg["autoattack"]
-    assert out["n_points"] == 8 and out["sanity"]["n_points"] == min(cfg["sanity"]["n_points"], 8)
+    assert out["n_points"] == 8 and out["sanity"]["n_points"] == 3 and out["pgd_first"]
+    assert [r["steps"] for r in out["pgd"]] == [min(own[0]["steps"], 4), 4]
     assert out["sanity"]["large_eps"] == 14 and not out["square"]["enabled"]
     assert "spsa" not in out and "hopskipjump" not in out  # query attacks run under the training threat only
     assert cfg["pgd"][0]["step_size"] is not None and cfg["n_points"] == 20  # the defence's own section untouched

@@ -100,7 +100,7 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
         verdicts[name], adversarial[name] = scatter(part, idx, n), place(xs, idx, x_adv)
         cascade.record(name, verdicts[name], len(idx), time.perf_counter() - start)
 
-    for plan in families():
+    for plan in families(cfg.get("pgd_first", False)):
         for attack in plan(target, cfg, common):
             attacks[attack.name] = attack.info
             step(attack.name, cascade.targets(), attack.run)

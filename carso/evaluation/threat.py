@@ -48,18 +48,21 @@ class Threat:
 def unseen_section(cfg: dict[str, Any], threat: dict[str, Any]) -> dict[str, Any]:
     """The suite a defence gets under an unseen threat (`evaluation.threats.<name>`), derived from its own section
     `cfg` (`evaluation.defences.<defence>`): the same AutoAttack version, judge, batching and engine; its first
-    `pgd_runs` PGD runs on the defence itself (with their loss, EoT and steps) plus every run through a surrogate, each
-    with its step size scaled to this radius (step_size null); Square where both enable it; no query attack (their
-    thousands of queries per point run under the training threat); on the threat's first `n_points` (at most the
-    defence's), its masking checks at the threat's `large_eps`. The stored transfer points were crafted in the
-    training threat's ball, so the caller gives none."""
+    `pgd_runs` PGD runs on the defence itself (with their loss and EoT) plus every run through a surrogate, each with
+    at most `pgd_steps` steps and its step size scaled to this radius (step_size null), run before AutoAttack where
+    `pgd_first`; Square where both enable it; no query attack (their thousands of queries per point run under the
+    training threat); on the threat's first `n_points` (at most the defence's), every attack alone and the masking
+    checks (at the threat's `large_eps`) on the first `sanity_points` of them (at most the defence's). The stored
+    transfer points were crafted in the training threat's ball, so the caller gives none."""
     out = copy.deepcopy(cfg)
     for key in ("spsa", "hopskipjump"):
         out.pop(key, None)
     own = [run for run in cfg["pgd"] if not run.get("surrogate")][:threat["pgd_runs"]]
-    out["pgd"] = [{**run, "step_size": None} for run in cfg["pgd"] if run in own or run.get("surrogate")]
+    out["pgd"] = [{**run, "step_size": None, "steps": min(run["steps"], threat["pgd_steps"])}
+                  for run in cfg["pgd"] if run in own or run.get("surrogate")]
     out["n_points"] = min(cfg["n_points"], threat["n_points"])
-    out["sanity"] = {**cfg["sanity"], "n_points": min(cfg["sanity"]["n_points"], out["n_points"]),
-                     "large_eps": threat["large_eps"]}
+    out["sanity"] = {**cfg["sanity"], "n_points": min(cfg["sanity"]["n_points"], threat["sanity_points"],
+                                                      out["n_points"]), "large_eps": threat["large_eps"]}
+    out["pgd_first"] = threat["pgd_first"]
     out["square"] = {**cfg["square"], "enabled": cfg["square"]["enabled"] and threat["square"]}
     return out
