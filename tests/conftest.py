@@ -51,11 +51,19 @@ def run_tool(args: list[str], cwd: Path, timeout: int = HANG_GUARD_S) -> subproc
 
 
 def make_project(dest: Path, params: dict[str, Any]) -> Path:
-    """A throw-away copy of the pipeline (workflow, dvc.yaml, code) with its own params.yaml."""
+    """A throw-away copy of the pipeline (workflow, code) with its own params.yaml and the dvc.yaml that
+    `python -m carso dvc-yaml` writes for it (the repository's own, where the params are invalid on purpose)."""
+    from carso.errors import UserError
+    from carso.params import validate
+    from carso.pipeline import root_text
+
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "workflow", dest / "workflow")
     shutil.copytree(REPO / "carso", dest / "carso", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    try:
+        (dest / "dvc.yaml").write_text(root_text(validate(copy.deepcopy(params))))
+    except (UserError, KeyError, TypeError):
+        shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     write_params(dest / "params.yaml", params)
     return dest
 

@@ -9,8 +9,8 @@ from conftest import REPO
 
 def expected_code(dvc_stage: str) -> list[str]:
     """What carso.codedeps says a DVC stage runs (dvc.yaml's report covers every registered defence)."""
-    if dvc_stage.startswith("evaluate_"):
-        return stage_code("evaluate", [dvc_stage.removeprefix("evaluate_")])
+    if dvc_stage.startswith("evaluate_"):  # evaluate_<defence>, or evaluate_<defence>_under_<threat>
+        return stage_code("evaluate", [dvc_stage.removeprefix("evaluate_").split("_under_")[0]])
     return stage_code(dvc_stage, list(DEFENCES) if dvc_stage == "report" else ())
 
 
@@ -20,7 +20,8 @@ def test_dvc_deps_are_the_code_each_stage_runs() -> None:
     stages = dvc_stages(REPO)
     assert {name.split("@")[0] for name in stages} == {
         "fetch", "train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter",
-        "finetune_inpainter", "train_plain", "finetune_resize", *(f"evaluate_{d}" for d in DEFENCES), "report"}
+        "finetune_inpainter", "train_plain", "finetune_resize", *(f"evaluate_{d}" for d in DEFENCES),
+        *(f"evaluate_{d}_under_{t}" for t in ("l2", "l1") for d in ("at", "carso", "atop_rt", "atop")), "report"}
     for name, stage in stages.items():
         declared = sorted(d for d in stage["deps"] if d.startswith("carso/"))
         assert declared == expected_code(name.split("@")[0]), name

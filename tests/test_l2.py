@@ -20,6 +20,7 @@ EPS, FACTOR = 1.5, 15  # the tiny run's L-inf 0.1 radii, x15 (as configs/l2_fash
 def _in_l2(params: dict[str, Any]) -> dict[str, Any]:
     """`params` with every radius of the threat model x FACTOR in L2, PGD steps of 2.5 eps / steps."""
     params["evaluation"].update(norm="L2", eps=EPS)
+    params["evaluation"].pop("threats")  # (its L2 threat is now the training one; configs/l2_fashion_mnist.yaml has none)
     attack = params["classifier"]["attack"]
     attack.update(eps=attack["eps"] * FACTOR, step_size=2.5 * attack["eps"] * FACTOR / attack["steps"])
     for stored in params["adversarial"]["attacks"].values():

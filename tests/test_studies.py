@@ -27,17 +27,19 @@ EXPECTED = {  # every study evaluates the base's controls (at_noise, plain, ctl_
     # (eps_curve) at every radius
     # n_samples is read by carso's evaluation alone: 4 more carso evaluations (N = 4 is the base's), 4 more reports
     "carso_samples": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 13,
-                      "report": 5},
+                      "evaluate_threat": 3, "report": 5},
     "carso_aggregation": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 11,
-                          "report": 3},
+                          "evaluate_threat": 3, "report": 3},
     # purifier.layers: 2 more purifiers, each evaluated once
     "carso_representation": {"train_purifier": 3, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 11,
-                             "report": 3},
+                             "evaluate_threat": 3, "report": 3},
     # the transform: both AToP trainings and both AToP defences per transform; at, carso and the controls once
     "atop_transform": {"train_purifier": 1, "pretrain_inpainter": 3, "finetune_inpainter": 3, "evaluate": 13,
-                       "report": 3},
-    # the radius: every evaluation at each of 3 new radii; fine-tuning again only at eps 0.05 (its adversary's)
-    "eps_curve": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 2, "evaluate": 36, "report": 4},
+                       "evaluate_threat": 5, "report": 3},
+    # the radius: every evaluation at each of 3 new radii; fine-tuning again only at eps 0.05 (its adversary's).
+    # The unseen threats (at under l2 and l1, atop under l2: 3 jobs) read none of these axes but AToP's trainings
+    "eps_curve": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 2, "evaluate": 36,
+                  "evaluate_threat": 4, "report": 4},
 }
 
 
@@ -140,6 +142,7 @@ def test_an_axis_that_no_stage_of_the_base_reads_is_refused(tmp_path: Path) -> N
 
     params = load_tiny()
     params["evaluation"]["defences"] = {"at": params["evaluation"]["defences"]["at"]}
+    params["evaluation"].pop("threats")  # (they name atop)
     path = _study(tmp_path, f"name: bad\nbase: {tmp_path / 'base.yaml'}\naxes: {{carso.n_samples: [1, 2]}}\n", params)
     with pytest.raises(UserError, match=r"no stage of .* reads 'carso.n_samples' \(its evaluation.defences: \['at'\]\)"):
         load_study(path)

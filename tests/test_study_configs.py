@@ -164,3 +164,20 @@ def test_the_v1_configuration_dry_runs(tmp_path: Path) -> None:
     evaluated = sorted(re.search(r"--defence (\w+)", c).group(1) for c in commands if " evaluate " in c)
     assert evaluated == ["at", "at_eps01", "carso", "carso_eps01"]
     assert all(f"--params {CONFIG} " in c for c in commands) and not (project / "data").exists()
+
+
+def test_the_unseen_full_config_is_the_default_run_at_the_papers_budgets(tmp_path: Path) -> None:
+    """configs/unseen_full.yaml: the default run with the unseen threats' full derived suites and the query attacks at
+    the papers' budgets (SPSA 100 x 128 queries, HopSkipJump about 25k) on the four real defences; nothing else."""
+    default, full = load_params(REPO / "params.yaml"), load_params(REPO / "configs" / "unseen_full.yaml")
+    real = ("at", "carso", "atop_rt", "atop")
+    threats = {f"evaluation.threats.{t}.{k}" for t in ("l2", "l1") for k in ("sanity_points", "pgd_runs", "pgd_steps",
+                                                                             "pgd_first")}
+    queries = {f"evaluation.defences.{d}.{f}" for d in real for f in ("spsa", "hopskipjump")}
+    assert _differences(default, full) == {"output_root", "report.title", *threats, *queries}
+    for name in real:
+        spsa, hsj = (full["evaluation"]["defences"][name][f] for f in ("spsa", "hopskipjump"))
+        assert spsa["iterations"] * 2 * spsa["samples"] == 12_800 and spsa["n_points"] == hsj["n_points"] == 50
+        assert hsj["max_iter"] == 50 and hsj["max_eval"] == 500
+    table, _, project = dry_run_config(tmp_path, "configs/unseen_full.yaml")
+    assert table["evaluate"] == 9 and table["evaluate_threat"] == 8 and not (project / "data").exists()

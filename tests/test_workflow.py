@@ -391,7 +391,7 @@ def test_another_params_file_is_passed_to_every_stage_and_writes_under_its_own_r
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", {**load_tiny(), "output_root": "runs/other"})
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 18 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 21 and all("--params other.yaml" in j["shell"] for j in jobs)
     files = [f for j in jobs for f in j["input"] + j["output"] + j["log"] if not f.startswith("carso/")]
     assert len(files) > 40 and all(f.startswith("runs/other/") for f in files), files
     assert all(" --out runs/other/data/fashion_mnist/" in j["shell"] for j in jobs if " --out " in j["shell"])
