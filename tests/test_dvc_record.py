@@ -141,6 +141,12 @@ def _outs(lock: dict[str, Any]) -> dict[str, str]:
     return {o["path"]: o.get("md5") for st in lock["stages"].values() for o in st.get("outs", [])}
 
 
+# at's evaluation under the training threat, under the tiny config's unseen threats (they read at's section too), and
+# the report: what a change to evaluation.defences.at reaches
+AT_STAGES = {"evaluate_at@fashion_mnist", "evaluate_at_under_l2@fashion_mnist", "evaluate_at_under_l1@fashion_mnist",
+             "report@fashion_mnist"}
+
+
 def test_a_snakemake_run_is_versioned_shared_restored_and_compared(tiny_local_run: Path, tmp_path: Path) -> None:
     project = tiny_local_run
     said = (project / "logs" / "snakemake.stderr").read_text()
@@ -159,9 +165,9 @@ def test_a_snakemake_run_is_versioned_shared_restored_and_compared(tiny_local_ru
     params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(project / "params.yaml", params)
     try:  # a changed evaluation key reaches exactly that evaluation and the report, in DVC as in Snakemake
-        assert set(_status(project)) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+        assert set(_status(project)) == AT_STAGES
         dry = sh("dvc repro --dry", project)
-        assert set(re.findall(r"Running stage '([^']+)'", dry)) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+        assert set(re.findall(r"Running stage '([^']+)'", dry)) == AT_STAGES
     finally:
         write_params(project / "params.yaml", load_tiny())
     assert _status(project) == {}
@@ -182,7 +188,7 @@ def test_a_snakemake_run_is_versioned_shared_restored_and_compared(tiny_local_ru
 
     write_params(clone / "params.yaml", params)  # at on 10 points, through DVC this time
     ran = sh("dvc repro", clone, timeout=2 * HANG_GUARD_S)
-    assert set(re.findall(r"Running stage '([^']+)'", ran)) == {"evaluate_at@fashion_mnist", "report@fashion_mnist"}
+    assert set(re.findall(r"Running stage '([^']+)'", ran)) == AT_STAGES
     headline = clone / D / "eval" / "at" / "headline.json"
     assert json.loads(headline.read_text())["worst_case"]["n"] == 10
     sh("git commit -qam 'at on 10 points' && git checkout -q HEAD~1 && dvc checkout -q", clone)

@@ -63,12 +63,13 @@ def slurm_cluster() -> Iterator[None]:
 
 
 def edit_profile(project: Path) -> None:
-    """What a user edits in the profile: here, a GPU model for `evaluate`; and, on a machine with more cores
+    """What a user edits in the profile: here, a GPU model for the evaluations; and, on a machine with more cores
     than the profile's 2 CPUs per job, as many CPUs for the model stages as the local reference run used
     threads (the thread count decides the bits of the results)."""
     path = project / PROFILE
     profile = yaml.safe_load(path.read_text())
-    profile["set-resources"]["evaluate"]["gpu_model"] = GPU_MODEL
+    for rule in ("evaluate", "evaluate_threat"):
+        profile["set-resources"][rule]["gpu_model"] = GPU_MODEL
     for rule in MODEL_RULES:
         profile["set-resources"][rule]["cpus_per_task"] = LOCAL_CORES
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
