@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from carso.params import load_params
-from carso.stages import graph, unseen
+from carso.stages import Stage, evaluate_stage, graph, unseen
 
 
-def command(root: Path, params_file: str, dataset: str, name: str, threat: str, out: Path) -> list[str]:
-    stage = graph(load_params(params_file))[f"evaluate:{name}@{threat}"]
+def command(stage: Stage, root: Path, params_file: str, dataset: str, out: Path) -> list[str]:
+    """The evaluate_threat rule's command for `stage`, reading the run under `root` and writing to `out`."""
     folder = root / "data" / dataset
     args = [sys.executable, "-m", "carso", "evaluate", "--params", params_file, "--dataset", dataset, *stage.extra]
     for flag, relative in stage.args:
@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/threat_matrix"))
     parser.add_argument("--only", nargs="*", default=None, help="defence:threat pairs (default: all)")
     args = parser.parse_args()
-    pairs = unseen(load_params(args.params))
+    params = load_params(args.params)
+    stages, pairs = graph(params), unseen(params)
     if args.only:
         pairs = [p for p in pairs if f"{p[0]}:{p[1]}" in args.only]
     total = 0.0
@@ -46,8 +47,8 @@ def main() -> None:
     for name, threat in pairs:
         out = args.out / threat / name
         start = time.perf_counter()
-        done = subprocess.run(command(args.root, args.params, args.dataset, name, threat, out), capture_output=True,
-                              text=True)
+        done = subprocess.run(command(stages[evaluate_stage(name, threat)], args.root, args.params, args.dataset, out),
+                              capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if done.returncode:
             print(f"{name:10} {threat:6} failed: {done.stderr[-500:]}")

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from carso.io import load_tensors, read_json
+from carso.io import read_json
 from carso.layout import Results
-from carso.stats import paired_outcomes
+from carso.report import Outcomes, Section, _pct, _threat, paired, point_outcomes
 from carso.stages import threat_folder, unseen
 
-Outcomes = dict[str, tuple[list[float], list[bool]]]  # defence -> per-point (headline probability, strict verdict)
 QUERY_KINDS = {"spsa": "gradient-free (SPSA)", "hopskipjump": "decision-based (HopSkipJump)"}
-NORM_NAMES = {"Linf": "L-inf", "L2": "L2", "L1": "L1"}
 REFERENCE = "at"
-
-
-def threat_label(m: dict[str, Any]) -> str:
-    return f"{NORM_NAMES.get(m.get('norm', 'Linf'), m.get('norm'))} eps {m['eps']:.4g}"
-
-
-def outcomes_of(results: Results, folder: str) -> tuple[list[float], list[bool]]:
-    """An evaluation's per-point outcomes (examples.safetensors): the headline's probability, the strict verdict."""
-    tensors, _ = load_tensors(results.path(f"{folder}/examples.safetensors"))
-    return tensors["robust_expected"].tolist(), tensors["robust_worst_case"].bool().tolist()
 
 
 def gather_threats(results: Results, params: dict[str, Any]) -> dict[str, tuple[dict[str, Any], Outcomes]]:
@@ -32,20 +20,13 @@ def gather_threats(results: Results, params: dict[str, Any]) -> dict[str, tuple[
     for name, threat in unseen(params):
         evals, outcomes = found.setdefault(threat, ({}, {}))
         evals[name] = read_json(results.path(f"{threat_folder(name, threat)}/metrics.json"))
-        outcomes[name] = outcomes_of(results, threat_folder(name, threat))
+        outcomes[name] = point_outcomes(results.path(f"{threat_folder(name, threat)}/examples.safetensors"))
     return found
-
-
-def _cell(entry: dict[str, Any]) -> str:
-    return (f"{100 * entry['accuracy']:.2f}% [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}] "
-            f"(n={entry['n']})")
 
 
 def versus(name: str, evals: dict[str, Any], outcomes: Outcomes) -> dict[str, Any] | None:
     """`name` minus `at` on the first points both were attacked on, under one threat (None: either is missing)."""
-    if name == REFERENCE or not {name, REFERENCE} <= set(evals) or not {name, REFERENCE} <= set(outcomes):
-        return None
-    return paired_outcomes(outcomes[name], outcomes[REFERENCE], evals[name]["robust_worst_case"]["confidence"])
+    return None if name == REFERENCE else paired(name, REFERENCE, evals, outcomes)
 
 
 def _difference(d: dict[str, Any] | None) -> str:
@@ -67,16 +48,16 @@ def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
     family's strongest run alone, each with its interval and n and (threats) the paired difference against `at`."""
     kinds = [k for k in QUERY_KINDS if any(_query_entry(m, k) for m in evals.values())]
     training = next(iter(evals.values()))
-    header = ["defence", f"training threat ({threat_label(training)}), worst case"]
-    header += [f"unseen: {threat_label(next(iter(e.values())))} ({t}), worst case" for t, (e, _) in threats.items()]
+    header = ["defence", f"training threat ({_threat(training)}), worst case"]
+    header += [f"unseen: {_threat(next(iter(e.values())))} ({t}), worst case" for t, (e, _) in threats.items()]
     header += [f"{QUERY_KINDS[k]}, alone (training threat)" for k in kinds]
     rows = [header]
     for name, m in evals.items():
-        row = [f"`{name}`", _cell(m["robust_worst_case"]) + _difference(versus(name, evals, outcomes))]
+        row = [f"`{name}`", _pct(m["robust_worst_case"]) + _difference(versus(name, evals, outcomes))]
         for t_evals, t_outcomes in threats.values():
-            row.append(_cell(t_evals[name]["robust_worst_case"]) + _difference(versus(name, t_evals, t_outcomes))
+            row.append(_pct(t_evals[name]["robust_worst_case"]) + _difference(versus(name, t_evals, t_outcomes))
                        if name in t_evals else "not evaluated")
-        row += [_cell(q) if (q := _query_entry(m, k)) else "not run" for k in kinds]
+        row += [_pct(q) if (q := _query_entry(m, k)) else "not run" for k in kinds]
         rows.append(row)
     return rows
 
@@ -92,7 +73,7 @@ def generalisation_sentences(evals: dict[str, dict[str, Any]], outcomes: Outcome
     `at` gains on it under threats it was not trained for)."""
     out = []
     for threat, (t_evals, t_outcomes) in threats.items():
-        label = threat_label(next(iter(t_evals.values())))
+        label = _threat(next(iter(t_evals.values())))
         for name in t_evals:
             unseen_d, trained_d = versus(name, t_evals, t_outcomes), versus(name, evals, outcomes)
             if unseen_d is None or trained_d is None:
@@ -115,3 +96,14 @@ GENERALISATION_NOTE = (
     "threat's large radius; no transfer points (crafted in the training threat's ball) and no query attacks. "
     "Differences against `at` are paired on the same first points, with the headline's paired interval; a "
     "difference marked not significant is one the sign-flip test does not support.")
+
+
+def generalisation_sections(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
+                            threats: dict[str, tuple[dict[str, Any], Outcomes]]) -> list[Section]:
+    """The report's generalisation table and its sentences (none without unseen threats)."""
+    if not threats:
+        return []
+    return [("Generalisation: threats and attack families the defences were not trained for", "table",
+             generalisation_rows(evals, outcomes, threats)),
+            ("What the unseen threats show", "list",
+             [*generalisation_sentences(evals, outcomes, threats), GENERALISATION_NOTE])]

@@ -19,7 +19,6 @@ import yaml
 
 from carso.datasets import DATASETS, dataset_spec
 from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, resolve
-from carso.generalisation import GENERALISATION_NOTE, gather_threats, generalisation_rows, generalisation_sentences
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.layout import Results
@@ -665,9 +664,13 @@ def write_report(dataset: str, results: Results, params: dict[str, Any], out_dir
                  params_file: str = "params.yaml") -> None:
     """Write report.html, report.md and figures/*.png for the defences of evaluation.defences; `params_file`: the
     file the run read, named with the command that reproduces it."""
+    from carso.generalisation import gather_threats, generalisation_sections  # (it builds on this module's helpers)
+
     defences = list(params["evaluation"]["defences"])
-    facts = {**gather(results, defences, params), "threats": gather_threats(results, params)}
+    facts = gather(results, defences, params)
     sections = _sections(dataset, facts, params, params_file)
+    sections[2:2] = generalisation_sections(  # after the summary and the results table
+facts["evals"], facts["outcomes"], gather_threats(results, params))
     for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(results, params) if method.report else []
     render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)
@@ -764,16 +767,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                  (f"examples_{name}", examples_png(ex, f"{name} ({specs[name].title})",
                                                    dataset_spec(dataset).class_name)))
                 for name, ex in facts["examples"].items()]
-    threats = facts.get("threats") or {}
-    generalisation = [
-        ("Generalisation: threats and attack families the defences were not trained for", "table",
-         generalisation_rows(facts["evals"], facts["outcomes"], threats)),
-        ("What the unseen threats show", "list",
-         [*generalisation_sentences(facts["evals"], facts["outcomes"], threats), GENERALISATION_NOTE]),
-    ] if threats else []
     return [("Summary", "list", summary),
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
-            *generalisation,
             ("The headline and the strict bound", "table", rules_rows(facts["evals"])),
             ("How the defences are judged", "list", RULES_NOTE),
             *control_section,

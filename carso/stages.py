@@ -77,18 +77,19 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
     training = [s for s in stages if s not in {x.name for x in SHARED}]
     for name in names:
         stages[evaluate_stage(name)] = _evaluation(stages, name, params)
-    for name, threat in unseen(params):
+    pairs = unseen(params)
+    for name, threat in pairs:
         stages[evaluate_stage(name, threat)] = _evaluation(stages, name, params, threat)
     needed = {s for n in names for s in upstream(stages, evaluate_stage(n))} | {
         producer(stages, f) for m in methods for f in m.report_files}
     for name in [t for t in training if t not in needed]:  # a method's stages that no evaluated defence reads
         del stages[name]  # (at_noise needs none of the positive controls' trainings)
     training = [t for t in training if t in needed]
-    evaluations = [f"{folder}/{f}" for folder in [f"eval/{n}" for n in names] + [threat_folder(*p) for p in unseen(params)]
+    evaluations = [f"{folder}/{f}" for folder in [f"eval/{n}" for n in names] + [threat_folder(*p) for p in pairs]
                    for f in ("metrics.json", "examples.safetensors")]
     reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
              "adversarial/summary.json", *evaluations, *(f for m in methods for f in m.report_files))
-    evaluations_after = (*(evaluate_stage(n) for n in names), *(evaluate_stage(*p) for p in unseen(params)))
+    evaluations_after = (*(evaluate_stage(n) for n in names), *(evaluate_stage(*p) for p in pairs))
     stages["report"] = Stage("report", tuple(report_keys(methods)), (*training, *evaluations_after),
                              "report", reads=reads, writes=("report/report.html", "report/report.md", "report/figures"))
     return stages

@@ -245,15 +245,10 @@ def test_unseen_threats_attack_in_their_own_ball_with_the_derived_suite(chain: P
     assert not (folder / "work").exists()
 
 
-def _outcomes(folder: Path) -> tuple[list[float], list[bool]]:
-    """An evaluation's per-point outcomes (headline probability, strict verdict) from its examples.safetensors."""
-    tensors, _ = load_tensors(folder / "examples.safetensors")
-    return tensors["robust_expected"].tolist(), tensors["robust_worst_case"].bool().tolist()
-
-
 def test_the_report_has_the_generalisation_table_with_the_metrics_figures(chain: Path) -> None:
     """Rows the defences, columns the training threat and each unseen threat (each figure the metrics file's, the
     paired difference against `at` recomputed), and a sentence per defence and threat on whether it generalises."""
+    from carso.report import point_outcomes
     from carso.stats import paired_outcomes
     from report_reader import md_sections
 
@@ -273,7 +268,8 @@ def test_the_report_has_the_generalisation_table_with_the_metrics_figures(chain:
             assert _agrees(figures(cell)[0], m["robust_worst_case"])
             if name != "at":
                 folders = [chain / "threats" / threat / n for n in (name, "at")]
-                d = paired_outcomes(*map(_outcomes, folders), m["robust_worst_case"]["confidence"])
+                d = paired_outcomes(*(point_outcomes(f / "examples.safetensors") for f in folders),
+                                    m["robust_worst_case"]["confidence"])
                 assert f"vs at {100 * d['difference']:+.1f}" in cell.replace("`", "")
     sentences = sections["What the unseen threats show"]["items"]
     assert any(s.replace("`", "").startswith("atop against at under L2 eps 1.5 (l2, not trained for)")
