@@ -94,6 +94,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.evaluation import evaluate_defence, example_tensors, headline, unseen_section
     from carso.params import defence_params, pgd_run_name, with_overrides
     from carso.io import save_tensors, write_json
+    from carso.sources import load_crafted
 
     device, _ = _runtime(params, args.threads)
     if args.defence not in params["evaluation"]["defences"]:
@@ -106,6 +107,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
         wanted = " ".join(f"data/{args.dataset}/{a}" for a in spec.artifacts) or "nothing"
         raise UserError(f"defence '{args.defence}' loads {len(spec.artifacts)} trained file(s) but --artifacts gave "
                         f"{len(args.artifacts)}; pass --artifacts {wanted} (the files its training stages write).")
+    sources = _sources_folder(args, params, threat)
     load = lambda p: resolve(spec.load)(Path(args.model), [Path(a) for a in args.artifacts], args.dataset, p)  # noqa: E731
     model = load(built)
     cfg = params["evaluation"]["defences"][args.defence]
@@ -118,7 +120,10 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
     metrics, adversarial, robust = evaluate_defence(model, x, y, x_transfer, common, cfg, device,
                                                     params["runtime"]["seed"], out, surrogates,
                                                     section=f"evaluation.defences.{args.defence} of {args.params}",
-                                                    naive=() if threat else spec.naive)
+                                                    naive=() if threat else spec.naive,
+                                                    sources=load_crafted(sources / "points.safetensors",
+                                                                         common.get("norm", "Linf"), common["eps"], y)
+                                                    if sources else None)
     metrics = {"threat": threat or "training", **metrics}
     examples = example_tensors(model, x, adversarial[metrics["strongest_pgd"]], y, device)
     save_tensors(out / "examples.safetensors",
@@ -157,6 +162,48 @@ def _evaluation_threat(args: argparse.Namespace, params: dict[str, Any], built: 
     return built["evaluation"], stored[transfer], None
 
 
+def _sources_folder(args: argparse.Namespace, params: dict[str, Any], threat: str | None) -> Path | None:
+    """craft_sources' folder for this evaluation's threat (--sources: the points crafted on the unseen source
+    models), or None when params declares no `sources`."""
+    from carso.stages import crafted_folder
+
+    if not params.get("sources"):
+        if args.sources is not None:
+            raise UserError(f"--sources {args.sources}: {args.params} declares no `sources` section; add one (see "
+                            "the default params.yaml) or drop --sources.")
+        return None
+    if args.sources is None:
+        raise UserError(f"{args.params} declares `sources` (transfer from unseen models): give --sources, "
+                        f"craft_sources' folder for this threat (data/{args.dataset}/{crafted_folder(threat)}), or "
+                        "remove the `sources` section.")
+    return Path(args.sources)
+
+
+def cmd_train_sources(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.distributed import leave
+    from carso.sources import train_sources
+
+    device, team = _runtime(params, args.threads, data_parallel=True)
+    _require_sources(params, args)
+    train_sources(args.dataset, Path(args.data), Path(args.out), params, device, team)
+    leave(team)
+
+
+def cmd_craft_sources(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from carso.sources import TRAINING, craft_sources
+
+    device, _ = _runtime(params, args.threads)
+    _require_sources(params, args)
+    craft_sources(args.dataset, Path(args.data), Path(args.models), Path(args.out), params, args.threat or TRAINING,
+                  device)
+
+
+def _require_sources(params: dict[str, Any], args: argparse.Namespace) -> None:
+    if not params.get("sources"):
+        raise UserError(f"{args.params} declares no `sources` section (the unseen source models); add one (see the "
+                        "default params.yaml).")
+
+
 def cmd_report(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from carso.layout import Results
     from carso.report import write_report
@@ -186,6 +233,14 @@ SHARED_STAGES: dict[str, Stage] = {
                                                         ("--data", "fetched dataset folder"),
                                                         ("--out", "folder for the adversarial examples")],
                              "attack the classifier alone; store the examples"),
+    "train-sources": (cmd_train_sources, [("--data", "fetched dataset folder"),
+                                          ("--out", "folder for one subfolder per source model")],
+                      "train the unseen source models of `sources` (transfer attacks from models no defence saw)"),
+    "craft-sources": (cmd_craft_sources, [("--models", "train_sources' folder"), ("--data", "fetched dataset folder"),
+                                          ("--threat?", "an unseen threat of evaluation.threats (default: the "
+                                                        "training threat)"),
+                                          ("--out", "folder for points.safetensors and summary.json")],
+                      "craft sources.attacks on every source model in one threat"),
 }
 FINAL_STAGES: dict[str, Stage] = {
     "evaluate": (cmd_evaluate, [("--defence", f"a defence: {', '.join(DEFENCES)}, or a variant declared in params"),
@@ -196,6 +251,8 @@ FINAL_STAGES: dict[str, Stage] = {
                                                    "without --threat)"),
                                 ("--threat?", "an unseen threat of evaluation.threats (default: the training threat, "
                                               "evaluation.norm and eps, with the defence's full suite)"),
+                                ("--sources?", "craft_sources' folder for this threat (transfer from unseen models; "
+                                               "needed when params declares `sources`)"),
                                 ("--out", "folder for metrics.json, headline.json and examples.safetensors")],
                  "evaluate one defence with the full protocol"),
     "report": (cmd_report, [("--root", "the dataset's results folder, e.g. data/fashion_mnist"),

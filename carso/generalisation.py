@@ -8,7 +8,7 @@ from typing import Any
 from carso.io import read_json
 from carso.layout import Results
 from carso.report import Outcomes, Section, _pct, _threat, paired, point_outcomes
-from carso.stages import threat_folder, unseen
+from carso.stages import TRAINING_BALL, crafted_folder, threat_folder, unseen
 
 QUERY_KINDS = {"spsa": "gradient-free (SPSA)", "hopskipjump": "decision-based (HopSkipJump)"}
 REFERENCE = "at"
@@ -22,6 +22,15 @@ def gather_threats(results: Results, params: dict[str, Any]) -> dict[str, tuple[
         evals[name] = read_json(results.path(f"{threat_folder(name, threat)}/metrics.json"))
         outcomes[name] = point_outcomes(results.path(f"{threat_folder(name, threat)}/examples.safetensors"))
     return found
+
+
+def gather_sources(results: Results, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per threat the sources were crafted in (`training` first, then each unseen one): craft_sources' summary.json
+    (none when params declares no `sources`)."""
+    if not params.get("sources"):
+        return {}
+    balls = [None, *(params["evaluation"].get("threats") or {})]
+    return {ball or TRAINING_BALL: read_json(results.path(f"{crafted_folder(ball)}/summary.json")) for ball in balls}
 
 
 def versus(name: str, evals: dict[str, Any], outcomes: Outcomes) -> dict[str, Any] | None:
@@ -47,10 +56,12 @@ def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
     """Rows the defences; columns the worst case under the training threat, under each unseen threat and each query
     family's strongest run alone, each with its interval and n and (threats) the paired difference against `at`."""
     kinds = [k for k in QUERY_KINDS if any(_query_entry(m, k) for m in evals.values())]
+    sources = any("sources" in m for m in evals.values())
     training = next(iter(evals.values()))
     header = ["defence", f"training threat ({_threat(training)}), worst case"]
     header += [f"unseen: {_threat(next(iter(e.values())))} ({t}), worst case" for t, (e, _) in threats.items()]
     header += [f"{QUERY_KINDS[k]}, alone (training threat)" for k in kinds]
+    header += ["transfer from unseen models, strongest per point (training threat)"] if sources else []
     rows = [header]
     for name, m in evals.items():
         row = [f"`{name}`", _pct(m["robust_worst_case"]) + _difference(versus(name, evals, outcomes))]
@@ -58,6 +69,7 @@ def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
             row.append(_pct(t_evals[name]["robust_worst_case"]) + _difference(versus(name, t_evals, t_outcomes))
                        if name in t_evals else "not evaluated")
         row += [_pct(q) if (q := _query_entry(m, k)) else "not run" for k in kinds]
+        row += [_pct(m["sources"]) if "sources" in m else "not run"] if sources else []
         rows.append(row)
     return rows
 
@@ -98,12 +110,41 @@ GENERALISATION_NOTE = (
     "difference marked not significant is one the sign-flip test does not support.")
 
 
+def source_rows(crafted: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per (threat, source model): what it is, its clean accuracy on the crafted points and its own accuracy
+    on each attack crafted on it (white-box there: near 0 says the attack did its job before it was transferred)."""
+    attacks = list(dict.fromkeys(a for c in crafted.values() for s in c["sources"].values() for a in s["attacks"]))
+    rows = [["threat", "source", "model", "clean", *(f"{a}: on the source itself" for a in attacks)]]
+    for ball, c in crafted.items():
+        for name, source in c["sources"].items():
+            rows.append([f"{ball} ({c['norm']} eps {c['eps']:.4g})", f"`{name}`", source["description"],
+                         f"{100 * source['clean_accuracy']:.1f}% (n={c['points']})",
+                         *(f"{100 * source['attacks'][a]['white_box_accuracy']:.1f}%" if a in source["attacks"]
+                           else "" for a in attacks)])
+    return rows
+
+
+SOURCES_NOTE = (
+    "Each source model was trained here with the classifier's settings but its own architecture, epochs and attack "
+    "(params `sources`), and no defence saw it. The attacks crafted on it in each threat are judged on every defence "
+    "evaluated in that threat (the attacks table names each one's source: src_<source>_<attack>); the generalisation "
+    "table gives, per defence, the strongest of them per point. A source's own accuracy near 0 on an attack says the "
+    "attack worked on the source; a transfer figure far above it says the points did not carry over.")
+
+
 def generalisation_sections(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
-                            threats: dict[str, tuple[dict[str, Any], Outcomes]]) -> list[Section]:
-    """The report's generalisation table and its sentences (none without unseen threats)."""
-    if not threats:
+                            threats: dict[str, tuple[dict[str, Any], Outcomes]],
+                            crafted: dict[str, dict[str, Any]] | None = None) -> list[Section]:
+    """The report's generalisation table, its sentences and the unseen source models (none without unseen threats
+    or sources)."""
+    if not threats and not crafted:
         return []
-    return [("Generalisation: threats and attack families the defences were not trained for", "table",
-             generalisation_rows(evals, outcomes, threats)),
-            ("What the unseen threats show", "list",
-             [*generalisation_sentences(evals, outcomes, threats), GENERALISATION_NOTE])]
+    sections: list[Section] = [("Generalisation: threats and attack families the defences were not trained for",
+                                "table", generalisation_rows(evals, outcomes, threats))]
+    if threats:
+        sections.append(("What the unseen threats show", "list",
+                         [*generalisation_sentences(evals, outcomes, threats), GENERALISATION_NOTE]))
+    if crafted:
+        sections += [("Transfer from unseen models: the source models", "table", source_rows(crafted)),
+                     ("About the source models", "list", [SOURCES_NOTE])]
+    return sections

@@ -189,6 +189,9 @@ def _check_threats(params: dict[str, Any], source: str) -> None:
             raise UserError(f"{source}: '{key}.large_eps' ({threat['large_eps']}) is not larger than its eps "
                             f"({threat['eps']}); the masking check attacks at a radius where every defence must "
                             "fall, so make it much larger (e.g. the whole image's norm).")
+        if name == "training":
+            raise UserError(f"{source}: '{key}': `training` names the training threat (evaluation.norm and eps) among "
+                            "the points crafted on the source models (sources); give this threat another name.")
         if (threat["norm"], threat["eps"]) == (evaluation["norm"], evaluation["eps"]):
             raise UserError(f"{source}: '{key}' is the training threat ({threat['norm']} eps {threat['eps']}: "
                             "evaluation.norm and evaluation.eps), which each defence's own evaluation already "

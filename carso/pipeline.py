@@ -43,7 +43,7 @@ def dvc_name(stage: str) -> str:
 
 def command_of(stage: str) -> str:
     """The CLI subcommand that runs a graph stage."""
-    return "evaluate" if stage.startswith("evaluate:") else stage.replace("_", "-")
+    return "evaluate" if stage.startswith("evaluate:") else stage.split("@")[0].replace("_", "-")
 
 
 def _code(stage: Stage, params: dict[str, Any]) -> list[str]:
@@ -51,7 +51,7 @@ def _code(stage: Stage, params: dict[str, Any]) -> list[str]:
         return stage_code("evaluate", [defence(stage.name.split(":", 1)[1].split("@")[0], params).base])
     if stage.name == "report":
         return stage_code("report", sorted({defence(n, params).base for n in params["evaluation"]["defences"]}))
-    return stage_code(stage.name)
+    return stage_code(stage.name.split("@")[0])
 
 
 def _stage(plan: Plan, prefix: str, stage: Stage, root_file: bool) -> dict[str, Any]:

@@ -664,13 +664,14 @@ def write_report(dataset: str, results: Results, params: dict[str, Any], out_dir
                  params_file: str = "params.yaml") -> None:
     """Write report.html, report.md and figures/*.png for the defences of evaluation.defences; `params_file`: the
     file the run read, named with the command that reproduces it."""
-    from carso.generalisation import gather_threats, generalisation_sections  # (it builds on this module's helpers)
+    from carso.generalisation import (  # (it builds on this module's helpers)
+        gather_sources, gather_threats, generalisation_sections)
 
     defences = list(params["evaluation"]["defences"])
     facts = gather(results, defences, params)
     sections = _sections(dataset, facts, params, params_file)
     sections[2:2] = generalisation_sections(  # after the summary and the results table
-facts["evals"], facts["outcomes"], gather_threats(results, params))
+        facts["evals"], facts["outcomes"], gather_threats(results, params), gather_sources(results, params))
     for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(results, params) if method.report else []
     render(f"{params['report']['title']} ({dataset})", dataset, sections, out_dir)

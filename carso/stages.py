@@ -42,6 +42,48 @@ SHARED = (
 )
 
 
+TRAINING_BALL = "training"  # the training threat's folder among the crafted sets (carso.sources.TRAINING)
+SOURCE_KEYS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_fraction", "augment",
+               "precision", "channels_last", "monitor_points")  # the classifier's settings the sources share
+
+
+def craft_stage(threat: str | None = None) -> str:
+    """The graph name of the crafting on the source models: craft_sources in the training threat,
+    craft_sources@<threat> in an unseen one."""
+    return "craft_sources" + (f"@{threat}" if threat else "")
+
+
+def crafted_folder(threat: str | None = None) -> str:
+    """Where craft_sources writes the points of one threat, under data/<dataset>/."""
+    return f"sources/crafted/{threat or TRAINING_BALL}"
+
+
+def source_stages(params: dict[str, Any]) -> list[Stage]:
+    """train_sources and one craft_sources per threat (the training one and each of evaluation.threats), when the
+    params file declares `sources` (carso.sources); none otherwise."""
+    if not params.get("sources"):
+        return []
+    models = list(params["sources"]["models"])
+    each = [f"sources/models/{m}" for m in models]
+    train = Stage("train_sources", ("sources.models", *(f"classifier.{k}" for k in SOURCE_KEYS),
+                                    "classifier.attack.eps", "evaluation.norm", "runtime.seed"), ("fetch",),
+                  "sources/models", args=(("--data", "dataset"),), reads=DATASET,
+                  writes=(*(f"{m}/model.safetensors" for m in each), *(f"{m}/train_metrics.json" for m in each)),
+                  curves=tuple(f"{m}/curve.csv" for m in each))
+    out = [train]
+    for threat in [None, *(params["evaluation"].get("threats") or {})]:
+        ball = ("evaluation.norm", "evaluation.eps") if threat is None else (
+            f"evaluation.threats.{threat}.norm", f"evaluation.threats.{threat}.eps")
+        folder = crafted_folder(threat)
+        out.append(Stage(craft_stage(threat), ("sources", *ball,
+                                               "runtime.seed"), ("fetch", "train_sources"), folder,
+                         args=(("--models", "sources/models"), ("--data", "dataset")),
+                         reads=(*(f"{m}/model.safetensors" for m in each), "dataset/test.safetensors"),
+                         writes=(f"{folder}/points.safetensors", f"{folder}/summary.json"),
+                         extra=("--threat", threat) if threat else ()))
+    return out
+
+
 def evaluate_stage(name: str, threat: str | None = None) -> str:
     """The graph name of defence `name`'s evaluation: evaluate:<defence> under the training threat,
     evaluate:<defence>@<threat> under an unseen one (evaluation.threats)."""
@@ -71,10 +113,12 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
     names = list(params["evaluation"]["defences"])
     methods = methods_of(names, params)
     stages = {s.name: s for s in SHARED}
+    sources = source_stages(params)
+    stages.update((s.name, s) for s in sources)
     for method in methods:
         for st in method.stages:
             stages[st.name] = Stage(st.name, st.settings, st.after, st.out, st.args, st.reads, st.writes, st.curves)
-    training = [s for s in stages if s not in {x.name for x in SHARED}]
+    training = [s for s in stages if s not in {x.name for x in (*SHARED, *sources)}]
     for name in names:
         stages[evaluate_stage(name)] = _evaluation(stages, name, params)
     pairs = unseen(params)
@@ -87,10 +131,13 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
     training = [t for t in training if t in needed]
     evaluations = [f"{folder}/{f}" for folder in [f"eval/{n}" for n in names] + [threat_folder(*p) for p in pairs]
                    for f in ("metrics.json", "examples.safetensors")]
+    crafted = [f"{s.out}/summary.json" for s in sources if s.name.startswith("craft_sources")]
     reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
-             "adversarial/summary.json", *evaluations, *(f for m in methods for f in m.report_files))
+             "adversarial/summary.json", *evaluations, *crafted, *(f for m in methods for f in m.report_files))
     evaluations_after = (*(evaluate_stage(n) for n in names), *(evaluate_stage(*p) for p in pairs))
-    stages["report"] = Stage("report", tuple(report_keys(methods)), (*training, *evaluations_after),
+    crafting = tuple(s.name for s in sources if s.name.startswith("craft_sources"))
+    keys = (*report_keys(methods), *(("sources",) if sources else ()))
+    stages["report"] = Stage("report", keys, (*training, *evaluations_after, *crafting),
                              "report", reads=reads, writes=("report/report.html", "report/report.md", "report/figures"))
     return stages
 
@@ -109,6 +156,10 @@ def _evaluation(stages: dict[str, Stage], name: str, params: dict[str, Any], thr
     else:
         keys, after = threat_keys(spec, threat), ("train_classifier", *producers)
         extra = ("--defence", name, "--threat", threat)
+    if craft_stage(threat) in stages:  # transfer from the unseen source models, crafted in this threat
+        folder_of = crafted_folder(threat)
+        args, reads = (*args, ("--sources", folder_of)), (*reads, f"{folder_of}/points.safetensors")
+        after, keys = (*after, craft_stage(threat)), (*keys, "sources")  # (it checks that the points are given)
     return Stage(evaluate_stage(name, threat), tuple(keys), after, folder, args, reads,
                  (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
                  extra=extra)

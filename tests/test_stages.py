@@ -28,6 +28,7 @@ DEFENCES = {"at": [], "carso": [f"{D}/purifier/model.safetensors"],
             "ctl_scaled": [f"{D}/controls/plain/model.safetensors"], "ctl_quant": [f"{D}/controls/plain/model.safetensors"],
             "ctl_resize": [f"{D}/controls/resize/model.safetensors"]}
 UNSEEN = [("at", "l2"), ("atop", "l2"), ("at", "l1")]  # the tiny config's evaluation.threats: (defence, threat)
+SOURCE_ATTACKS = [f"src_{s}_{a}" for s in ("std", "adv") for a in ("pgd", "mifgsm")]  # the tiny config's sources
 STEPS = [["fetch", "--out", f"{D}/dataset"],
          ["train-classifier", "--data", f"{D}/dataset", "--out", f"{D}/classifier"],
          ["generate-adversarial", "--model", CLF, "--data", f"{D}/dataset", "--out", f"{D}/adversarial"],
@@ -38,12 +39,17 @@ STEPS = [["fetch", "--out", f"{D}/dataset"],
           "--pretrained", f"{D}/atop/pretrain", "--out", f"{D}/atop/finetune"],
          ["train-plain", "--data", f"{D}/dataset", "--out", f"{D}/controls/plain"],
          ["finetune-resize", "--data", f"{D}/dataset", "--plain", f"{D}/controls/plain", "--out", f"{D}/controls/resize"],
+         ["train-sources", "--data", f"{D}/dataset", "--out", f"{D}/sources/models"],
+         *(["craft-sources", "--models", f"{D}/sources/models", "--data", f"{D}/dataset", *threat,
+            "--out", f"{D}/sources/crafted/{threat[-1] if threat else 'training'}"] for threat in ([], ["--threat", "l2"],
+                                                                                                  ["--threat", "l1"])),
          *(["evaluate", "--defence", name, "--model", CLF, *(["--artifacts", *files] if files else []),
-            "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--out", f"{D}/eval/{name}"]
-           for name, files in DEFENCES.items()),
+            "--data", f"{D}/dataset", "--adversarial", f"{D}/adversarial", "--sources", f"{D}/sources/crafted/training",
+            "--out", f"{D}/eval/{name}"] for name, files in DEFENCES.items()),
          *(["evaluate", "--defence", name, "--threat", threat, "--model", CLF,
             *(["--artifacts", *DEFENCES[name]] if DEFENCES[name] else []), "--data", f"{D}/dataset",
-            "--out", f"{D}/threats/{threat}/{name}"] for name, threat in UNSEEN),
+            "--sources", f"{D}/sources/crafted/{threat}", "--out", f"{D}/threats/{threat}/{name}"]
+           for name, threat in UNSEEN),
          ["report", "--root", D, "--out", f"{D}/report"]]
 
 
@@ -155,8 +161,8 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     runs = [f"pgd_{r['loss']}" + ("_surrogate" if r.get("surrogate") else "") for r in cfg["pgd"]]
     query = {"square": _query_runs("square", cfg["square"], m["randomised"]),
              **{f: _query_runs(f, cfg.get(f), m["randomised"]) for f in ("spsa", "hopskipjump")}}
-    attacks = ["transfer", *(["autoattack"] if cfg["autoattack"]["enabled"] else []), *query["square"], *runs,
-               *query["spsa"], *query["hopskipjump"]]
+    attacks = ["transfer", *SOURCE_ATTACKS, *(["autoattack"] if cfg["autoattack"]["enabled"] else []),
+               *query["square"], *runs, *query["spsa"], *query["hopskipjump"]]
     assert list(m["attacks"]) == attacks  # every attack of the suite, in the order it ran
     alone = cfg["sanity"]["n_points"]  # each attack's own figure: on the subset that gets every attack
     capped = {name: min(alone, cfg[f]["n_points"]) for f in ("spsa", "hopskipjump") for name in query[f]}
@@ -174,8 +180,13 @@ def test_evaluation_reports_every_attack_with_intervals(chain: Path, defence: st
     assert head == {"clean": {"acc": round(m["clean"]["accuracy"], 4), "n": m["clean"]["n"]},
                     "clean_attacked": both(m["clean_subset"], cfg["n_points"]),
                     "worst_case": both(m["robust_worst_case"], cfg["n_points"]),
-                    "alone": {k: both(m["attacks"][k], points[k]) for k in attacks},
-                    "verdict_draws": draws, "verdict_repeats": repeats}
+                    "alone": {k: both(m["attacks"][k], points[k]) for k in attacks if k not in SOURCE_ATTACKS},
+                    "sources": both(m["sources"], alone), "verdict_draws": draws, "verdict_repeats": repeats}
+    family = [m["attacks"][k] for k in SOURCE_ATTACKS]  # each names its source; the family: per point the strongest
+    assert all(a["kind"] == "source" and a["title"].startswith(f"transfer from {a['source']} (cnn_v1, ") for a in family)
+    assert m["sources"]["attacks"] == SOURCE_ATTACKS and m["sources"]["sources"] == ["adv", "std"]
+    if not m["randomised"]:  # (a randomised defence's pick and estimate use different draws)
+        assert m["sources"]["accuracy"] <= min(a["accuracy"] for a in family) + 1e-9
     assert m["clean"]["n"] == 100 and m["precision"] == "fp32" and m["norm"] == "Linf"
     robust, _ = load_tensors(chain / "eval" / defence / "examples.safetensors")
     worst, expected = robust["robust_worst_case"].bool(), robust["robust_expected"].double()
@@ -229,7 +240,8 @@ def test_unseen_threats_attack_in_their_own_ball_with_the_derived_suite(chain: P
     square = [k for k in m["attacks"] if k.startswith("square")]  # (one run per k of the k-draw view)
     assert bool(square) == cfg["square"]["enabled"]
     first = [*(["autoattack"] if cfg["autoattack"]["enabled"] else []), *square]
-    assert list(m["attacks"]) == ([*runs, *first] if t["pgd_first"] else [*first, *runs])  # the order they ran in
+    assert list(m["attacks"]) == [*SOURCE_ATTACKS, *([*runs, *first] if t["pgd_first"] else [*first, *runs])]  # the order
+    # they ran in (the unseen sources' transfers first, crafted in this threat's ball)
     assert all(a["steps"] <= t["pgd_steps"] for a in m["attacks"].values() if a["kind"] == "pgd")
     assert m["sanity"]["fgsm"]["n"] == min(t["sanity_points"], cfg["n_points"]) == cfg["sanity"]["n_points"]
     assert m["robust_worst_case"]["n"] == cfg["n_points"] == min(t["n_points"], params["evaluation"]["defences"][name]["n_points"])
@@ -241,7 +253,8 @@ def test_unseen_threats_attack_in_their_own_ball_with_the_derived_suite(chain: P
     assert ball.contains(tensors["adversarial"], tensors["clean"]).all()
     assert len(tensors["robust_expected"]) == cfg["n_points"]
     head = json.loads((folder / "headline.json").read_text())
-    assert head["worst_case"]["n"] == cfg["n_points"] and set(head["alone"]) == set(m["attacks"])
+    assert head["worst_case"]["n"] == cfg["n_points"] and set(head["alone"]) == set(m["attacks"]) - {*SOURCE_ATTACKS}
+    assert head["sources"]["n"] == m["sources"]["n"] == cfg["sanity"]["n_points"]  # the sources as one family
     assert not (folder / "work").exists()
 
 
@@ -404,7 +417,8 @@ def test_a_variant_is_evaluated_with_its_own_settings(chain: Path) -> None:
     out = f"{D}/eval/carso_zero"
     result = run_cli(["evaluate", "--params", "variant.yaml", "--dataset", "fashion_mnist", "--defence", "carso_zero",
                       "--model", CLF, "--artifacts", *DEFENCES["carso"], "--data", f"{D}/dataset", "--adversarial",
-                      f"{D}/adversarial", "--out", out], cwd=chain.parent.parent)
+                      f"{D}/adversarial", "--sources", f"{D}/sources/crafted/training", "--out", out],
+                     cwd=chain.parent.parent)
     assert result.returncode == 0, result.stderr
     zero, carso = (json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in ("carso_zero", "carso"))
     assert (zero["defence"], zero["variant_of"], zero["set"]) == ("carso_zero", "carso", {"carso.latent": "zero"})
@@ -592,7 +606,7 @@ def test_compare_says_which_differences_between_two_runs_are_real(chain: Path) -
     params["evaluation"]["defences"]["at"]["n_points"] = 10
     write_params(project / "fewer.yaml", params)
     fewer = project / "runs" / "fewer" / D
-    for part in ("dataset", "classifier", "adversarial", "purifier", "atop", "eval"):
+    for part in ("dataset", "classifier", "adversarial", "purifier", "atop", "eval", "sources"):
         shutil.copytree(chain / part, fewer / part, dirs_exist_ok=True)
     shutil.rmtree(fewer / "eval" / "at")
     step = next(s for s in STEPS if s[:3] == ["evaluate", "--defence", "at"])

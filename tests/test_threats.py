@@ -50,7 +50,8 @@ def test_each_defence_and_threat_is_one_stage_that_only_its_threat_reaches() -> 
         assert stage.extra == ("--defence", name, "--threat", threat)
         assert set(stages["report"].after) >= {stage.name}
     changed = {s for s in stages if reached(stages, s, "evaluation.threats.l2.eps")}
-    assert changed == {"evaluate:at@l2", "evaluate:atop@l2", "report"}  # no training, no other threat
+    assert changed == {"craft_sources@l2", "evaluate:at@l2", "evaluate:atop@l2", "report"}  # no training, no other
+    # threat (its points crafted on the unseen sources are redone in the new ball)
     assert not reached(stages, "evaluate:at@l2", "evaluation.eps")  # the training radius is not this threat's
     assert reached(stages, "evaluate:at@l2", "classifier.epochs")  # but a retrained classifier is re-attacked
     assert dvc_name("evaluate:atop@l2") == "evaluate_atop_under_l2"

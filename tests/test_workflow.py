@@ -27,6 +27,8 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/atop/pretrain/inpainter.safetensors", f"{D}/atop/pretrain/discriminator.safetensors",
            f"{D}/atop/finetune/inpainter.safetensors", f"{D}/atop/finetune/curve.csv",
            f"{D}/controls/plain/model.safetensors", f"{D}/controls/resize/model.safetensors",
+           *(f"{D}/sources/models/{m}/model.safetensors" for m in ("std", "adv")),
+           *(f"{D}/sources/crafted/{b}/{f}" for b in ("training", "l2", "l1") for f in ("points.safetensors", "summary.json")),
            *(f"{D}/eval/{name}/{f}" for name in DEFENCES for f in ("metrics.json", "headline.json",
                                                                      "examples.safetensors")),
            *(f"{D}/threats/{threat}/{name}/{f}" for name, threat in UNSEEN
@@ -34,7 +36,8 @@ OUTPUTS = [f"{D}/dataset/manifest.json", f"{D}/classifier/model.safetensors", f"
            f"{D}/report/report.html", f"{D}/report/report.md", f"{D}/report/figures/examples_carso.png",
            f"{D}/report/figures/examples_atop.png", f"{D}/report/figures/inpainter_curves.png"]
 TRAININGS = ["train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
-             "train_plain", "finetune_resize"]
+             "train_plain", "finetune_resize", "train_sources"]
+CRAFTS = {"training": "craft_sources", "l2": "craft_sources_under_l2", "l1": "craft_sources_under_l1"}  # DVC's names
 
 
 def snakemake_jobs(project: Path, *extra: str) -> list[dict[str, Any]]:
@@ -86,6 +89,8 @@ def stage_name(job: dict[str, Any]) -> str:
     if job["rule"] == "evaluate_threat":
         defence, threat = (re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat"))
         return f"evaluate_{defence}_under_{threat}@{dataset}"
+    if job["rule"] == "craft_sources" and (m := re.search(r"--threat (\w+)", job["shell"])):
+        return f"craft_sources_under_{m.group(1)}@{dataset}"
     return f"{job['rule']}@{dataset}"
 
 
@@ -99,6 +104,8 @@ def expected_settings(job: dict[str, Any], params: dict[str, Any]) -> list[str]:
         stage = evaluate_stage(re.search(r"--defence (\w+)", job["shell"]).group(1))
     if stage == "evaluate_threat":
         stage = evaluate_stage(*(re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat")))
+    if stage == "craft_sources" and (m := re.search(r"--threat (\w+)", job["shell"])):
+        stage = f"craft_sources@{m.group(1)}"
     return sorted(graph(params)[stage].keys)
 
 
@@ -109,8 +116,8 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", params)
     jobs = snakemake_jobs(project, "--forceall")
     stages = dvc_stages(project)
-    assert len(jobs) == len(stages) == 52  # 26 per dataset: 7 trainings, 9 evaluations, 8 under unseen threats,
-    # fetch, report
+    assert len(jobs) == len(stages) == 60  # 30 per dataset: 7 trainings, 9 evaluations, 8 under unseen threats,
+    # fetch, report, the sources' training and their crafting in 3 threats
     for job in jobs:
         name = stage_name(job)
         stage = stages.pop(name)
@@ -124,7 +131,8 @@ def test_dvc_yaml_and_snakefile_describe_the_same_dag(tmp_path: Path) -> None:
 def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
     for out in OUTPUTS:
         assert (tiny_local_run / out).exists(), out
-    for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES):
+    for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES,
+                 *(f"craft_sources_{ball}" for ball in CRAFTS)):
         bench = (tiny_local_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
     assert "clean accuracy" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
@@ -137,10 +145,11 @@ def evaluation_changes() -> list[tuple[str, Any, set[str]]]:
     a change to it must rerun: the evaluations that read it and the report, nothing upstream."""
     every = {f"evaluate_{name}@fashion_mnist" for name in DEFENCES}  # under the training threat
     unseen = {f"{stage}@fashion_mnist" for stage in UNSEEN_STAGES}
-    changes = [("evaluation.eps", 0.12, every), ("evaluation.confidence", 0.8, every | unseen),
-               ("evaluation.transfer_attack", "pgd_weak", every),
+    changes = [("evaluation.eps", 0.12, every | {"craft_sources@fashion_mnist"}),
+               ("evaluation.confidence", 0.8, every | unseen), ("evaluation.transfer_attack", "pgd_weak", every),
                ("evaluation.threats.l2.eps", 1.0, {"evaluate_at_under_l2@fashion_mnist",
-                                                   "evaluate_atop_under_l2@fashion_mnist"}),
+                                                   "evaluate_atop_under_l2@fashion_mnist",
+                                                   "craft_sources_under_l2@fashion_mnist"}),
                *((f"evaluation.defences.{name}.verdict_repeats", 3, {f"evaluate_{name}@fashion_mnist", *(
                    f"evaluate_{name}_under_{t}@fashion_mnist" for n, t in UNSEEN if n == name)}) for name in DEFENCES)]
     return [(key, value, stages | {"report@fashion_mnist"}) for key, value, stages in changes]

@@ -30,7 +30,7 @@ SLURM_COMMANDS = ["munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", 
 D = "data/fashion_mnist"
 PROFILE = Path("workflow") / "profiles" / "slurm" / "config.yaml"
 MODEL_RULES = ("train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
-               "train_plain", "finetune_resize", "evaluate", "evaluate_threat")
+               "train_plain", "finetune_resize", "train_sources", "craft_sources", "evaluate", "evaluate_threat")
 GPU_MODEL = "placeholder"  # the GPU type tools/local_slurm.py advertises
 
 
@@ -154,8 +154,8 @@ def test_every_rule_runs_as_a_slurm_job_with_the_local_results(slurm_cluster: No
     # the tiny DAG as 20 Slurm jobs, one at a time on the 2-CPU node: 5 to 10 min here (conftest: tiny_local_run)
     result = run_tool(["snakemake", "--profile", str(PROFILE)], cwd=on_slurm, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    # recorded in DVC once, by the process that drove the workflow, not by the 20 jobs
-    assert len(re.findall(r"DVC: recorded 21 stage\(s\)", result.stderr)) == 1, result.stderr[-4000:]
+    # recorded in DVC once, by the process that drove the workflow, not by the 24 jobs
+    assert len(re.findall(r"DVC: recorded 25 stage\(s\)", result.stderr)) == 1, result.stderr[-4000:]
     assert sh("dvc status", on_slurm).strip().endswith("Data and pipelines are up to date.")
     ran = {jobid: job for jobid, job in slurm_jobs().items() if jobid not in before}
     # one Slurm job per DAG job, all finished, all from this run (the plugin names them by its run id)

@@ -31,15 +31,17 @@ def _clearly_more(first: Verdict, second: Verdict, confidence: float) -> bool:
 def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confidence: float) -> list[str]:
     """Signatures of gradient masking in one defence's results, in words (empty when none was seen).
 
-    An attack that needs no gradient of the defence (transfer from the classifier alone, black-box Square) must
-    not beat one that follows them (AutoAttack, PGD); at a very large eps at least one attack loss must bring
-    accuracy near 0; more PGD steps must not leave more points correct. A difference between two attacks counts
+    An attack that needs no gradient of the defence (transfer from the classifier alone or from an unseen source
+    model, black-box Square, the query attacks) must not beat one that follows them (AutoAttack, PGD); at a very
+    large eps at least one attack loss must bring accuracy near 0; more PGD steps must not leave more points correct. A difference between two attacks counts
     only when the paired test on the same points finds it (carso.stats.paired_expected), so noise is not reported
     as masking."""
     found = []
     attacks = results["attacks"]
     white = [n for n, a in attacks.items() if a["kind"] in WHITE_BOX and not a.get("surrogate")]
-    for probe, words in ((p, w) for p, w in PROBES.items() if p in verdicts):
+    probes = [(p, w) for p, w in PROBES.items() if p in verdicts]
+    probes += [(n, f"the {a['title']}") for n, a in attacks.items() if a["kind"] == "source" and n in verdicts]
+    for probe, words in probes:
         for name in white:
             if _clearly_more(verdicts[name], verdicts[probe], confidence):
                 found.append(f"{words} left {100 * attacks[probe]['accuracy']:.2f}% correct, clearly fewer than "

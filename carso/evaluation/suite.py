@@ -17,7 +17,7 @@ from carso.device import describe
 from carso.engine import engine_settings, prepare
 from carso.errors import UserError
 from carso.evaluation.cache import AttackCache, model_digest
-from carso.evaluation.cascade import Cascade, Runner, place
+from carso.evaluation.cascade import Cascade, Runner, place, worst_of
 from carso.evaluation.families import Target, families
 from carso.evaluation.families.autoattack import is_randomised
 from carso.evaluation.families.pgd import runs_of, strongest
@@ -50,14 +50,15 @@ def deterministic_protocol(cfg: dict[str, Any]) -> list[str]:
 def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor | None,
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path, surrogates: dict[str, nn.Module] | None = None,
-                     section: str = "the defence's evaluation section", naive: tuple[str, ...] = ()
-                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Verdict]:
+                     section: str = "the defence's evaluation section", naive: tuple[str, ...] = (),
+                     sources: dict[str, tuple[torch.Tensor, str]] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], Verdict]:
     """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
     (`Cascade`) in the order of `families`: transfer, AutoAttack, Square, each PGD(-EoT) run in the order listed,
     SPSA and HopSkipJump where enabled; then the gradient-masking checks and the attack-failure indicators.
 
     `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier alone.
-    `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). Every attack's
+    `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). `sources` holds
+    the points crafted on unseen source models in this threat (carso.sources.load_crafted), each judged as an attack. Every attack's
     final points are judged with fresh draws (carso.verdicts): the headline is the per-point worst case over all
     attacks, the expected accuracy under the attack the selection draws picked for each point, and beside it the
     strict rule (every attack and every repeat correct). Returns the metrics, the adversarial points of each attack
@@ -87,7 +88,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
                   engine["pass_images"])
     results["verdict_draws"], results["verdict_repeats"] = judge.draws, judge.repeats
     target = Target(model, xs, ys, threat, device, bs, seed, AttackCache(work_dir / "work", model_digest(model), seed),
-                    judge, engine["pass_images"], x_transfer=x_transfer, surrogates=surrogates)
+                    judge, engine["pass_images"], x_transfer=x_transfer, surrogates=surrogates,
+                    sources=sources or {})
     cascade = Cascade(judge(xs, ys), min(cfg["sanity"]["n_points"], n), conf)
     results["clean_subset"] = cascade.clean.entry(conf)
     verdicts: dict[str, Verdict] = {}
@@ -110,6 +112,8 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
             conf, scope="standalone", **info)
         log.info("%s alone: accuracy %.4f on the first %d points", info["title"], results["attacks"][name]["accuracy"],
                  results["attacks"][name]["n"])
+    if family := [n for n, info in attacks.items() if info["kind"] == "source"]:
+        results["sources"] = source_family(family, attacks, verdicts, cascade, conf)
     runs = runs_of(target, cfg)
     best = strongest(runs, cascade, verdicts)
     results["strongest_pgd"] = best.name
@@ -136,11 +140,22 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
     return results, adversarial, cascade.worst
 
 
+def source_family(names: list[str], attacks: dict[str, dict[str, Any]], verdicts: dict[str, Verdict],
+                  cascade: Cascade, conf: float) -> dict[str, Any]:
+    """Transfer from the unseen source models as one family: per point the strongest of its attacks (every source,
+    every attack), alone on the standalone subset, with the sources it drew on."""
+    points = min(attacks[n]["points"] for n in names)
+    return cascade.standalone(worst_of([verdicts[n] for n in names]), points).entry(
+        conf, scope="standalone", kind="source_family", attacks=names,
+        sources=sorted({attacks[n]["source"] for n in names}),
+        title=f"transfer from unseen models (the strongest of {len(names)} per point)")
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The figures a person diffs (DVC's metrics file of an evaluation): clean accuracy on the whole test set (one
     draw per point); on the attacked points, clean and the per-point worst case, each attack alone (on the sanity
-    subset, as the masking checks compare them), each as the headline (`acc`: the expected accuracy over the
-    estimate draws) and the strict rule (`strict`: all repeats correct), with its number of points; and the numbers
+    subset, as the masking checks compare them; the transfers from unseen models as one figure, `sources`), each as
+    the headline (`acc`: the expected accuracy over the estimate draws) and the strict rule (`strict`: all repeats correct), with its number of points; and the numbers
     of draws and repeats behind them (1 and 1: a deterministic defence, whose two figures coincide). The intervals,
     settings, timings and diagnostics stay in metrics.json."""
     def entry(e: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +163,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
     return {"clean": {"acc": round(metrics["clean"]["accuracy"], 4), "n": metrics["clean"]["n"]},
             "clean_attacked": entry(metrics["clean_subset"]), "worst_case": entry(metrics["robust_worst_case"]),
-            "alone": {name: entry(e) for name, e in metrics["attacks"].items()},
+            "alone": {name: entry(e) for name, e in metrics["attacks"].items() if e["kind"] != "source"},
+            **({"sources": entry(metrics["sources"])} if "sources" in metrics else {}),
             "verdict_draws": metrics["verdict_draws"], "verdict_repeats": metrics["verdict_repeats"]}
 
 

@@ -10,7 +10,7 @@ from carso.errors import UserError
 from carso.params import validate as validate_params
 from carso.pipeline import is_root, root_text, write_generated
 from carso.record import record_run
-from carso.stages import evaluate_stage, producer, threat_folder, unseen
+from carso.stages import TRAINING_BALL, craft_stage, crafted_folder, evaluate_stage, producer, threat_folder, unseen
 from carso.study import Plan, load_study, lookup
 
 CONFIG = {k: v for k, v in config.items() if k not in ("params_file", "study")}  # the params file's own keys
@@ -75,6 +75,13 @@ DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: e
 SPECS = {name: defence_spec(name, config) for name in DEFENCES}  # a variant: its base's loader, files and code
 UNSEEN = unseen(config)  # (defence, threat) of evaluation.threats: one evaluate_threat job each
 METHODS = methods_of(DEFENCES, config)  # the methods behind them: only their training stages are built
+SOURCES = list((config.get("sources") or {}).get("models", {}))  # unseen source models (carso.sources); none: no transfer
+BALLS = [TRAINING_BALL, *(config["evaluation"].get("threats") or {})] if SOURCES else []  # craft_sources jobs
+
+
+def ball_threat(ball):
+    """The unseen threat a craft_sources job crafts in (None: the training threat)."""
+    return None if ball == TRAINING_BALL else ball
 
 
 def code(stage, defences=()):
@@ -128,6 +135,9 @@ def evaluate_inputs(wildcards):
               "test": made(wildcards, f"{d}/dataset/test.safetensors"),
               "adversarial": made(wildcards, f"{d}/adversarial/test.safetensors")}
     artifacts = [made(wildcards, f"{d}/{a}") for a in spec.artifacts]
+    if SOURCES:  # the points crafted on the unseen source models in this evaluation's threat
+        threat = getattr(wildcards, "threat", None)
+        inputs["sources"] = made(wildcards, f"{d}/{crafted_folder(threat)}/points.safetensors")
     return {**inputs, "artifacts": artifacts} if artifacts else inputs
 
 
@@ -135,6 +145,11 @@ def threat_inputs(wildcards):
     """A defence under an unseen threat reads what its evaluation under the training threat does, except the stored
     transfer examples (crafted in the training threat's ball)."""
     return {k: v for k, v in evaluate_inputs(wildcards).items() if k != "adversarial"}
+
+
+def sources_option(wildcards, input):
+    """evaluate's --sources (craft_sources' folder for the job's threat) when params declares `sources`."""
+    return f" --sources {Path(input.sources).parent}" if "sources" in input.keys() else ""
 
 
 def report_inputs(wildcards):
@@ -148,7 +163,8 @@ def report_inputs(wildcards):
               "evals": [made(wildcards, f"{d}/eval/{name}/{f}") for name in DEFENCES
                         for f in ("metrics.json", "examples.safetensors")],
               "threats": [made(wildcards, f"{d}/{threat_folder(name, threat)}/{f}") for name, threat in UNSEEN
-                          for f in ("metrics.json", "examples.safetensors")]}
+                          for f in ("metrics.json", "examples.safetensors")],
+              "crafted": [made(wildcards, f"{d}/sources/crafted/{ball}/summary.json") for ball in BALLS]}
     return {**inputs, "methods": [made(wildcards, f"{d}/{f}") for m in METHODS for f in m.report_files]}
 
 

@@ -18,6 +18,7 @@ rule evaluate:
         ),
         data=lambda wildcards, input: str(Path(input.test).parent),
         adversarial=lambda wildcards, input: str(Path(input.adversarial).parent),
+        sources=sources_option,
         out=subpath(output.metrics, parent=True),
     conda:
         "../envs/carso.yaml"
@@ -31,7 +32,7 @@ rule evaluate:
     shell:
         "python -m carso evaluate --params {params.params_file} --dataset {wildcards.dataset}"
         " --defence {wildcards.defence} --model {input.model}{params.artifacts} --data {params.data}"
-        " --adversarial {params.adversarial} --out {params.out} --threads {threads} --log-file {log}"
+        " --adversarial {params.adversarial}{params.sources} --out {params.out} --threads {threads} --log-file {log}"
 
 
 rule evaluate_threat:  # one defence under one unseen threat of evaluation.threats (its own suite: carso.evaluation.threat)
@@ -53,6 +54,7 @@ rule evaluate_threat:  # one defence under one unseen threat of evaluation.threa
             f" --artifacts {' '.join(input.artifacts)}" if "artifacts" in input.keys() else ""
         ),
         data=lambda wildcards, input: str(Path(input.test).parent),
+        sources=sources_option,
         out=subpath(output.metrics, parent=True),
     conda:
         "../envs/carso.yaml"
@@ -66,4 +68,4 @@ rule evaluate_threat:  # one defence under one unseen threat of evaluation.threa
     shell:
         "python -m carso evaluate --params {params.params_file} --dataset {wildcards.dataset}"
         " --defence {wildcards.defence} --threat {wildcards.threat} --model {input.model}{params.artifacts}"
-        " --data {params.data} --out {params.out} --threads {threads} --log-file {log}"
+        " --data {params.data}{params.sources} --out {params.out} --threads {threads} --log-file {log}"
