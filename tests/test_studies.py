@@ -27,20 +27,20 @@ EXPECTED = {  # every study evaluates the base's controls (at_noise, plain, ctl_
     # (eps_curve) at every radius
     # n_samples is read by carso's evaluation alone: 4 more carso evaluations (N = 4 is the base's), 4 more reports
     "carso_samples": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 13,
-                      "evaluate_threat": 3, "craft_sources": 3, "report": 5},
+                      "evaluate_threat": 3, "craft_sources": 1, "craft_sources_threat": 2, "report": 5},
     "carso_aggregation": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 11,
-                          "evaluate_threat": 3, "craft_sources": 3, "report": 3},
+                          "evaluate_threat": 3, "craft_sources": 1, "craft_sources_threat": 2, "report": 3},
     # purifier.layers: 2 more purifiers, each evaluated once
     "carso_representation": {"train_purifier": 3, "pretrain_inpainter": 1, "finetune_inpainter": 1, "evaluate": 11,
-                             "evaluate_threat": 3, "craft_sources": 3, "report": 3},
+                             "evaluate_threat": 3, "craft_sources": 1, "craft_sources_threat": 2, "report": 3},
     # the transform: both AToP trainings and both AToP defences per transform; at, carso and the controls once
     "atop_transform": {"train_purifier": 1, "pretrain_inpainter": 3, "finetune_inpainter": 3, "evaluate": 13,
-                       "evaluate_threat": 5, "craft_sources": 3, "report": 3},
+                       "evaluate_threat": 5, "craft_sources": 1, "craft_sources_threat": 2, "report": 3},
     # the radius: every evaluation at each of 3 new radii; fine-tuning again only at eps 0.05 (its adversary's).
     # The unseen threats (at under l2 and l1, atop under l2: 3 jobs) read none of these axes but AToP's trainings;
     # the sources' points are crafted again at each radius of the training threat (4), once per unseen threat (2)
     "eps_curve": {"train_purifier": 1, "pretrain_inpainter": 1, "finetune_inpainter": 2, "evaluate": 36,
-                  "evaluate_threat": 4, "craft_sources": 6, "report": 4},
+                  "evaluate_threat": 4, "craft_sources": 4, "craft_sources_threat": 2, "report": 4},
 }
 
 

@@ -30,10 +30,10 @@ def _differences(a: Any, b: Any, path: str = "") -> set[str]:
     return set() if a == b else {path}
 
 
-# The default run's positive controls (carso.methods.controls) and unseen threats (evaluation.threats), which the
-# question and L2 configs leave out.
+# The default run's positive controls (carso.methods.controls), unseen threats (evaluation.threats) and unseen source
+# models (sources), which the question and L2 configs leave out.
 POSITIVE_CONTROLS = {f"evaluation.defences.{d}" for d in ("plain", "ctl_scaled", "ctl_quant", "ctl_resize")} | {
-    "evaluation.threats"}
+    "evaluation.threats", "sources"}
 
 
 @pytest.mark.parametrize("name, changed", [

@@ -89,8 +89,8 @@ def stage_name(job: dict[str, Any]) -> str:
     if job["rule"] == "evaluate_threat":
         defence, threat = (re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat"))
         return f"evaluate_{defence}_under_{threat}@{dataset}"
-    if job["rule"] == "craft_sources" and (m := re.search(r"--threat (\w+)", job["shell"])):
-        return f"craft_sources_under_{m.group(1)}@{dataset}"
+    if job["rule"] == "craft_sources_threat":
+        return f"craft_sources_under_{re.search(r'--threat (\w+)', job['shell']).group(1)}@{dataset}"
     return f"{job['rule']}@{dataset}"
 
 
@@ -104,8 +104,8 @@ def expected_settings(job: dict[str, Any], params: dict[str, Any]) -> list[str]:
         stage = evaluate_stage(re.search(r"--defence (\w+)", job["shell"]).group(1))
     if stage == "evaluate_threat":
         stage = evaluate_stage(*(re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat")))
-    if stage == "craft_sources" and (m := re.search(r"--threat (\w+)", job["shell"])):
-        stage = f"craft_sources@{m.group(1)}"
+    if stage == "craft_sources_threat":
+        stage = f"craft_sources@{re.search(r'--threat (\w+)', job['shell']).group(1)}"
     return sorted(graph(params)[stage].keys)
 
 
@@ -132,7 +132,7 @@ def test_snakemake_runs_the_whole_dag(tiny_local_run: Path) -> None:
     for out in OUTPUTS:
         assert (tiny_local_run / out).exists(), out
     for rule in (*TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES,
-                 *(f"craft_sources_{ball}" for ball in CRAFTS)):
+                 *CRAFTS.values()):
         bench = (tiny_local_run / "benchmarks" / "fashion_mnist" / f"{rule}.tsv").read_text()
         assert bench.startswith("s\t")
     assert "clean accuracy" in (tiny_local_run / "logs" / "fashion_mnist" / "evaluate_at.log").read_text()
@@ -250,7 +250,7 @@ def test_dvc_repro_matches_snakemake_and_reruns_only_evaluation_also_as_a_queued
         project)
     first = _sh("dvc repro", project)
     assert {s.split("@")[0] for s in ran_stages(first)} == {
-        "fetch", *TRAININGS, *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES, "report"}
+        "fetch", *TRAININGS, *CRAFTS.values(), *(f"evaluate_{name}" for name in DEFENCES), *UNSEEN_STAGES, "report"}
     for path in sorted((tiny_local_run / D).rglob("*")):  # the same artifacts as Snakemake's, bit for bit
         name = path.relative_to(tiny_local_run)
         if path.suffix == ".safetensors":
@@ -400,7 +400,7 @@ def test_another_params_file_is_passed_to_every_stage_and_writes_under_its_own_r
     project = make_project(tmp_path / "p", load_tiny())
     write_params(project / "other.yaml", {**load_tiny(), "output_root": "runs/other"})
     jobs = snakemake_jobs(project, "--config", "params_file=other.yaml")
-    assert len(jobs) == 21 and all("--params other.yaml" in j["shell"] for j in jobs)
+    assert len(jobs) == 25 and all("--params other.yaml" in j["shell"] for j in jobs)
     files = [f for j in jobs for f in j["input"] + j["output"] + j["log"] if not f.startswith("carso/")]
     assert len(files) > 40 and all(f.startswith("runs/other/") for f in files), files
     assert all(" --out runs/other/data/fashion_mnist/" in j["shell"] for j in jobs if " --out " in j["shell"])

@@ -30,7 +30,8 @@ SLURM_COMMANDS = ["munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", 
 D = "data/fashion_mnist"
 PROFILE = Path("workflow") / "profiles" / "slurm" / "config.yaml"
 MODEL_RULES = ("train_classifier", "generate_adversarial", "train_purifier", "pretrain_inpainter", "finetune_inpainter",
-               "train_plain", "finetune_resize", "train_sources", "craft_sources", "evaluate", "evaluate_threat")
+               "train_plain", "finetune_resize", "train_sources", "craft_sources",
+               "craft_sources_threat", "evaluate", "evaluate_threat")
 GPU_MODEL = "placeholder"  # the GPU type tools/local_slurm.py advertises
 
 

@@ -76,12 +76,7 @@ SPECS = {name: defence_spec(name, config) for name in DEFENCES}  # a variant: it
 UNSEEN = unseen(config)  # (defence, threat) of evaluation.threats: one evaluate_threat job each
 METHODS = methods_of(DEFENCES, config)  # the methods behind them: only their training stages are built
 SOURCES = list((config.get("sources") or {}).get("models", {}))  # unseen source models (carso.sources); none: no transfer
-BALLS = [TRAINING_BALL, *(config["evaluation"].get("threats") or {})] if SOURCES else []  # craft_sources jobs
-
-
-def ball_threat(ball):
-    """The unseen threat a craft_sources job crafts in (None: the training threat)."""
-    return None if ball == TRAINING_BALL else ball
+BALLS = [TRAINING_BALL, *(config["evaluation"].get("threats") or {})] if SOURCES else []  # where points are crafted
 
 
 def code(stage, defences=()):

@@ -1,6 +1,6 @@
 # Transfer from models no defence saw (carso/sources.py), when params declares `sources`: train_sources trains each
-# source model, craft_sources crafts each of sources.attacks on each in one threat (`ball`: `training`, the training
-# threat, or an unseen threat of evaluation.threats), and every evaluation in that threat reads the points.
+# source model, craft_sources crafts each of sources.attacks on each in the training threat (craft_sources_threat: in
+# an unseen threat of evaluation.threats), and every evaluation in that threat reads the points.
 
 
 rule train_sources:
@@ -40,25 +40,53 @@ rule craft_sources:
                                   for m in SOURCES],
         test=src("data/{dataset}/dataset/test.safetensors"),
     output:
-        points=out("data/{dataset}/sources/crafted/{ball}/points.safetensors"),
-        summary=out("data/{dataset}/sources/crafted/{ball}/summary.json"),
+        points=out("data/{dataset}/sources/crafted/training/points.safetensors"),
+        summary=out("data/{dataset}/sources/crafted/training/summary.json"),
     params:
-        settings=settings(lambda wildcards: craft_stage(ball_threat(wildcards.ball))),
+        settings=settings(craft_stage()),
         params_file=params_file,
         models=lambda wildcards, input: str(Path(input.models[0]).parent.parent),
         data=lambda wildcards, input: str(Path(input.test).parent),
-        threat=lambda wildcards: f" --threat {wildcards.ball}" if ball_threat(wildcards.ball) else "",
         out=subpath(output.points, parent=True),
     conda:
         "../envs/carso.yaml"
     log:
-        out("logs/{dataset}/craft_sources_{ball}.log"),
+        out("logs/{dataset}/craft_sources.log"),
     benchmark:
-        out("benchmarks/{dataset}/craft_sources_{ball}.tsv")
+        out("benchmarks/{dataset}/craft_sources.tsv")
     threads: workflow.cores
     resources:
         **heavy_resources(mem_mb=4000),
     shell:
         "python -m carso craft-sources --params {params.params_file} --dataset {wildcards.dataset}"
-        " --models {params.models} --data {params.data}{params.threat} --out {params.out} --threads {threads}"
-        " --log-file {log}"
+        " --models {params.models} --data {params.data} --out {params.out} --threads {threads} --log-file {log}"
+
+
+rule craft_sources_threat:  # the same in an unseen threat of evaluation.threats
+    input:
+        code=code("craft_sources"),
+        models=lambda wildcards: [made(wildcards, f"data/{{dataset}}/sources/models/{m}/model.safetensors")
+                                  for m in SOURCES],
+        test=src("data/{dataset}/dataset/test.safetensors"),
+    output:
+        points=out("data/{dataset}/sources/crafted/{threat}/points.safetensors"),
+        summary=out("data/{dataset}/sources/crafted/{threat}/summary.json"),
+    params:
+        settings=settings(lambda wildcards: craft_stage(wildcards.threat)),
+        params_file=params_file,
+        models=lambda wildcards, input: str(Path(input.models[0]).parent.parent),
+        data=lambda wildcards, input: str(Path(input.test).parent),
+        out=subpath(output.points, parent=True),
+    conda:
+        "../envs/carso.yaml"
+    log:
+        out("logs/{dataset}/craft_sources_under_{threat}.log"),
+    benchmark:
+        out("benchmarks/{dataset}/craft_sources_under_{threat}.tsv")
+    threads: workflow.cores
+    resources:
+        **heavy_resources(mem_mb=4000),
+    shell:
+        "python -m carso craft-sources --params {params.params_file} --dataset {wildcards.dataset}"
+        " --threat {wildcards.threat} --models {params.models} --data {params.data} --out {params.out}"
+        " --threads {threads} --log-file {log}"
