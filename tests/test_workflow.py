@@ -90,7 +90,8 @@ def stage_name(job: dict[str, Any]) -> str:
         defence, threat = (re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat"))
         return f"evaluate_{defence}_under_{threat}@{dataset}"
     if job["rule"] == "craft_sources_threat":
-        return f"craft_sources_under_{re.search(r'--threat (\w+)', job['shell']).group(1)}@{dataset}"
+        threat = re.search(r"--threat (\w+)", job["shell"]).group(1)
+        return f"craft_sources_under_{threat}@{dataset}"
     return f"{job['rule']}@{dataset}"
 
 
@@ -105,7 +106,7 @@ def expected_settings(job: dict[str, Any], params: dict[str, Any]) -> list[str]:
     if stage == "evaluate_threat":
         stage = evaluate_stage(*(re.search(rf"--{flag} (\w+)", job["shell"]).group(1) for flag in ("defence", "threat")))
     if stage == "craft_sources_threat":
-        stage = f"craft_sources@{re.search(r'--threat (\w+)', job['shell']).group(1)}"
+        stage = "craft_sources@" + re.search(r"--threat (\w+)", job["shell"]).group(1)
     return sorted(graph(params)[stage].keys)
 
 
