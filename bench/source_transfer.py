@@ -5,6 +5,7 @@ benchmarks/. It measures what the sources add to each evaluation without the cas
 source attack is judged on the points the earlier ones left), and the transfer figures themselves.
 
 Run: python bench/source_transfer.py --root /path/to/run [--params params.yaml] [--dataset fashion_mnist]
+     [--only at carso atop_rt atop]
 Nothing else should run meanwhile (two torch processes on 2 cores slow each other several-fold).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="the finished run (its data/<dataset>/ folders)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--only", nargs="*", default=None, help="these defences (default: every evaluated one)")
     args = parser.parse_args()
     params = load_params(args.params)
     configure_threads(None)
@@ -57,7 +59,8 @@ def main() -> None:
         t = threats.get(threat, {})
         norm, eps = (t["norm"], t["eps"]) if threat else (params["evaluation"]["norm"], params["evaluation"]["eps"])
         crafted = load_crafted(folder / crafted_folder(threat) / "points.safetensors", norm, eps, y)
-        for name in t.get("defences", list(params["evaluation"]["defences"])):
+        for name in [d for d in t.get("defences", list(params["evaluation"]["defences"]))
+                     if args.only is None or d in args.only]:
             cfg = params["evaluation"]["defences"][name]
             spec = defence(name, params)
             model = resolve(spec.load)(folder / MODEL, [folder / a for a in spec.artifacts], args.dataset,
@@ -74,7 +77,7 @@ def main() -> None:
                 verdict = judge(points[:m], y[:m])
                 seconds = time.perf_counter() - start
                 total += seconds
-                print(f"{name:10} {threat or "training":9} {key:18} {m:4d} {100 * verdict.estimate.mean().item():8.1f}% "
+                print(f"{name:10} {threat or 'training':9} {key:18} {m:4d} {100 * verdict.estimate.mean().item():8.1f}% "
                       f"{seconds:8.1f}", flush=True)
     print(f"judging every crafted set on every evaluated defence: {total:.0f} s ({total / 60:.1f} min)")
 
