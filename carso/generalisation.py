@@ -33,6 +33,13 @@ def gather_sources(results: Results, params: dict[str, Any]) -> dict[str, dict[s
     return {ball or TRAINING_BALL: read_json(results.path(f"{crafted_folder(ball)}/summary.json")) for ball in balls}
 
 
+def source_outcomes(evals: dict[str, dict[str, Any]]) -> Outcomes:
+    """Per defence, the transfer from the unseen sources as one family: its per-point outcomes on the standalone
+    subset (metrics' `sources.per_point`), for the paired test against `at`."""
+    return {name: (m["sources"]["per_point"]["expected"], m["sources"]["per_point"]["strict"])
+            for name, m in evals.items() if "per_point" in m.get("sources", {})}
+
+
 def versus(name: str, evals: dict[str, Any], outcomes: Outcomes) -> dict[str, Any] | None:
     """`name` minus `at` on the first points both were attacked on, under one threat (None: either is missing)."""
     return None if name == REFERENCE else paired(name, REFERENCE, evals, outcomes)
@@ -54,7 +61,8 @@ def _query_entry(m: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
                         threats: dict[str, tuple[dict[str, Any], Outcomes]]) -> list[list[str]]:
     """Rows the defences; columns the worst case under the training threat, under each unseen threat and each query
-    family's strongest run alone, each with its interval and n and (threats) the paired difference against `at`."""
+    family's strongest run alone, each with its interval and n and (threats, the unseen sources) the paired
+    difference against `at`."""
     kinds = [k for k in QUERY_KINDS if any(_query_entry(m, k) for m in evals.values())]
     sources = any("sources" in m for m in evals.values())
     training = next(iter(evals.values()))
@@ -69,7 +77,8 @@ def generalisation_rows(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
             row.append(_pct(t_evals[name]["robust_worst_case"]) + _difference(versus(name, t_evals, t_outcomes))
                        if name in t_evals else "not evaluated")
         row += [_pct(q) if (q := _query_entry(m, k)) else "not run" for k in kinds]
-        row += [_pct(m["sources"]) if "sources" in m else "not run"] if sources else []
+        row += [_pct(m["sources"]) + _difference(versus(name, evals, source_outcomes(evals)))
+                if "sources" in m else "not run"] if sources else []
         rows.append(row)
     return rows
 

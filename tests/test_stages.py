@@ -284,6 +284,14 @@ def test_the_report_has_the_generalisation_table_with_the_metrics_figures(chain:
                 d = paired_outcomes(*(point_outcomes(f / "examples.safetensors") for f in folders),
                                     m["robust_worst_case"]["confidence"])
                 assert f"vs at {100 * d['difference']:+.1f}" in cell.replace("`", "")
+    assert header[-1] == "transfer from unseen models, strongest per point (training threat)"
+    evals = {n: json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in DEFENCES}
+    for name, m in evals.items():  # the sources as one family, paired against at on the shared first points
+        assert _agrees(figures(rows[name][-1])[0], m["sources"])
+        if name != "at":
+            d = paired_outcomes(*((evals[n]["sources"]["per_point"]["expected"], evals[n]["sources"]["per_point"]["strict"])
+                                  for n in (name, "at")), m["sources"]["confidence"])
+            assert f"vs at {100 * d['difference']:+.1f}" in rows[name][-1].replace("`", "")
     sentences = sections["What the unseen threats show"]["items"]
     assert any(s.replace("`", "").startswith("atop against at under L2 eps 1.5 (l2, not trained for)")
                for s in sentences), sentences

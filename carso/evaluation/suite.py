@@ -143,12 +143,14 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
 def source_family(names: list[str], attacks: dict[str, dict[str, Any]], verdicts: dict[str, Verdict],
                   cascade: Cascade, conf: float) -> dict[str, Any]:
     """Transfer from the unseen source models as one family: per point the strongest of its attacks (every source,
-    every attack), alone on the standalone subset, with the sources it drew on."""
+    every attack), alone on the standalone subset, with the sources it drew on and its per-point outcomes (`per_point`:
+    the headline's probability and the strict verdict, for the report's paired test against `at`)."""
     points = min(attacks[n]["points"] for n in names)
-    return cascade.standalone(worst_of([verdicts[n] for n in names]), points).entry(
-        conf, scope="standalone", kind="source_family", attacks=names,
-        sources=sorted({attacks[n]["source"] for n in names}),
-        title=f"transfer from unseen models (the strongest of {len(names)} per point)")
+    family = cascade.standalone(worst_of([verdicts[n] for n in names]), points)
+    return {**family.entry(conf, scope="standalone", kind="source_family", attacks=names,
+                           sources=sorted({attacks[n]["source"] for n in names}),
+                           title=f"transfer from unseen models (the strongest of {len(names)} per point)"),
+            "per_point": {"expected": family.estimate.double().tolist(), "strict": family.ok.bool().tolist()}}
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
