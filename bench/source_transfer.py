@@ -77,8 +77,8 @@ def main() -> None:
                 verdict = judge(points[:m], y[:m])
                 seconds = time.perf_counter() - start
                 total += seconds
-                print(f"{name:10} {threat or 'training':9} {key:18} {m:4d} {100 * verdict.estimate.mean().item():8.1f}% "
-                      f"{seconds:8.1f}", flush=True)
+                accuracy = 100 * verdict.estimate.mean().item()
+                print(f"{name:10} {threat or 'training':9} {key:18} {m:4d} {accuracy:8.1f}% {seconds:8.1f}", flush=True)
     print(f"judging every crafted set on every evaluated defence: {total:.0f} s ({total / 60:.1f} min)")
 
 

@@ -70,6 +70,14 @@ def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     return delta.norm(p=orders[norm], dim=1)
 
 
+def inside(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, slack: float = 1e-4) -> torch.Tensor:
+    """Per point: does `x_adv` lie in the `norm` ball of radius `eps` around `x` (up to float32 rounding, `slack`
+    relative to eps: an L1 distance sums the rounding of every pixel moved) and in [0, 1]?"""
+    in_ball = distance(x_adv, x, norm) <= eps * (1 + slack)
+    in_box = (x_adv.flatten(1).amin(dim=1) >= 0) & (x_adv.flatten(1).amax(dim=1) <= 1)
+    return in_ball & in_box
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
     """`x_adv` moved into the `norm` ball of radius `eps` around `x`, and into [0, 1].
 

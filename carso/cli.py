@@ -190,12 +190,13 @@ def cmd_train_sources(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def cmd_craft_sources(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from carso.sources import TRAINING, craft_sources
+    from carso.sources import craft_sources
+    from carso.stages import TRAINING_BALL
 
     device, _ = _runtime(params, args.threads)
     _require_sources(params, args)
-    craft_sources(args.dataset, Path(args.data), Path(args.models), Path(args.out), params, args.threat or TRAINING,
-                  device)
+    craft_sources(args.dataset, Path(args.data), Path(args.models), Path(args.out), params,
+                  args.threat or TRAINING_BALL, device)
 
 
 def _require_sources(params: dict[str, Any], args: argparse.Namespace) -> None:

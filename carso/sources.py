@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso.attacks import AttackSpec, attack_dataset, distance, momentum_attack, predict
+from carso.attacks import AttackSpec, attack_dataset, inside, momentum_attack, predict
 from carso.checkpoint import load_classifier
 from carso.data import load_split
 from carso.device import describe
@@ -27,12 +27,9 @@ from carso.distributed import Team
 from carso.errors import UserError
 from carso.io import load_tensors, save_tensors, write_json
 from carso.stages import SOURCE_KEYS, TRAINING_BALL
-from carso.training import train_classifier
+from carso.training import train_classifier, training_radii
 
 log = logging.getLogger(__name__)
-
-TRAINING = TRAINING_BALL  # the training threat's name among the crafted sets (no unseen threat may take it)
-
 
 def source_cfg(params: dict[str, Any], name: str) -> dict[str, Any]:
     """Source `name`'s training settings: the classifier's (SOURCE_KEYS) with its own architecture, epochs and
@@ -56,8 +53,7 @@ def train_sources(dataset: str, data_dir: Path, out_dir: Path, params: dict[str,
     """Every source model into `out_dir/<name>/` (model.safetensors, curve.csv, train_metrics.json), each resumable
     from its own checkpoint as the classifier is. The per-epoch PGD-10 check of a standard source runs at the
     classifier's training radius."""
-    monitor = params["classifier"]["attack"]["eps"]
-    monitor = max(monitor) if isinstance(monitor, list) else monitor
+    monitor = max(training_radii(params["classifier"]))
     for name in params["sources"]["models"]:
         log.info("source %s: %s", name, describe_source(params, name))
         train_classifier(dataset, data_dir, out_dir / name, source_cfg(params, name), params["runtime"]["seed"],
@@ -65,9 +61,9 @@ def train_sources(dataset: str, data_dir: Path, out_dir: Path, params: dict[str,
 
 
 def ball(params: dict[str, Any], threat: str) -> tuple[str, float]:
-    """The norm and radius the points of `threat` are crafted in: the training threat's (TRAINING) or an unseen
+    """The norm and radius the points of `threat` are crafted in: the training threat's (TRAINING_BALL) or an unseen
     one's."""
-    if threat == TRAINING:
+    if threat == TRAINING_BALL:
         return params["evaluation"].get("norm", "Linf"), params["evaluation"]["eps"]
     threats = params["evaluation"].get("threats") or {}
     if threat not in threats:
@@ -110,8 +106,7 @@ def craft_sources(dataset: str, data_dir: Path, models_dir: Path, out_dir: Path,
             t0 = time.perf_counter()
             torch.manual_seed(params["runtime"]["seed"] + i)  # PGD's random start: the same points on every rerun
             x_adv = craft_one(model, x, y, a, norm, eps, device, cfg["batch_size"])
-            outside = (distance(x_adv, x, norm) > eps * (1 + 1e-4)) | (x_adv.flatten(1).amin(1) < 0) | (
-                x_adv.flatten(1).amax(1) > 1)
+            outside = ~inside(x_adv, x, eps, norm)
             if bool(outside.any()):
                 raise RuntimeError(f"{attack} on source {name} left {int(outside.sum())} points outside {label} or "
                                    "[0, 1]")

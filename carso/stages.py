@@ -131,13 +131,13 @@ def graph(params: dict[str, Any]) -> dict[str, Stage]:
     training = [t for t in training if t in needed]
     evaluations = [f"{folder}/{f}" for folder in [f"eval/{n}" for n in names] + [threat_folder(*p) for p in pairs]
                    for f in ("metrics.json", "examples.safetensors")]
-    crafted = [f"{s.out}/summary.json" for s in sources if s.name.startswith("craft_sources")]
+    crafts = [s for s in sources if s.name != "train_sources"]
     reads = ("dataset/manifest.json", "classifier/curve.csv", "classifier/train_metrics.json",
-             "adversarial/summary.json", *evaluations, *crafted, *(f for m in methods for f in m.report_files))
+             "adversarial/summary.json", *evaluations, *(f"{s.out}/summary.json" for s in crafts),
+             *(f for m in methods for f in m.report_files))
     evaluations_after = (*(evaluate_stage(n) for n in names), *(evaluate_stage(*p) for p in pairs))
-    crafting = tuple(s.name for s in sources if s.name.startswith("craft_sources"))
     keys = (*report_keys(methods), *(("sources",) if sources else ()))
-    stages["report"] = Stage("report", keys, (*training, *evaluations_after, *crafting),
+    stages["report"] = Stage("report", keys, (*training, *evaluations_after, *(s.name for s in crafts)),
                              "report", reads=reads, writes=("report/report.html", "report/report.md", "report/figures"))
     return stages
 

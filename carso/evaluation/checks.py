@@ -33,9 +33,9 @@ def masking_checks(results: dict[str, Any], verdicts: dict[str, Verdict], confid
 
     An attack that needs no gradient of the defence (transfer from the classifier alone or from an unseen source
     model, black-box Square, the query attacks) must not beat one that follows them (AutoAttack, PGD); at a very
-    large eps at least one attack loss must bring accuracy near 0; more PGD steps must not leave more points correct. A difference between two attacks counts
-    only when the paired test on the same points finds it (carso.stats.paired_expected), so noise is not reported
-    as masking."""
+    large eps at least one attack loss must bring accuracy near 0; more PGD steps must not leave more points correct.
+    A difference between two attacks counts only when the paired test on the same points finds it
+    (carso.stats.paired_expected), so noise is not reported as masking."""
     found = []
     attacks = results["attacks"]
     white = [n for n, a in attacks.items() if a["kind"] in WHITE_BOX and not a.get("surrogate")]

@@ -51,21 +51,24 @@ def evaluate_defence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trans
                      common: dict[str, Any], cfg: dict[str, Any], device: torch.device, seed: int,
                      work_dir: Path, surrogates: dict[str, nn.Module] | None = None,
                      section: str = "the defence's evaluation section", naive: tuple[str, ...] = (),
-                     sources: dict[str, tuple[torch.Tensor, str]] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], Verdict]:
+                     sources: dict[str, tuple[torch.Tensor, str]] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Verdict]:
     """Every attack of the protocol on the first `n_points` test points of one defence, in fp32, as a cascade
-    (`Cascade`) in the order of `families`: transfer, AutoAttack, Square, each PGD(-EoT) run in the order listed,
-    SPSA and HopSkipJump where enabled; then the gradient-masking checks and the attack-failure indicators.
+    (`Cascade`) in the order of `families`: transfer, the unseen sources' points, AutoAttack, Square, each PGD(-EoT)
+    run in the order listed, SPSA and HopSkipJump where enabled; then the gradient-masking checks and the
+    attack-failure indicators.
 
     `x_transfer` holds stored adversarial versions of the first test points, crafted on the classifier alone.
     `surrogates` maps a PGD run's name to the model its gradients come from (`PgdRun.surrogate`). `sources` holds
-    the points crafted on unseen source models in this threat (carso.sources.load_crafted), each judged as an attack. Every attack's
-    final points are judged with fresh draws (carso.verdicts): the headline is the per-point worst case over all
-    attacks, the expected accuracy under the attack the selection draws picked for each point, and beside it the
-    strict rule (every attack and every repeat correct). Returns the metrics, the adversarial points of each attack
-    (for the report's examples) and the per-point worst-case verdict (so defences can be compared on the same
-    points). A randomised defence whose `cfg` (named `section` in the error) would attack it as a deterministic one
-    is refused before any attack runs. `naive` names the attacks whose worst case a naive evaluation of this defence
-    would report (a positive control's, carso.methods.controls): their figure is given as `naive`.
+    the points crafted on unseen source models in this threat (carso.sources.load_crafted), each judged as an
+    attack. Every attack's final points are judged with fresh draws (carso.verdicts): the headline is the per-point
+    worst case over all attacks, the expected accuracy under the attack the selection draws picked for each point,
+    and beside it the strict rule (every attack and every repeat correct). Returns the metrics, the adversarial
+    points of each attack (for the report's examples) and the per-point worst-case verdict (so defences can be
+    compared on the same points). A randomised defence whose `cfg` (named `section` in the error) would attack it
+    as a deterministic one is refused before any attack runs. `naive` names the attacks whose worst case a naive
+    evaluation of this defence would report (a positive control's, carso.methods.controls): their figure is given
+    as `naive`.
     """
     conf, bs = common["confidence"], cfg["batch_size"]
     threat = Threat(common.get("norm", "Linf"), common["eps"])
@@ -157,9 +160,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The figures a person diffs (DVC's metrics file of an evaluation): clean accuracy on the whole test set (one
     draw per point); on the attacked points, clean and the per-point worst case, each attack alone (on the sanity
     subset, as the masking checks compare them; the transfers from unseen models as one figure, `sources`), each as
-    the headline (`acc`: the expected accuracy over the estimate draws) and the strict rule (`strict`: all repeats correct), with its number of points; and the numbers
-    of draws and repeats behind them (1 and 1: a deterministic defence, whose two figures coincide). The intervals,
-    settings, timings and diagnostics stay in metrics.json."""
+    the headline (`acc`: the expected accuracy over the estimate draws) and the strict rule (`strict`: all repeats
+    correct), with its number of points; and the numbers of draws and repeats behind them (1 and 1: a deterministic
+    defence, whose two figures coincide). The intervals, settings, timings and diagnostics stay in metrics.json."""
     def entry(e: dict[str, Any]) -> dict[str, Any]:
         return {"acc": round(e["accuracy"], 4), "strict": round(e["strict"]["accuracy"], 4), "n": e["n"]}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from carso.attacks import NORMS, distance, project
+from carso.attacks import NORMS, distance, inside, project
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,8 @@ class Threat:
         return distance(x_adv, x, self.norm)
 
     def contains(self, x_adv: torch.Tensor, x: torch.Tensor, slack: float = 1e-4) -> torch.Tensor:
-        """Per point: does `x_adv` lie in the ball (up to float32 rounding, `slack` relative to eps: an L1 distance
-        sums the rounding of every pixel moved) and in [0, 1]?"""
-        inside = self.distance(x_adv, x) <= self.eps * (1 + slack)
-        in_box = (x_adv.flatten(1).amin(dim=1) >= 0) & (x_adv.flatten(1).amax(dim=1) <= 1)
-        return inside & in_box
+        """Per point: does `x_adv` lie in this ball and in [0, 1] (`carso.attacks.inside`)?"""
+        return inside(x_adv, x, self.eps, self.norm, slack)
 
 
 def unseen_section(cfg: dict[str, Any], threat: dict[str, Any]) -> dict[str, Any]:

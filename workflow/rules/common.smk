@@ -75,7 +75,7 @@ DEFENCES = list(config["evaluation"]["defences"])  # the defences to evaluate: e
 SPECS = {name: defence_spec(name, config) for name in DEFENCES}  # a variant: its base's loader, files and code
 UNSEEN = unseen(config)  # (defence, threat) of evaluation.threats: one evaluate_threat job each
 METHODS = methods_of(DEFENCES, config)  # the methods behind them: only their training stages are built
-SOURCES = list((config.get("sources") or {}).get("models", {}))  # unseen source models (carso.sources); none: no transfer
+SOURCES = list((config.get("sources") or {}).get("models", {}))  # unseen source models (carso.sources), or none
 BALLS = [TRAINING_BALL, *(config["evaluation"].get("threats") or {})] if SOURCES else []  # where points are crafted
 
 
