@@ -39,7 +39,7 @@ def parse(text: str) -> list[dict[str, Any]]:
                 values = [v for v in values if not is_code(v)]
             if m.group(1) == "resources":
                 values = [v for v in values if not v.startswith("tmpdir=")]
-            jobs[-1][m.group(1)] = values
+            jobs[-1][m.group(1)] = values if m.group(1) == "wildcards" else sorted(values)  # sets: order aside
         elif jobs and line.startswith("Shell command: "):
             jobs[-1]["shell"] = line.removeprefix("Shell command: ")
     jobs = [j for j in jobs if j["rule"] != "all"]
