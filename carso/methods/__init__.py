@@ -26,6 +26,7 @@ class StageSpec:
     reads: tuple[str, ...] = ()              # the files under data/<dataset>/ it reads (DVC deps, rule inputs)
     writes: tuple[str, ...] = ()             # the files under data/<dataset>/ it writes (DVC outs), curves aside
     curves: tuple[str, ...] = ()             # its training curves (DVC plots with x: epoch)
+    mem_mb: int = 8000                       # the memory its job asks a cluster for (Snakemake's mem_mb resource)
 
     @property
     def command(self) -> str:

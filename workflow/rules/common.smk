@@ -167,3 +167,34 @@ def report_folders(wildcards):
     """The report's --folders: the stage folders of its variant that live under another root (none in a plain run)."""
     moved = PLAN.results_at(wildcards.root, wildcards.dataset).arguments()
     return f" --folders {' '.join(moved)}" if moved else ""
+
+
+# The methods' training rules (rules/methods.smk), generated from their `StageSpec`s.
+def stage_inputs(stage):
+    """The library files `stage` runs and the files it reads, each where the stage that wrote it put it."""
+    return lambda wildcards: {"code": code(stage.name),
+                              **{f"read{i}": made(wildcards, f"data/{{dataset}}/{r}") for i, r in enumerate(stage.reads)}}
+
+
+def stage_outputs(stage):
+    """The files `stage` writes under the job's root; its training curves are shown in `snakemake --report`."""
+    files = [out(f"data/{{dataset}}/{w}") for w in stage.writes]
+    curves = [report(out(f"data/{{dataset}}/{c}"), caption="../report/curve.rst", category="Training")
+              for c in stage.curves]
+    return files + curves
+
+
+def stage_command(stage):
+    """`stage`'s CLI command up to --threads: its subcommand, the params file, the dataset, each of its `args` (a file or a
+    stage folder under data/<dataset>/) and --out; torchrun for a data-parallel stage that asks for several processes."""
+    def command(wildcards, resources):
+        launch = launcher(wildcards, resources) if stage.data_parallel else "python -m carso"
+        words = [launch, stage.command, "--params", params_file(wildcards), "--dataset", wildcards.dataset]
+        for flag, relative in stage.args:
+            words += [flag, made(wildcards, f"data/{{dataset}}/{relative}/").rstrip("/")]
+        return " ".join([*words, "--out", f"{wildcards.root}data/{wildcards.dataset}/{stage.out}"])
+    return command
+
+
+def stage_resources(stage):
+    return training_resources(stage.mem_mb) if stage.data_parallel else heavy_resources(stage.mem_mb)

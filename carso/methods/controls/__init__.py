@@ -44,7 +44,8 @@ METHOD = MethodSpec(
                       help="train classifier.arch without adversarial training (the positive controls' base)",
                       settings=(*_SETTINGS, "controls.plain"), after=("fetch",), out="controls/plain",
                       args=(("--data", "dataset"),), reads=_DATA,
-                      writes=(_PLAIN, "controls/plain/train_metrics.json"), curves=("controls/plain/curve.csv",)),
+                      writes=(_PLAIN, "controls/plain/train_metrics.json"), curves=("controls/plain/curve.csv",),
+                      mem_mb=4000),
             StageSpec("finetune_resize", "carso.methods.controls.training:resize_stage",
                       (("--data", "fetched dataset folder"), ("--plain", "train_plain's folder"),
                        ("--out", "folder for the model and its curves")),
@@ -52,7 +53,7 @@ METHOD = MethodSpec(
                       settings=(*_SETTINGS, "controls.plain", "controls.resize"), after=("fetch", "train_plain"),
                       out="controls/resize", args=(("--data", "dataset"), ("--plain", "controls/plain")),
                       reads=(*_DATA, _PLAIN), writes=(_RESIZE, "controls/resize/train_metrics.json"),
-                      curves=("controls/resize/curve.csv",))),
+                      curves=("controls/resize/curve.csv",), mem_mb=4000)),
     defences=(DefenceSpec("at_noise", "the classifier alone with harmless Gaussian noise on its logits (negative "
                           "control)", "the classifier alone with noisy logits", "carso.methods.controls.defence:load_noise",
                           settings=("controls.at_noise",), negative_control_of="at"),
