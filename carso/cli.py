@@ -1,6 +1,7 @@
 """Command-line entry points, one per stage: parse arguments, call one library function, write outputs.
 
-The shared stages are here; each method's training stages come from the registry (carso.defences).
+The shared stages are here; each method's training stages come from the registry (carso.defences), those of the
+plugins that the --params file names included.
 
 The same command runs from Snakemake, from DVC, by hand on a GPU box and from the tests:
     python -m carso fetch --dataset fashion_mnist --out data/fashion_mnist/dataset
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from carso.defences import DEFENCES, resolve, training_stages
+from carso.defences import DEFENCES, check_models, plugin_of, resolve, stage_owner, training_stages, use_plugins
 from carso.errors import UserError
 from carso.methods import StageSpec
 
@@ -133,7 +134,10 @@ def cmd_evaluate(args: argparse.Namespace, params: dict[str, Any]) -> None:
                                      "under the strongest attack found for it (the headline's per-point value)",
                   "robust_worst_case": "per attacked point, the strict rule: survived every attack, every repeat correct"})
     variant = {"variant_of": spec.variant_of, "set": cfg["set"]} if spec.variant_of else {}
-    write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **variant, **metrics})
+    plugin = plugin_of(spec.base)  # a plugin's defence: the distribution, version and code digest it ran with
+    provenance = {"plugin": plugin.record()} if plugin else {}
+    write_json(out / "metrics.json", {"dataset": args.dataset, "defence": args.defence, **variant, **provenance,
+                                      **metrics})
     write_json(out / "headline.json", headline(metrics))
 
 
@@ -217,6 +221,7 @@ def method_stage(stage: StageSpec) -> Callable[[argparse.Namespace, dict[str, An
     def run(args: argparse.Namespace, params: dict[str, Any]) -> None:
         from carso.distributed import leave
 
+        check_models([stage_owner(stage.name)], params, args.params)
         device, team = _runtime(params, args.threads, data_parallel=stage.data_parallel)
         resolve(stage.run)(args, params, device, team)
         leave(team)
@@ -261,15 +266,18 @@ FINAL_STAGES: dict[str, Stage] = {
                                            "e.g. eval/at=data/fashion_mnist/eval/at"),
                             ("--out", "folder for report.html, report.md and figures/")], "write the report"),
 }
-STAGES: dict[str, Stage] = {**SHARED_STAGES,
-                            **{s.command: (method_stage(s), list(s.options), s.help) for s in training_stages().values()},
-                            **FINAL_STAGES}
+
+
+def stages() -> dict[str, Stage]:
+    """Every stage's subcommand: the shared ones, each registered method's training stages, evaluate and report."""
+    methods = {s.command: (method_stage(s), list(s.options), s.help) for s in training_stages().values()}
+    return {**SHARED_STAGES, **methods, **FINAL_STAGES}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carso", description="Hybrid adversarial defences: pipeline stages.")
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name, (_, options, text) in STAGES.items():
+    for name, (_, options, text) in stages().items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
         p.add_argument("--dataset", required=True, help="dataset name, one of params.yaml `datasets`")
@@ -348,7 +356,29 @@ def cmd_record(args: argparse.Namespace) -> int:
 COMMANDS = {"compare": cmd_compare, "dvc-yaml": cmd_dvc_yaml, "record": cmd_record}  # not stages
 
 
+def _named_plugins(argv: list[str]) -> list[str]:
+    """The plugins the command's --params file names (read before the parser is built, so that their stages are
+    subcommands); the file itself is validated later, with the stage."""
+    import yaml
+
+    flag = next((i for i, a in enumerate(argv) if a == "--params" or a.startswith("--params=")), None)
+    path = "params.yaml" if flag is None else (argv[flag].partition("=")[2] or (argv[flag + 1:] or [""])[0])
+    try:
+        params = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # the stage's own loading says what is wrong with the file
+    plugins = params.get("plugins") if isinstance(params, dict) else None
+    return plugins if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins) else []
+
+
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        use_plugins(_named_plugins(words))
+    except UserError as err:
+        _setup_logging(None)
+        log.error("%s", err)
+        return 2
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_file)
     try:
@@ -362,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dataset not in params["datasets"]:
                 raise UserError(f"dataset '{args.dataset}' is not in `datasets` of {args.params} "
                                 f"({params['datasets']}); add it there first.")
-            STAGES[args.stage][0](args, params)
+            stages()[args.stage][0](args, params)
     except UserError as err:
         log.error("%s", err)
         return 2

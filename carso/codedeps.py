@@ -4,9 +4,13 @@ exactly the stages that run it.
 A stage's code is the import closure (every `carso` import, those inside functions included, and the packages
 they live in) of: carso/__main__.py, cli.py's top-level imports and those of its `main`, the imports of the CLI
 function that runs the stage (and of `_runtime`, where it calls it), and the registry functions it calls by name:
-every method's params checks (the validation runs in every stage), a method's stage function, the evaluated
-defence's loader, the report part of each evaluated method. tests/test_stages.py checks the result against
-what each stage really imports.
+every built-in method's params checks (the validation runs in every stage), a method's stage function, the
+evaluated defence's loader, the report part of each evaluated method. tests/test_stages.py checks the result
+against what each stage really imports.
+
+A plugin's modules (carso.discovery) are followed the same way wherever the plugin is installed, and count only
+for its own stages, the evaluations of its defences and the report on them: editing an installed plugin reruns
+exactly those. Its files are named by absolute path when they lie outside the repository.
 """
 from __future__ import annotations
 
@@ -15,23 +19,36 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from carso.discovery import package_dir
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository: paths are relative to it
 
 
+def _packages() -> set[str]:
+    """The top-level packages whose modules are followed: carso's and each active plugin's."""
+    from carso.defences import PLUGINS
+
+    return {"carso", *(p.package for p in PLUGINS.values())}
+
+
 def module_file(module: str) -> Path:
-    """carso.methods.atop.training -> carso/methods/atop/training.py (a package -> its __init__.py)."""
-    path = ROOT.joinpath(*module.split("."))
+    """carso.methods.atop.training -> carso/methods/atop/training.py (a package -> its __init__.py); a plugin's
+    module: its file where the plugin is installed."""
+    top = module.split(".")[0]
+    base = ROOT if top == "carso" else package_dir(top).parent
+    path = base.joinpath(*module.split("."))
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def _carso_imports(nodes: Iterable[ast.AST]) -> set[str]:
-    found = set()
+    """The imports among `nodes` of carso's modules and of the active plugins' modules."""
+    packages, found = _packages(), set()
     for node in nodes:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "carso":
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in packages:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}").exists()}
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "carso"}
+            found |= {a.name for a in node.names if a.name.split(".")[0] in packages}
     return found
 
 
@@ -62,7 +79,9 @@ def closure(modules: Iterable[str]) -> set[str]:
 
 
 def files(modules: Iterable[str]) -> list[str]:
-    return sorted(str(module_file(m).relative_to(ROOT)) for m in modules)
+    """The modules' files: relative to the repository, or absolute for a plugin installed outside it."""
+    paths = [module_file(m).resolve() for m in modules]
+    return sorted(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths)
 
 
 def cli_function_imports(name: str) -> set[str]:
@@ -80,19 +99,24 @@ def _module_of(function_path: str) -> str:
 
 def stage_modules(stage: str, defences: Sequence[str] = ()) -> set[str]:
     """The modules stage `stage` runs; `defences`: the defence it evaluates (evaluate) or reports on (report)."""
-    from carso.defences import DEFENCES, METHODS, methods_of, training_stages
+    from carso.defences import BUILTIN, DEFENCES, METHODS, PLUGINS, methods_of, training_stages
 
     method_stages = training_stages()
     entry = cli_function_imports("main")  # every stage starts there: logging, params, the stage's function
-    entry |= {_module_of(m.check_params) for m in METHODS if m.check_params}  # the params validation calls them
+    entry |= {_module_of(m.check_params) for m in BUILTIN if m.check_params}  # the params validation calls them
     if stage in method_stages:
+        owners = [m for m in METHODS if any(s.name == stage for s in m.stages)]
         entry |= cli_function_imports("method_stage") | {_module_of(method_stages[stage].run)}
+        entry |= {_module_of(m.check_models) for m in owners if m.check_models}  # its own stages run them
     else:
         entry |= cli_function_imports(f"cmd_{stage}")
+        owners = methods_of(list(defences)) if stage in ("evaluate", "report") else []
     if stage == "evaluate":
         entry |= {_module_of(DEFENCES[d].load) for d in defences}
     if stage == "report":
-        entry |= {_module_of(m.report) for m in methods_of(list(defences)) if m.report}
+        entry |= {_module_of(m.report) for m in owners if m.report}
+    for method in (m for m in owners if m.name in PLUGINS):  # the plugin's declaration and its params checks
+        entry |= {method.package, *([_module_of(method.check_params)] if method.check_params else [])}
     return closure({"carso.__main__", "carso.cli"} | entry)
 
 

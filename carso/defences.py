@@ -2,7 +2,9 @@
 params sections, its report part) and to how the defence loads as one nn.Module from [0, 1] images to logits.
 
 The CLI, the params validation, the evaluation, the report and the Snakemake rules ask this module; none of
-them imports a method by name. A new method is a subpackage of `carso.methods` plus one entry in `METHODS`.
+them imports a method by name. A built-in method is a subpackage of `carso.methods` plus one entry in `BUILTIN`;
+an installed package adds one through the `carso.methods` entry-point group, active while a params file names it
+in `plugins` (`use_plugins`, called by the params validation: carso.discovery).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from carso import discovery
 from carso.errors import UserError
 from carso.methods import DefenceSpec, MethodSpec, StageSpec
 from carso.methods.atop import METHOD as ATOP
@@ -20,8 +23,28 @@ from carso.methods.controls import METHOD as CONTROLS
 
 AT = DefenceSpec("at", "adversarially-trained classifier alone", "the classifier alone",
                  "carso.checkpoint:load_classifier_defence")
-METHODS: tuple[MethodSpec, ...] = (CARSO, ATOP, CONTROLS)  # a new method: one more entry here
+BUILTIN: tuple[MethodSpec, ...] = (CARSO, ATOP, CONTROLS)  # a new built-in method: one more entry here
+METHODS: list[MethodSpec] = list(BUILTIN)  # the built-in methods, then the plugins the params file names
 DEFENCES: dict[str, DefenceSpec] = {AT.name: AT, **{d.name: d for m in METHODS for d in m.defences}}
+PLUGINS: dict[str, discovery.Plugin] = {}  # the active plugins, by method name
+
+
+def use_plugins(names: list[str]) -> None:
+    """Make the registry the built-in methods plus exactly the plugins `names` (params.yaml `plugins`), in that
+    order; a plugin not installed, of another API version or taking a used name is refused in one sentence."""
+    loaded = [discovery.load(n) for n in dict.fromkeys(names)]
+    discovery.check_clashes(BUILTIN, loaded, [AT.name])
+    METHODS[:] = [*BUILTIN, *(m for m, _ in loaded)]
+    DEFENCES.clear()
+    DEFENCES.update({AT.name: AT, **{d.name: d for m in METHODS for d in m.defences}})
+    PLUGINS.clear()
+    PLUGINS.update({m.name: p for m, p in loaded})
+
+
+def plugin_of(name: str) -> discovery.Plugin | None:
+    """The plugin behind registered defence `name`, or None for a built-in one."""
+    method = method_of(name)
+    return PLUGINS.get(method.name) if method else None
 
 
 # Keys a variant of any defence may set besides those its base reads: the threat model's radius, and the stored
@@ -94,10 +117,26 @@ def methods_of(defences: list[str], params: dict[str, Any] | None = None) -> lis
     return [m for m in METHODS if m.name in wanted]
 
 
+def stage_owner(stage: str) -> MethodSpec:
+    """The method whose training stage `stage` is."""
+    return next(m for m in METHODS if any(s.name == stage for s in m.stages))
+
+
+def check_models(methods: list[MethodSpec], params: dict[str, Any], source: str) -> None:
+    """The checks of `methods` that build a model (`MethodSpec.check_models`): what the schema and the cross-key
+    checks cannot see, e.g. a layer name the classifier lacks; one sentence (UserError) on failure."""
+    for method in methods:
+        if method.check_models:
+            resolve(method.check_models)(params, source)
+
+
 def training_stages() -> dict[str, StageSpec]:
     """Every method's training stages, by name."""
     return {s.name: s for m in METHODS for s in m.stages}
 
 
 def method_dir(method: MethodSpec) -> Path:
+    """The folder that holds a method's schema.yaml: carso/methods/<name>/, or a plugin's declaring module's."""
+    if method.package:
+        return discovery.module_dir(method.package)
     return Path(__file__).resolve().parent / "methods" / method.name

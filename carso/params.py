@@ -13,23 +13,32 @@ from typing import Any
 import jsonschema
 import yaml
 
-from carso.defences import DEFENCES, METHODS, THREAT_KEYS, method_dir, resolve
+from carso.defences import DEFENCES, METHODS, THREAT_KEYS, method_dir, method_of, resolve, use_plugins
 from carso.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
 
 
-def load_schema() -> dict[str, Any]:
-    """The shared schema, completed from the registry: each method's sections (from its schema.yaml) and an
-    evaluation.defences.<defence> entry for every registered defence."""
+def load_schema(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shared schema, completed from the registry: each method's sections (from its schema.yaml; required only
+    for the methods whose defences `params` evaluates) and an evaluation.defences.<defence> entry for every
+    registered defence."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    used = used_methods(params or {})
     for method in METHODS:
         sections = yaml.safe_load((method_dir(method) / "schema.yaml").read_text())["sections"]
-        schema["properties"].update(sections)
-        schema["required"] += list(method.sections)
+        schema["properties"].update({k: v for k, v in sections.items() if k in method.sections})  # its own only
+        schema["required"] += list(method.sections) if method.name in used else []
     defences = schema["properties"]["evaluation"]["properties"]["defences"]["properties"]
     defences.update({name: {"$ref": "#/$defs/defence_evaluation"} for name in DEFENCES})
     return schema
+
+
+def used_methods(params: dict[str, Any]) -> set[str]:
+    """The methods behind the defences (and the variants' bases) that `params` evaluates, as far as they are known."""
+    defences = (params.get("evaluation") or {}).get("defences") or {}
+    bases = [n if n in DEFENCES else (c if isinstance(c, dict) else {}).get("variant_of") for n, c in defences.items()]
+    return {m.name for m in (method_of(b) for b in bases if b in DEFENCES) if m is not None}
 
 
 def _key(path: Any) -> str:
@@ -73,9 +82,16 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
                 f"the keys allowed here are: {', '.join(allowed)}.")
     if error.validator == "required":
         missing = error.message.split("'")[1]
+        owner = next((m for m in METHODS if missing in m.sections and not error.absolute_path), None)
+        if owner is not None:
+            return (f"{source}: the key '{missing}' is missing; {owner.title} needs it because evaluation.defences "
+                    f"evaluates its defences ({', '.join(d.name for d in owner.defences)}): add the section (see the "
+                    "default params.yaml), or evaluate none of them.")
         return f"{source}: the key '{'.'.join(filter(None, [_key(error.absolute_path) if error.absolute_path else '', missing]))}' is missing; add it (see the default params.yaml)."
     if error.validator in ("minItems", "uniqueItems", "minProperties"):
         return f"{source}: '{where}' must be a non-empty list or mapping without duplicates (got {error.instance!r})."
+    if error.validator == "pattern" and "propertyNames" not in error.schema_path:  # a value, not a name
+        return f"{source}: '{where}' must match {error.validator_value} (got {error.instance!r})."
     if error.validator == "pattern":  # (a propertyNames pattern reports the name as the instance)
         return (f"{source}: '{where}' holds an invalid name; names must match {error.validator_value} "
                 f"(got {error.instance!r}).")
@@ -87,7 +103,12 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
 def validate(params: dict[str, Any], source: str = "params.yaml", derived: bool = True) -> dict[str, Any]:
     """Validate `params` against the schema, then the rules a schema cannot express (`derived`: also build and
     check the params of each defence variant and of each PGD run's surrogate)."""
-    schema = load_schema()
+    plugins = params.get("plugins") or []
+    try:
+        use_plugins(plugins if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins) else [])
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
+    schema = load_schema(params)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
@@ -97,7 +118,8 @@ def validate(params: dict[str, Any], source: str = "params.yaml", derived: bool 
 
 
 def _check_relations(params: dict[str, Any], source: str, derived: bool = True) -> None:
-    """The shared cross-key rules, then each method's own (`MethodSpec.check_params`)."""
+    """The shared cross-key rules, each method's own (`MethodSpec.check_params`), then (`derived`) the params each
+    variant and each surrogate builds."""
     for name, spec in params["adversarial"]["attacks"].items():
         if spec["method"] == "pgd" and "steps" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.steps' is missing; a pgd attack needs "
@@ -105,15 +127,17 @@ def _check_relations(params: dict[str, Any], source: str, derived: bool = True) 
         if spec["method"] == "pgd" and "step_size" not in spec:
             raise UserError(f"{source}: 'adversarial.attacks.{name}.step_size' is missing; a pgd attack needs "
                             "a step_size > 0.")
-    _check_evaluation(params, source, derived)
-    for method in METHODS:
-        if method.check_params:
+    _check_evaluation(params, source)
+    for method in METHODS:  # each method whose sections the params file has
+        if method.check_params and all(s in params for s in method.sections):
             resolve(method.check_params)(params, source)
     for name in params["datasets"]:
         mirror = params["data"]["mirror"]
         if params["data"]["source"] == "mirror" and not mirror.get(name):
             raise UserError(f"{source}: 'data.mirror.{name}' is not set but data.source is 'mirror'; set it "
                             "to the folder that holds the dataset, or set data.source to 'download'.")
+    for name in params["evaluation"]["defences"] if derived else []:  # after every check of the params themselves,
+        _check_surrogates(params, name, source)  # so that a key's own error is reported in its own words
 
 
 def _radii(params: dict[str, Any]) -> dict[str, float]:
@@ -128,7 +152,7 @@ def _radii(params: dict[str, Any]) -> dict[str, float]:
     return found
 
 
-def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True) -> None:
+def _check_evaluation(params: dict[str, Any], source: str) -> None:
     """The threat model's radii fit its norm; the transfer attack must be a stored one inside the threat model;
     the sizes must fit each other; each variant names a defence and settings it reads; each defence's PGD runs
     have distinct names and valid surrogates."""
@@ -169,7 +193,7 @@ def _check_evaluation(params: dict[str, Any], source: str, derived: bool = True)
             raise UserError(f"{source}: 'evaluation.defences.{name}.sanity.n_points' ({cfg['sanity']['n_points']}) "
                             f"exceeds its n_points ({cfg['n_points']}); the checks run on a part of the attacked points.")
         _check_variant(params, name, source)
-        _check_pgd_runs(params, name, source, derived)
+        _check_run_names(params, name, source)
 
 
 def _check_threats(params: dict[str, Any], source: str) -> None:
@@ -237,12 +261,8 @@ def defence_params(params: dict[str, Any], name: str, source: str) -> dict[str, 
     return with_overrides(params, cfg["set"], f"{source} ('evaluation.defences.{name}.set')") if "set" in cfg else params
 
 
-def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, derived: bool) -> None:
-    """Two runs of one defence may not share a name (loss, and whether through a surrogate); a variant's settings
-    and a surrogate's (over them) must name keys of params and give valid params."""
-    _check_run_names(params, defence, source)
-    if not derived:
-        return
+def _check_surrogates(params: dict[str, Any], defence: str, source: str) -> None:
+    """A variant's settings and a surrogate's (over them) must name keys of params and give valid params."""
     built = defence_params(params, defence, source)
     for i, run in enumerate(params["evaluation"]["defences"][defence]["pgd"]):
         if run.get("surrogate"):
@@ -250,6 +270,7 @@ def _check_pgd_runs(params: dict[str, Any], defence: str, source: str, derived: 
 
 
 def _check_run_names(params: dict[str, Any], defence: str, source: str) -> None:
+    """Two runs of one defence may not share a name (loss, and whether through a surrogate)."""
     seen: set[str] = set()
     for i, run in enumerate(params["evaluation"]["defences"][defence]["pgd"]):
         key = f"evaluation.defences.{defence}.pgd[{i}]"

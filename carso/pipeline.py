@@ -74,7 +74,7 @@ def _stage(plan: Plan, prefix: str, stage: Stage, root_file: bool) -> dict[str, 
     body: dict[str, Any] = {"cmd": " ".join(tokens)}
     if not root_file:
         body["wdir"] = os.path.relpath(".", prefix or ".")
-    body["deps"] = [*_code(stage, params), *(path(r) for r in stage.reads)]
+    body["deps"] = [*_code(stage, params), *(path(r) for r in stage.reads), *stage.files]
     keys = list(stage.keys)
     body["params"] = keys if root_file else [{params_file: keys}]
     body["outs"] = [{path(r): dict(PERSIST)} for r in stage.writes]

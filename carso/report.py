@@ -644,6 +644,13 @@ def variant_findings(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
     return out
 
 
+def plugin_rows(evals: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The defences that installed plugins provide: which distribution, version and code each evaluation ran."""
+    rows = [[n, m["plugin"]["plugin"], m["plugin"]["distribution"], m["plugin"]["version"],
+             m["plugin"]["digest"][:16]] for n, m in evals.items() if m.get("plugin")]
+    return [["defence", "plugin", "distribution", "version", "code sha256 (first 16)"], *rows] if rows else []
+
+
 def gather(results: Results, defences: list[str], params: dict[str, Any]) -> dict[str, Any]:
     """Read the shared results of one dataset and every evaluated defence's metrics and examples."""
     evals, outcomes, examples = {}, {}, {}
@@ -759,6 +766,8 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
     summary = controls_sentence(controls, specs) + comparisons(facts["evals"], facts["outcomes"], specs) + \
         summary_sentences(facts["evals"]) + indicator_sentences(facts["evals"], specs) + \
         saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]
+    plugins = plugin_rows(facts["evals"])
+    plugin_section = [("Defences from installed plugins", "table", plugins)] if plugins else []
     control_section = ([("Controls: defences known to be broken, which the protocol must break", "table",
                          control_rows(controls, facts["evals"], specs))] if controls else [])
     keys = SHARED_SECTIONS + tuple(s for m in methods_of(list(facts["evals"]), params) for s in m.sections)
@@ -772,6 +781,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
             ("The headline and the strict bound", "table", rules_rows(facts["evals"])),
             ("How the defences are judged", "list", RULES_NOTE),
+            *plugin_section,
             *control_section,
             ("Clean and worst-case robust accuracy on the same attacked points", "figure",
              ("headline", headline_png(facts["evals"]))),

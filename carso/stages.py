@@ -26,6 +26,16 @@ class Stage:
     curves: tuple[str, ...] = ()  # training curves it writes (DVC plots, x: epoch)
     metrics: tuple[str, ...] = ()  # summary figures it writes (DVC metrics)
     extra: tuple[str, ...] = ()  # literal CLI tokens after --dataset (evaluate's --defence NAME)
+    files: tuple[str, ...] = ()  # files outside data/<dataset>/ it reads, relative to the project root (a loader-only
+                                 # defence's weights, named in params: DefenceSpec.files)
+
+
+def lookup(params: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key (carso.n_samples) in a params dict."""
+    node = params
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 DATASET = ("dataset/train.safetensors", "dataset/test.safetensors", "dataset/manifest.json")
@@ -160,9 +170,10 @@ def _evaluation(stages: dict[str, Stage], name: str, params: dict[str, Any], thr
         folder_of = crafted_folder(threat)
         args, reads = (*args, ("--sources", folder_of)), (*reads, f"{folder_of}/points.safetensors")
         after, keys = (*after, craft_stage(threat)), (*keys, "sources")  # (it checks that the points are given)
-    return Stage(evaluate_stage(name, threat), tuple(keys), after, folder, args, reads,
+    files = tuple(str(lookup(params, key)) for key in spec.files)  # a loader-only defence's own files
+    return Stage(evaluate_stage(name, threat), (*keys, *spec.files), after, folder, args, reads,
                  (f"{folder}/examples.safetensors", f"{folder}/metrics.json"), metrics=(f"{folder}/headline.json",),
-                 extra=extra)
+                 extra=extra, files=files)
 
 
 def upstream(stages: dict[str, Stage], name: str) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from carso import stages as stage_graph
+from carso.stages import lookup
 from carso.errors import UserError
 from carso.layout import Results
 from carso.params import load_params, validate, with_overrides
@@ -265,14 +266,6 @@ class Plan:
             text = (f"# written by carso.study from {self.study.source}: the params of the stages under this folder\n"
                     + yaml.safe_dump(own, sort_keys=False))
             write_if_changed(Path(file), text)
-
-
-def lookup(params: dict[str, Any], key: str) -> Any:
-    """The value of a dotted key (carso.n_samples) in a params dict."""
-    node = params
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -110,6 +110,11 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
                         ["'evaluation.threats'", "invalid name", "'L2-big'"]),
     "threat_missing_key": (lambda p: p["evaluation"]["threats"]["l2"].pop("large_eps"),
                            ["'evaluation.threats.l2.large_eps' is missing"]),
+    "purifier_unknown_layer": (lambda p: p["purifier"].__setitem__("layers", ["conv1", "features.0"]),
+                               ["params.yaml: 'purifier.layers' names 'features.0'", "not a module of classifier.arch",
+                                "conv1, conv2"]),
+    "atop_grid_not_divisor": (lambda p: p["atop"]["transform"].__setitem__("grid", 5),  # its own key, not a surrogate's
+                              ["params.yaml: 'atop.transform.grid' (5) does not divide"]),
 }
 
 
@@ -137,10 +142,13 @@ def test_a_variant_is_its_base_defence_with_its_settings(tiny_params: dict[str, 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_library_rejects_bad_params_in_one_sentence(tiny_params: dict[str, Any], case: str) -> None:
+    from carso.defences import check_models, methods_of
+
     breaker, words = BAD[case]
     breaker(tiny_params)
-    with pytest.raises(UserError) as err:
-        validate(tiny_params)
+    with pytest.raises(UserError) as err:  # what the Snakefile's dry run runs: the params checks, then those that
+        validate(tiny_params)              # build a model
+        check_models(methods_of(list(tiny_params["evaluation"]["defences"])), tiny_params, "params.yaml")
     message = str(err.value)
     assert "\n" not in message
     for word in words:
@@ -173,7 +181,7 @@ def test_cli_rejects_a_dataset_not_listed(tmp_path: Path, tiny_params: dict[str,
     assert result.returncode == 2 and "not in `datasets`" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "zero_steps"])
+@pytest.mark.parametrize("case", ["unknown_key", "zero_steps", "purifier_unknown_layer"])
 def test_snakefile_stops_with_the_message(tmp_path: Path, tiny_params: dict[str, Any], case: str) -> None:
     breaker, words = BAD[case]
     breaker(tiny_params)

@@ -54,6 +54,8 @@ class DefenceSpec:
                                              # worst case alone would overstate it
     variant_of: str = ""                     # a variant (evaluation.defences.<name>.variant_of): its registered base
     overrides: tuple[tuple[str, object], ...] = ()  # the variant's `set`: dotted params keys and their values
+    files: tuple[str, ...] = ()              # a loader-only defence: params keys whose values are files it loads (e.g.
+                                             # a pretrained purifier's .safetensors), relative to the project root
 
     @property
     def base(self) -> str:
@@ -71,5 +73,11 @@ class MethodSpec:
     stages: tuple[StageSpec, ...]
     defences: tuple[DefenceSpec, ...]
     check_params: str | None = None          # "module:function", f(params, source): cross-key checks (UserError)
+    check_models: str | None = None          # "module:function", f(params, source): checks that build a model (on
+                                             # the meta device), run by the Snakefile's dry run and the method's own
+                                             # stages only, so the other stages' code stays free of models
     report: str | None = None                # "module:function", f(root, params) -> the report's sections
     report_files: tuple[str, ...] = ()       # files, relative to the dataset's folder, that its report part reads
+    api: int = 0                             # a plugin: the carso.plugin API version it was written for
+    package: str = ""                        # a plugin: the module that declares it (set by the registry); its
+                                             # folder holds schema.yaml. Built-in methods: carso/methods/<name>/

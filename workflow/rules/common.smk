@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from carso.codedeps import stage_code
-from carso.defences import defence as defence_spec, methods_of
+from carso.defences import check_models, defence as defence_spec, methods_of
 from carso.errors import UserError
 from carso.params import validate as validate_params
 from carso.pipeline import is_root, root_text, write_generated
@@ -16,6 +16,7 @@ from carso.study import Plan, load_study, lookup
 CONFIG = {k: v for k, v in config.items() if k not in ("params_file", "study")}  # the params file's own keys
 try:  # the shared schema, every method's schema fragment and the cross-key rules, in one sentence on failure
     validate_params(CONFIG, PARAMS_FILE)
+    check_models(methods_of(list(CONFIG["evaluation"]["defences"]), CONFIG), CONFIG, PARAMS_FILE)  # (builds models)
     STUDY = load_study(config["study"]) if "study" in config else None  # every variant validated too
 except UserError as err:
     sys.exit(f"error: {err}")
@@ -130,6 +131,9 @@ def evaluate_inputs(wildcards):
               "test": made(wildcards, f"{d}/dataset/test.safetensors"),
               "adversarial": made(wildcards, f"{d}/adversarial/test.safetensors")}
     artifacts = [made(wildcards, f"{d}/{a}") for a in spec.artifacts]
+    files = PLAN.graph[evaluate_stage(spec.name, getattr(wildcards, "threat", None))].files
+    if files:  # a loader-only defence's own files (DefenceSpec.files: params keys naming them)
+        inputs["files"] = list(files)
     if SOURCES:  # the points crafted on the unseen source models in this evaluation's threat
         threat = getattr(wildcards, "threat", None)
         inputs["sources"] = made(wildcards, f"{d}/{crafted_folder(threat)}/points.safetensors")

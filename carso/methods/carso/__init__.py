@@ -30,6 +30,7 @@ METHOD = MethodSpec(
                           artifacts=("purifier/model.safetensors",), settings=("carso",), compare_with=("at",),
                           published=PUBLISHED, published_settings=PUBLISHED_SETTINGS),),
     check_params="carso.methods.carso.params:check",
+    check_models="carso.methods.carso.representation:check_layers",
     report="carso.methods.carso.report:sections",
     report_files=("purifier/curve.csv", "purifier/train_metrics.json"),
 )

@@ -7,7 +7,8 @@ from carso.errors import UserError
 
 
 def check(params: dict[str, Any], source: str) -> None:
-    """The purifier's attacks must be stored ones; the aggregation must be differentiable."""
+    """The purifier's attacks must be stored ones; the aggregation must be differentiable (the layers it hooks:
+    carso.methods.carso.representation.check_layers, which builds the classifier)."""
     attacks = params["adversarial"]["attacks"]
     named = [("purifier.attacks", a) for a in params["purifier"]["attacks"]]
     named.append(("purifier.monitor_attack", params["purifier"]["monitor_attack"]))
@@ -18,3 +19,4 @@ def check(params: dict[str, Any], source: str) -> None:
     if params["carso"]["aggregation"] == "count":
         raise UserError(f"{source}: 'carso.aggregation' is 'count', a majority vote without gradients that no "
                         "white-box attack can use; set it to peel, logit or prob.")
+

@@ -1,12 +1,14 @@
 """The classifier's internal representation: activations of chosen layers, gathered with forward hooks."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from carso.datasets import dataset_spec
 from carso.errors import UserError
+from carso.models import build_classifier
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
@@ -56,3 +58,23 @@ class RepresentationExtractor(nn.Module):
         """Per-layer activation shapes (without the batch dimension) for inputs like `sample`."""
         with torch.no_grad():
             return [tuple(a.shape[1:]) for a in self(sample[:1])]
+
+
+def check_layers(params: dict[str, Any], source: str) -> None:
+    """`purifier.layers` must name modules of the classifier that train_classifier builds, checked on the meta
+    device (no weights, no data) by the Snakefile's dry run and by train_purifier (MethodSpec.check_models); an
+    imported classifier (classifier.pretrained) is checked when it loads."""
+    layers = params["purifier"]["layers"]
+    if not layers or params["classifier"].get("pretrained"):
+        return
+    for dataset in params["datasets"]:
+        spec = dataset_spec(dataset)
+        with torch.device("meta"):
+            model = build_classifier(params["classifier"]["arch"], in_channels=spec.channels,
+                                     num_classes=spec.num_classes, image_size=spec.side, mean=spec.mean,
+                                     std=spec.std, **params["classifier"]["arch_kwargs"])
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [layer for layer in layers if layer not in names]
+        if unknown:
+            raise UserError(f"{source}: 'purifier.layers' names '{unknown[0]}', which is not a module of "
+                            f"classifier.arch {params['classifier']['arch']}; its modules are: {', '.join(names)}.")
