@@ -51,7 +51,7 @@ def on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     yield add
     use_plugins([])
     discovery.load.cache_clear()
-    for module in [m for m in sys.modules if m.startswith("fake_")]:  # each test's fake plugins are its own
+    for module in [m for m in sys.modules if m.startswith(("fake_", "carso_denoiser"))]:  # each test's own
         del sys.modules[module]
 
 
@@ -128,6 +128,37 @@ def test_an_entry_point_that_is_not_a_method_spec_is_refused(tmp_path: Path, on_
         use_plugins(["odd"])
 
 
+def test_a_checkpoint_made_by_other_plugin_code_is_never_resumed(example_target: Path, on_path: Any, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    from argparse import Namespace
+
+    import torch
+
+    from carso.defences import PLUGINS
+    from carso.io import save_tensors
+
+    on_path(example_target)
+    use_plugins(["denoiser"])
+    from carso_denoiser.training import stage
+
+    clean = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    save_tensors(tmp_path / "train.safetensors", {"clean": clean, "labels": torch.zeros(16, dtype=torch.long),
+                                                  "pgd": (clean + 0.1).clamp(0, 1)})
+    params = {"denoiser": {"width": 4, "epochs": 1, "batch_size": 8, "lr": 1e-2, "train_points": None},
+              "adversarial": {"attacks": {"pgd": {}}}, "runtime": {"seed": 0}}
+    args = Namespace(adversarial=str(tmp_path), out=str(tmp_path / "out"))
+    stage(args, params, torch.device("cpu"), None)  # one epoch, checkpointed
+    with caplog.at_level("INFO"):
+        stage(args, params, torch.device("cpu"), None)  # the same code and settings: resumed after its epoch
+    assert "resuming from" in caplog.text and "training from scratch" not in caplog.text
+    caplog.clear()
+    PLUGINS["denoiser"] = dataclasses.replace(PLUGINS["denoiser"], digest="0" * 64)  # the plugin's code edited
+    with caplog.at_level("INFO"):
+        stage(args, params, torch.device("cpu"), None)
+    assert "made with other settings, data or code; training from scratch" in caplog.text
+
+
 def example_params(base: dict[str, Any], root: str, weights: str) -> dict[str, Any]:
     """A params file that evaluates `at` and the example plugin's two defences (and no built-in method, whose
     sections it leaves out): `base`'s shared settings, without the unseen threats and sources."""
@@ -185,6 +216,37 @@ def _dry_jobs(project: Path, env_path: Path) -> list[str]:
                   and row.split()[0] not in ("all", "total"))
 
 
+def _same_jobs_as_dvc(project: Path, plugin_path: Path) -> None:
+    """Every job of the plugin run's whole DAG is the stage of its dvc.yaml: command, deps (the plugin's modules by
+    absolute path), outs, params file."""
+    from test_dvc_record import pipeline_stages
+    from test_workflow import normalise, stage_name
+
+    result = run_tool_env(["snakemake", "-n", "-p", "--forceall", "--cores", "2", "--config", "params_file=plugin.yaml"],
+                          project, plugin_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = pipeline_stages(project, "runs/plugin/dvc.yaml")
+    where = lambda path: str((project / path).resolve())  # noqa: E731
+    jobs = _parse_jobs(result.stdout)
+    assert {j["rule"] for j in jobs} == {"fetch", "train_classifier", "generate_adversarial", "train_denoiser",
+                                         "evaluate", "report"}
+    for job in jobs:
+        stage = stages.pop(stage_name(job))
+        assert normalise(job["shell"]) == normalise(stage["cmd"]) and stage["wdir"] == ".", stage_name(job)
+        assert sorted(map(where, job["input"])) == sorted(map(where, stage["deps"])), stage_name(job)
+        assert sorted(job["output"]) == stage["outs"] and list(stage["params"]) == ["plugin.yaml"], stage_name(job)
+    assert not stages, stages
+
+
+def _parse_jobs(text: str) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from job_snapshot import parse
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    return parse(text, with_code=True)
+
+
 def _dvc_changed(project: Path, plugin_path: Path) -> list[str]:
     """The stages `dvc status` reports changed in the plugin run's dvc.yaml."""
     result = run_tool_env(["dvc", "status", "runs/plugin/dvc.yaml"], project, plugin_path)
@@ -233,7 +295,7 @@ def test_the_example_plugin_through_snakemake_and_dvc(tiny_local_run: Path, tmp_
     assert result.returncode == 0, result.stderr[-4000:]
     assert _finished(result.stderr) == ["evaluate", "evaluate", "report", "train_denoiser"]  # nothing shared reran
     assert (project / "dvc.yaml").read_text() == tracked_dvc  # the tracked file untouched: the run has its own
-    assert "train_denoiser" in (root / "dvc.yaml").read_text()
+    _same_jobs_as_dvc(project, target)
 
     metrics = {n: json.loads((root / D / "eval" / n / "metrics.json").read_text()) for n in ("denoiser", "denoiser_file")}
     for name, m in metrics.items():

@@ -27,15 +27,15 @@ def is_code(path: str) -> bool:
     return path.endswith(".py")
 
 
-def parse(text: str) -> list[dict[str, Any]]:
-    """The jobs of `snakemake -n -p` output, sorted by rule and wildcards."""
+def parse(text: str, with_code: bool = False) -> list[dict[str, Any]]:
+    """The jobs of `snakemake -n -p` output, sorted by rule and wildcards (`with_code`: keep the code inputs)."""
     jobs: list[dict[str, Any]] = []
     for line in text.splitlines():
         if m := re.match(r"^(?:local)?rule (\w+):$", line):
             jobs.append({"rule": m.group(1)})
         elif jobs and (m := re.match(rf"^    ({'|'.join(FIELDS)}): (.*)$", line)):
             values = m.group(2).split(", ")
-            if m.group(1) == "input":
+            if m.group(1) == "input" and not with_code:
                 values = [v for v in values if not is_code(v)]
             if m.group(1) == "resources":
                 values = [v for v in values if not v.startswith("tmpdir=")]
