@@ -299,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset the runs evaluated")
     p.add_argument("--out", required=True, help="folder for compare.html and compare.md")
     p.add_argument("--log-file", default=None, help="also write the log to this file")
+    text = ("every run of this project on one page: one table per dataset and threat model, ranked by the headline "
+            "worst case (carso/leaderboard.py; reads results only)")
+    p = sub.add_parser("leaderboard", help=text, description=text)
+    p.add_argument("--root", default=".", help="the project whose output roots to gather (default: .)")
+    p.add_argument("--out", required=True, help="folder for leaderboard.html and leaderboard.md")
+    p.add_argument("--paired", action="store_true",
+                   help="add the paired test of each defence evaluated on the same points in several runs")
+    p.add_argument("--log-file", default=None, help="also write the log to this file")
     text = "write dvc.yaml (params.yaml's pipeline) from the registry, or check that it has not drifted"
     p = sub.add_parser("dvc-yaml", help=text, description=text)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs")
@@ -318,6 +326,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     write_comparison(args.runs, args.dataset, Path(args.out), args.study, args.rev)
     log.info("wrote %s", Path(args.out) / "compare.html")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Not a stage: reads every finished run (carso.leaderboard), so no stage depends on its code."""
+    from carso.leaderboard import write_leaderboard
+
+    rows = write_leaderboard(Path(args.root), Path(args.out), args.paired)
+    log.info("wrote %s (%d evaluations)", Path(args.out) / "leaderboard.html", len(rows))
     return 0
 
 
@@ -353,7 +370,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compare": cmd_compare, "dvc-yaml": cmd_dvc_yaml, "record": cmd_record}  # not stages
+COMMANDS = {"compare": cmd_compare, "leaderboard": cmd_leaderboard, "dvc-yaml": cmd_dvc_yaml,
+            "record": cmd_record}  # not stages
 
 
 def _named_plugins(argv: list[str]) -> list[str]:

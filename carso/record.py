@@ -4,7 +4,7 @@ A stage's job (`python -m carso <stage> ... --out DIR --log-file logs/<dataset>/
 runs it) writes `logs/<dataset>/<stage>.record.json` when, and only when, it succeeds: first a start marker, whose
 modification time is the job's start on the clock of the file system that holds the outputs (so a cluster's
 skewed node clocks do not matter), then, after every output, the record itself (atomically) with the MD5 of every
-file it wrote under its --out folder. A failed or killed job leaves no record (an older one is removed when the
+file it wrote under its --out folder and the git commit of the code it ran (carso.leaderboard shows it). A failed or killed job leaves no record (an older one is removed when the
 job starts).
 
 When the workflow ends (the Snakefile's onsuccess and onerror hooks, which Snakemake runs once, in the process
@@ -73,11 +73,24 @@ def job_record(log_file: str | None, argv: list[str], out_dir: str | None = None
     Path(log_file).with_suffix(RECORDED).unlink(missing_ok=True)
     marker.write_text(f"{os.getpid()}\n")
     started_ns = marker.stat().st_mtime_ns
+    commit = git_commit()
     yield
     tmp = record.with_name(f".{record.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"argv": argv, "started_ns": started_ns, "outs": _written(out_dir)}) + "\n")
+    tmp.write_text(json.dumps({"argv": argv, "started_ns": started_ns, "commit": commit, "outs": _written(out_dir)})
+                   + "\n")
     os.replace(tmp, record)
     marker.unlink(missing_ok=True)
+
+
+def git_commit() -> str:
+    """The commit the job's code is at (`git describe --always --dirty`: -dirty when tracked files differ from it), or
+    "unknown" outside a git repository; the leaderboard names it beside each evaluation."""
+    try:
+        result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def _files(path: Path) -> list[Path]:

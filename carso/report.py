@@ -18,7 +18,7 @@ from typing import Any, Callable
 import yaml
 
 from carso.datasets import DATASETS, dataset_spec
-from carso.defences import THREAT_KEYS, defence, methods_of, overrides_text, resolve
+from carso.defences import THREAT_KEYS, defence, method_of, methods_of, overrides_text, resolve
 from carso.methods import DefenceSpec
 from carso.io import atomic_path, load_tensors, read_json, write_text
 from carso.layout import Results
@@ -677,7 +677,7 @@ def write_report(dataset: str, results: Results, params: dict[str, Any], out_dir
     defences = list(params["evaluation"]["defences"])
     facts = gather(results, defences, params)
     sections = _sections(dataset, facts, params, params_file)
-    sections[2:2] = generalisation_sections(  # after the summary and the results table
+    sections[4:4] = generalisation_sections(  # after the first screen, the details and the full results table
         facts["evals"], facts["outcomes"], gather_threats(results, params), gather_sources(results, params))
     for method in methods_of(defences, params):
         sections[-2:-2] = resolve(method.report)(results, params) if method.report else []
@@ -720,6 +720,88 @@ def render(title: str, dataset: str, sections: list[Section], out_dir: Path, ste
              "background:#f8f9fb}li{margin:.25em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}")
     write_text(out_dir / f"{stem}.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
                f"{html.escape(dataset)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _flags(name: str, m: dict[str, Any], controls: dict[str, dict[str, Any]]) -> list[str]:
+    """What the diagnostics raised on one defence: fired failure indicators, masking checks, a control's outcome."""
+    fired = [f"{i['indicator']} ({i['attack']})" for i in m.get("indicators", []) if i["fired"] and
+             i["severity"] == "failure"] + [f"masking: {line.split(':')[0]}" for line in m.get("gradient_masking", [])]
+    if name in controls:
+        fired.append("positive control: broken" if controls[name]["broken"] else "positive control LEFT STANDING")
+    return fired
+
+
+def first_rows(facts: dict[str, Any], controls: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The report's first table: per defence its clean and headline robust accuracy on the attacked points (interval,
+    n), the paired difference against `at` on the same points, and its flags."""
+    evals, outcomes = facts["evals"], facts["outcomes"]
+    rows = [["defence", "clean (attacked points)", "robust: headline worst case", "vs `at` (paired, same points)",
+             "flags"]]
+    for name, m in evals.items():
+        d = paired(name, "at", evals, outcomes) if name != "at" else None
+        versus = (f"{100 * d['difference']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] "
+                  f"(n={d['n']}, {_p(d['p_value'])})" if d else "")
+        rows.append([f"`{name}`", _pct(m["clean_subset"]), _pct(m["robust_worst_case"]), versus,
+                     "; ".join(_flags(name, m, controls)) or "none"])
+    return rows
+
+
+def in_short(facts: dict[str, Any], controls: dict[str, dict[str, Any]], params_file: str) -> list[str]:
+    """At most five plain sentences: the positive controls, the negative control, which defence wins, what was flagged,
+    and how to reproduce the run."""
+    evals, specs = facts["evals"], facts["specs"]
+    real = [n for n in evals if getattr(method_of(specs[n].base), "name", None) != "controls"]  # not a control
+    sentences = [_controls_short(controls), _negative_short(facts), _winner_short(real, facts),
+                 _flagged_short(real, evals), reproduce_line(params_file)]
+    return [s for s in sentences if s]
+
+
+def _controls_short(controls: dict[str, dict[str, Any]]) -> str | None:
+    if not controls:
+        return None
+    standing = [f"`{n}`" for n, c in controls.items() if not c["broken"]]
+    if standing:
+        return (f"EVALUATION FAILED: the protocol left the positive control(s) {', '.join(standing)} standing, so every "
+                "robust figure of this run may overstate its defence.")
+    unflagged = [f"`{n}`" for n, c in controls.items() if not c["fired"]]
+    flagged = "each naive figure" if not unflagged else f"every naive figure but {', '.join(unflagged)}'s"
+    return (f"The protocol broke all {len(controls)} positive controls (each within {100 * CONTROL_MARGIN:.0f} points "
+            f"of the undefended model it wraps), and the indicators flagged {flagged}.")
+
+
+def _negative_short(facts: dict[str, Any]) -> str | None:
+    evals, outcomes, specs = facts["evals"], facts["outcomes"], facts["specs"]
+    found = []
+    for name in (n for n in evals if specs[n].negative_control_of):
+        reference = counterpart(name, specs[name].negative_control_of, evals, specs)
+        d = paired(name, reference, evals, outcomes) if reference else None
+        if d is not None:
+            found.append(f"`{name}` {'FAILED' if d['verdict'] == 'real' else 'passed'} "
+                         f"({100 * d['difference']:+.1f} points against `{reference}`)")
+    if not found:
+        return None
+    return ("The negative control, noise that leaves the expected predictions unchanged, must keep its reference's "
+            f"headline within the interval: {'; '.join(found)}.")
+
+
+def _winner_short(real: list[str], facts: dict[str, Any]) -> str | None:
+    evals, outcomes = facts["evals"], facts["outcomes"]
+    if not real:
+        return None
+    best = max(real, key=lambda n: evals[n]["robust_worst_case"]["accuracy"])
+    text = f"Highest headline robust accuracy: `{best}`, {_pct(evals[best]['robust_worst_case'])}"
+    if "at" not in evals:
+        return text + "."
+    beat = [f"`{n}`" for n in real if n != "at" and (d := paired(n, "at", evals, outcomes)) and _direction(d) == "beat"]
+    return text + (f"; {', '.join(beat)} measurably beat `at`" if beat else "; no defence measurably beat `at`") + \
+        " (paired, on the same points)."
+
+
+def _flagged_short(real: list[str], evals: dict[str, dict[str, Any]]) -> str:
+    flagged = {n: f for n in real if (f := _flags(n, evals[n], {}))}
+    if not flagged:
+        return "No failure indicator or masking check fired on the defences."
+    return "Flagged: " + "; ".join(f"`{n}` ({', '.join(f)})" for n, f in flagged.items()) + "."
 
 
 def _imported_lines(train: dict[str, Any]) -> list[str]:
@@ -765,7 +847,7 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
     controls = positive_controls(facts["evals"], facts["outcomes"], specs)
     summary = controls_sentence(controls, specs) + comparisons(facts["evals"], facts["outcomes"], specs) + \
         summary_sentences(facts["evals"]) + indicator_sentences(facts["evals"], specs) + \
-        saturation_sentences(facts["evals"]) + [reproduce_line(params_file)]
+        saturation_sentences(facts["evals"])
     plugins = plugin_rows(facts["evals"])
     plugin_section = [("Defences from installed plugins", "table", plugins)] if plugins else []
     control_section = ([("Controls: defences known to be broken, which the protocol must break", "table",
@@ -777,7 +859,9 @@ def _sections(dataset: str, facts: dict[str, Any], params: dict[str, Any],
                  (f"examples_{name}", examples_png(ex, f"{name} ({specs[name].title})",
                                                    dataset_spec(dataset).class_name)))
                 for name, ex in facts["examples"].items()]
-    return [("Summary", "list", summary),
+    return [("Results", "table", first_rows(facts, controls)),
+            ("In short", "list", in_short(facts, controls, params_file)),
+            ("Details", "list", summary),
             (f"Robust accuracy ({level} Wilson intervals, fp32 attacks)", "table", results_rows(facts["evals"], specs)),
             ("The headline and the strict bound", "table", rules_rows(facts["evals"])),
             ("How the defences are judged", "list", RULES_NOTE),

@@ -25,7 +25,10 @@ _READ = """() => {
     if (el.tagName === "LI") { sections[heading].items.push(el.innerText); continue; }
     sections[heading].tables.push([...el.rows].map(r => [...r.cells].map(c => c.innerText)));
   }
-  return {images, sections, width: document.documentElement.scrollWidth};
+  const table = document.querySelector("table");
+  const box = table ? table.getBoundingClientRect() : null;
+  return {images, sections, width: document.documentElement.scrollWidth,
+          firstTable: box ? {top: box.top, bottom: box.bottom} : null};
 }"""
 
 
@@ -35,6 +38,7 @@ class Rendered:
     images: list[dict[str, Any]] = field(default_factory=list)
     sections: dict[str, dict[str, list]] = field(default_factory=dict)
     width: int = 0  # the page's scroll width at a 1280 px window (wider: it overflows sideways)
+    first_table: dict[str, float] | None = None  # where the first table lies on the page (px from the top), unscrolled
 
 
 def browser_path() -> str:
@@ -66,4 +70,5 @@ def render(page_file: Path, screenshot: Path) -> Rendered:
         finally:
             browser.close()
     rendered.images, rendered.sections, rendered.width = read["images"], read["sections"], read["width"]
+    rendered.first_table = read["firstTable"]
     return rendered

@@ -413,6 +413,32 @@ def test_the_report_renders_in_a_browser_without_errors(chain: Path, rendered_re
     assert all(image["ok"] for image in rendered_report.images), rendered_report.images  # every image decodes
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
+def test_the_report_opens_with_its_results_then_at_most_five_sentences(chain: Path, rendered_report: Rendered) -> None:
+    """The first screen (1280 x 900 in Chromium) holds the results table: each defence's clean and headline figures
+    (the metrics files'), the paired difference against `at` (recomputed) and its flags; then at most five sentences,
+    the controls' first, the command that reproduces the run last."""
+    from carso.report import _p, _pct, paired, point_outcomes
+
+    assert list(rendered_report.sections)[:3] == ["Results", "In short", "Details"]
+    assert rendered_report.first_table is not None and rendered_report.first_table["bottom"] <= 900
+    (table,) = rendered_report.sections["Results"]["tables"]
+    metrics = {n: json.loads((chain / "eval" / n / "metrics.json").read_text()) for n in DEFENCES}
+    outcomes = {n: point_outcomes(chain / "eval" / n / "examples.safetensors") for n in DEFENCES}
+    assert [row[0] for row in table[1:]] == list(DEFENCES)
+    for name, clean, robust, versus, flags in table[1:]:
+        assert (clean, robust) == (_pct(metrics[name]["clean_subset"]), _pct(metrics[name]["robust_worst_case"]))
+        d = paired(name, "at", metrics, outcomes) if name != "at" else None
+        assert versus == ("" if d is None else f"{100 * d['difference']:+.1f} points [{100 * d['ci_low']:+.1f}, "
+                                               f"{100 * d['ci_high']:+.1f}] (n={d['n']}, {_p(d['p_value'])})")
+        fired = [i for i in metrics[name].get("indicators", []) if i["fired"] and i["severity"] == "failure"]
+        assert (flags == "none") == (not fired and not metrics[name]["gradient_masking"]
+                                     and not name.startswith("ctl_"))
+    short = rendered_report.sections["In short"]["items"]
+    assert 3 <= len(short) <= 5
+    assert short[0].startswith(("The protocol broke all 3 positive controls", "EVALUATION FAILED"))
+    assert short[-1] == "Reproduce: bash run.sh pipeline (settings: params.yaml, below)."
+
+
 def test_a_variant_is_evaluated_with_its_own_settings(chain: Path) -> None:
     """carso_zero (z = 0: every reconstruction equal) loads carso's purifier through its `set`: AutoAttack's
     randomness check finds it deterministic where carso is randomised, and its metrics name the variant."""
@@ -520,7 +546,7 @@ def test_every_number_of_the_report_is_the_metrics_files(chain: Path, kind: str,
         assert _agrees(_one(base), sanity["base_steps"]) and _agrees(_one(more), sanity["more_steps"])
         assert all(_agrees(a, b) for a, b in zip(figures(large), sanity["large_eps"].values(), strict=True))
         assert (masking == "none seen") == (not metrics[defence]["gradient_masking"])
-    _check_comparisons(chain, sections["Summary"]["items"], conf)
+    _check_comparisons(chain, sections["Details"]["items"], conf)
 
 
 def _check_comparisons(chain: Path, sentences: list[str], conf: float) -> None:
@@ -573,7 +599,7 @@ def test_the_negative_control_has_the_headline_of_at_on_the_tiny_run(chain: Path
     assert m["at_noise"]["randomised"] and not m["at"]["randomised"]
     assert d["verdict"] == "within noise" and d["ci_low"] <= 0 <= d["ci_high"]
     assert abs(m["at_noise"]["clean"]["accuracy"] - m["at"]["clean"]["accuracy"]) <= 0.01 + 1e-9
-    summary = md_sections((chain / "report" / "report.md").read_text())["Summary"]["items"]
+    summary = md_sections((chain / "report" / "report.md").read_text())["Details"]["items"]
     assert summary[1].startswith("Negative control passed: the classifier alone with noisy logits")
 
 
@@ -584,7 +610,7 @@ def test_the_reports_first_sentence_says_whether_the_protocol_broke_each_positiv
     from carso.report import CONTROL_MARGIN, point_outcomes
     from carso.stats import paired_expected
 
-    summary = md_sections((chain / "report" / "report.md").read_text())["Summary"]["items"]
+    summary = md_sections((chain / "report" / "report.md").read_text())["Details"]["items"]
     base, _ = point_outcomes(chain / "eval" / "plain" / "examples.safetensors")
     standing = []
     for name in ("ctl_scaled", "ctl_quant", "ctl_resize"):

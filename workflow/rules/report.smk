@@ -29,3 +29,17 @@ rule report:
     shell:
         "python -m carso report --params {params.params_file} --dataset {wildcards.dataset}"
         " --root {params.root}{params.folders} --out {params.out} --log-file {log}"
+
+
+
+rule leaderboard:  # every run of this project on one page; reads results only: `snakemake --forcerun leaderboard -- leaderboard`
+    output:
+        html="leaderboard/leaderboard.html",
+        md="leaderboard/leaderboard.md",
+    log:
+        "leaderboard/leaderboard.log",
+    localrule: True
+    conda:
+        "../envs/carso.yaml"
+    shell:
+        "python -m carso leaderboard --out leaderboard --log-file {log}"
