@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +192,6 @@ def cells(rank: str, r: Row, out_dir: Path) -> list[str]:
 
 
 def _relative(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(path.resolve(), start.resolve())
 
 
