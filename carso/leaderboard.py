@@ -7,7 +7,8 @@ the flags the diagnostics and the run's controls raised, the params file, the co
 a link to the run's own report. An evaluation made with a weaker protocol than the current one (a family of attacks
 missing, a randomised defence without EoT or judged by one draw, no indicators of attack failure, a positive control
 of its run left standing) is marked with the reason and listed below the ranked rows, never ranked beside them. An
-evaluation still running (its job's start marker without its metrics) is listed as in progress.
+evaluation still running (its job's start marker there) is listed as in progress; one whose folder has no metrics.json
+and whose job is not running (killed, or never finished) as unfinished.
 
 It reads results only (metrics.json, examples.safetensors for the paired tests, the jobs' records in logs/) and
 never reruns a stage. `python -m carso leaderboard --out leaderboard` writes it; `--paired` adds, for each defence
@@ -48,7 +49,8 @@ class Row:
     folder: Path               # where its metrics.json is (or will be)
     record: dict[str, Any]     # its job's record: argv, started_ns, commit (empty when none was kept)
     report: Path | None        # the run's own report.html, if written
-    metrics: dict[str, Any] | None = None  # None: still running
+    metrics: dict[str, Any] | None = None  # None: still running, or stopped before writing its metrics
+    running: bool = False                  # its job's start marker is there (carso.record): it is running
     flags: list[str] = field(default_factory=list)
     marks: list[str] = field(default_factory=list)  # why it is not ranked
 
@@ -71,7 +73,9 @@ class Row:
     @property
     def table(self) -> str:
         """Its table's title: the dataset and the threat model (norm and radius)."""
-        return f"{self.dataset}, {_threat(self.metrics)}" if self.metrics else f"{self.dataset}, in progress"
+        if self.metrics:
+            return f"{self.dataset}, {_threat(self.metrics)}"
+        return f"{self.dataset}, {'in progress' if self.running else 'unfinished'}"
 
 
 def roots(project: Path) -> list[tuple[str, Path]]:
@@ -121,7 +125,7 @@ def gather(project: Path) -> list[Row]:
                 metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else None
                 run_rows.append(Row(run, dataset_dir.name, defence, threat, folder,
                                     _record(root, dataset_dir.name, job), report if report.exists() else None,
-                                    None if started or metrics is None else metrics))
+                                    None if started or metrics is None else metrics, running=started))
             _judge(run_rows)
             rows += run_rows
     return rows
@@ -183,7 +187,8 @@ def cells(rank: str, r: Row, out_dir: Path) -> list[str]:
     """One row's cells, as text."""
     link = _relative(r.report, out_dir) if r.report else "not written"
     if r.metrics is None:
-        return [rank, r.run, r.defence, "in progress", "", "", "", "", "", "", r.params_file, r.commit, r.date, link]
+        state = "in progress" if r.running else "unfinished: no metrics.json, and its job is not running"
+        return [rank, r.run, r.defence, state, "", "", "", "", "", "", r.params_file, r.commit, r.date, link]
     m = r.metrics
     worst = m["robust_worst_case"]
     return [rank, r.run, r.defence, _pct(m["clean"]), _pct(worst), _pct(worst["strict"]),
@@ -294,9 +299,10 @@ def write_leaderboard(project: Path, out_dir: Path, with_paired: bool = False) -
     rows = gather(project)
     tables = ranked(rows)
     finished = sum(r.metrics is not None for r in rows)
+    running = sum(r.running for r in rows)
     runs = sorted({r.run for r in rows})
-    intro = (f"{finished} evaluations of {len(runs)} runs ({', '.join(runs) or 'none'}), "
-             f"{len(rows) - finished} in progress, under {project.resolve()}.")
+    intro = (f"{finished} evaluations of {len(runs)} runs ({', '.join(runs) or 'none'}), {running} in progress, "
+             f"{len(rows) - finished - running} unfinished, under {project.resolve()}.")
     md = ["# Leaderboard", "", intro, "", NOTE]
     body = [f"<h1>Leaderboard</h1><p>{html.escape(intro)}</p><p>{html.escape(NOTE)}</p>",
             '<input id="filter" placeholder="filter rows: a run, a defence, a flag...">']

@@ -22,7 +22,7 @@ D = "data/fashion_mnist"
 
 def _project(tiny_local_run: Path, tmp_path: Path) -> Path:
     """The tiny run, plus runs/older (the same results, carso's evaluated without AutoAttack, as an older protocol
-    would have) and runs/running (at's evaluation started, nothing written yet)."""
+    would have) and runs/running (at's evaluation started, nothing written yet; carso's folder without metrics)."""
     project = tmp_path / "project"
     shutil.copytree(tiny_local_run, project, symlinks=True)
     older = project / "runs" / "older"
@@ -36,6 +36,7 @@ def _project(tiny_local_run: Path, tmp_path: Path) -> Path:
     (running / D / "eval" / "at").mkdir(parents=True)
     (running / "logs" / "fashion_mnist").mkdir(parents=True)
     (running / "logs" / "fashion_mnist" / "evaluate_at.record.json.started").write_text("1\n")
+    (running / D / "eval" / "carso").mkdir()  # killed before its metrics: not running, unfinished
     return project
 
 
@@ -50,7 +51,7 @@ def test_the_leaderboard_gathers_ranks_and_marks_every_run(tiny_local_run: Path,
     assert after == before  # it read results only: nothing written, nothing touched
     sections = md_sections((project / "board" / "leaderboard.md").read_text())
     assert {"fashion_mnist, L-inf eps 0.1", "fashion_mnist, L2 eps 1.5", "fashion_mnist, L1 eps 7.5",
-            "fashion_mnist, in progress"} <= set(sections)
+            "fashion_mnist, in progress", "fashion_mnist, unfinished"} <= set(sections)
     (table,) = sections["fashion_mnist, L-inf eps 0.1"]["tables"]
     header, rows = table[0], table[1:]
     col = {h: i for i, h in enumerate(header)}
@@ -78,6 +79,9 @@ def test_the_leaderboard_gathers_ranks_and_marks_every_run(tiny_local_run: Path,
     assert ranked[0][col["params file"]] == "params.yaml" and ranked[0][col["commit"]]
     (progress,) = sections["fashion_mnist, in progress"]["tables"]
     assert [(r[1], r[2], r[3]) for r in progress[1:]] == [("runs/running", "at", "in progress")]
+    (stopped,) = sections["fashion_mnist, unfinished"]["tables"]
+    assert [(r[1], r[2]) for r in stopped[1:]] == [("runs/running", "carso")]
+    assert stopped[1][3].startswith("unfinished: no metrics.json")
     (pairs,) = sections["The same defence across runs, on the same points (paired)"]["tables"]
     assert {(r[1], r[2], r[3]) for r in pairs[1:]} == {(d, "params.yaml's run", "runs/older") for d in defences}
     assert all(r[5] == "+0.0 points" and r[8] == "not measurable" for r in pairs[1:])  # identical results
