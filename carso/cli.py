@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from carso.defences import DEFENCES, check_models, plugin_of, resolve, stage_owner, training_stages, use_plugins
+from carso.defences import (DEFENCES, check_models, plugin_of, plugins_named, resolve, stage_owner, training_stages,
+                            use_plugins)
 from carso.errors import UserError
 from carso.methods import StageSpec
 
@@ -382,11 +383,9 @@ def _named_plugins(argv: list[str]) -> list[str]:
     flag = next((i for i, a in enumerate(argv) if a == "--params" or a.startswith("--params=")), None)
     path = "params.yaml" if flag is None else (argv[flag].partition("=")[2] or (argv[flag + 1:] or [""])[0])
     try:
-        params = yaml.safe_load(Path(path).read_text())
+        return plugins_named(yaml.safe_load(Path(path).read_text()))
     except (OSError, yaml.YAMLError):
         return []  # the stage's own loading says what is wrong with the file
-    plugins = params.get("plugins") if isinstance(params, dict) else None
-    return plugins if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins) else []
 
 
 def main(argv: list[str] | None = None) -> int:

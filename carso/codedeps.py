@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from carso.discovery import package_dir
+from carso.discovery import module_dir
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: paths are relative to it
 
@@ -35,7 +35,7 @@ def module_file(module: str) -> Path:
     """carso.methods.atop.training -> carso/methods/atop/training.py (a package -> its __init__.py); a plugin's
     module: its file where the plugin is installed."""
     top = module.split(".")[0]
-    base = ROOT if top == "carso" else package_dir(top).parent
+    base = ROOT if top == "carso" else module_dir(top).parent
     path = base.joinpath(*module.split("."))
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
@@ -99,13 +99,13 @@ def _module_of(function_path: str) -> str:
 
 def stage_modules(stage: str, defences: Sequence[str] = ()) -> set[str]:
     """The modules stage `stage` runs; `defences`: the defence it evaluates (evaluate) or reports on (report)."""
-    from carso.defences import BUILTIN, DEFENCES, METHODS, PLUGINS, methods_of, training_stages
+    from carso.defences import BUILTIN, DEFENCES, PLUGINS, methods_of, stage_owner, training_stages
 
     method_stages = training_stages()
     entry = cli_function_imports("main")  # every stage starts there: logging, params, the stage's function
     entry |= {_module_of(m.check_params) for m in BUILTIN if m.check_params}  # the params validation calls them
     if stage in method_stages:
-        owners = [m for m in METHODS if any(s.name == stage for s in m.stages)]
+        owners = [stage_owner(stage)]
         entry |= cli_function_imports("method_stage") | {_module_of(method_stages[stage].run)}
         entry |= {_module_of(m.check_models) for m in owners if m.check_models}  # its own stages run them
     else:

@@ -29,6 +29,13 @@ DEFENCES: dict[str, DefenceSpec] = {AT.name: AT, **{d.name: d for m in METHODS f
 PLUGINS: dict[str, discovery.Plugin] = {}  # the active plugins, by method name
 
 
+def plugins_named(params: Any) -> list[str]:
+    """The plugins a params file names (`plugins`), or none where the key is absent or not a list of names (the
+    schema then says what is wrong with it)."""
+    plugins = params.get("plugins") if isinstance(params, dict) else None
+    return plugins if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins) else []
+
+
 def use_plugins(names: list[str]) -> None:
     """Make the registry the built-in methods plus exactly the plugins `names` (params.yaml `plugins`), in that
     order; a plugin not installed, of another API version or taking a used name is refused in one sentence."""

@@ -63,16 +63,9 @@ def _dist(ep: metadata.EntryPoint) -> tuple[str, str]:
     return (ep.dist.name, ep.dist.version) if ep.dist is not None else ("unknown", "unknown")
 
 
-def package_dir(package: str) -> Path:
-    """The folder of an importable package, wherever it is installed (site-packages, a --target folder, editable)."""
-    spec = find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"plugin package '{package}' is not importable; reinstall its distribution")
-    return Path(next(iter(spec.submodule_search_locations))).resolve()
-
-
 def module_dir(module: str) -> Path:
-    """The folder of an importable module (a package: its own folder)."""
+    """The folder of an importable module (a package: its own folder), wherever it is installed (site-packages, a
+    --target folder, editable)."""
     spec = find_spec(module)
     if spec is None or spec.origin is None:
         raise UserError(f"plugin module '{module}' is not importable; reinstall its distribution")
@@ -111,8 +104,7 @@ def load(name: str) -> tuple[MethodSpec, Plugin]:
                         f"API version {spec.api}, and this carso offers version {API_VERSION}; install a version "
                         "of the plugin made for it")
     package = module.split(".")[0]
-    folder = package_dir(package)
-    plugin = Plugin(name, distribution, version, package, digest(folder))
+    plugin = Plugin(name, distribution, version, package, digest(module_dir(package)))
     return replace(spec, package=module), plugin
 
 

@@ -29,8 +29,8 @@ from carso.defences import DEFENCES
 from carso.io import read_json, write_text
 from carso.methods import DefenceSpec
 from carso.record import RECORDED, STARTED, SUFFIX
-from carso.report import _direction, _flags, _level, _md_table, _pct, _strongest_alone, _threat, paired, \
-    point_outcomes, positive_controls
+from carso.report import _direction, _flags, _html_table, _level, _md_table, _pct, _strongest_alone, _threat, \
+    paired, point_outcomes, positive_controls
 
 # The attack families the current protocol runs: under the training threat every defence gets all four; under an
 # unseen threat the lighter suite (carso.evaluation.threat) keeps AutoAttack and PGD.
@@ -317,10 +317,8 @@ def write_leaderboard(project: Path, out_dir: Path, with_paired: bool = False) -
         title = "The same defence across runs, on the same points (paired)"
         md += ["", f"## {title}", "", _md_table(pairs) if len(pairs) > 1 else "No defence was evaluated on the same "
                "points in two runs."]
-        body.append(f"<h2>{html.escape(title)}</h2>" + ("<table><thead><tr>" + "".join(
-            f"<th>{html.escape(h)}</th>" for h in pairs[0]) + "</tr></thead><tbody>" + "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in p) + "</tr>" for p in pairs[1:]) +
-            "</tbody></table>" if len(pairs) > 1 else "<p>No defence was evaluated on the same points in two runs.</p>"))
+        body.append(f"<h2>{html.escape(title)}</h2>" + (_html_table(pairs) if len(pairs) > 1 else
+                                                          "<p>No defence was evaluated on the same points in two runs.</p>"))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "leaderboard.md", "\n".join(md) + "\n")
     write_text(out_dir / "leaderboard.html", f"<!doctype html><html><head><meta charset='utf-8'><title>Leaderboard"

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from carso.defences import DEFENCES, METHODS, THREAT_KEYS, method_dir, method_of, resolve, use_plugins
+from carso.defences import DEFENCES, METHODS, THREAT_KEYS, method_dir, method_of, plugins_named, resolve, use_plugins
 from carso.errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
@@ -103,9 +103,8 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any], source: str
 def validate(params: dict[str, Any], source: str = "params.yaml", derived: bool = True) -> dict[str, Any]:
     """Validate `params` against the schema, then the rules a schema cannot express (`derived`: also build and
     check the params of each defence variant and of each PGD run's surrogate)."""
-    plugins = params.get("plugins") or []
     try:
-        use_plugins(plugins if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins) else [])
+        use_plugins(plugins_named(params))
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     schema = load_schema(params)
@@ -155,7 +154,7 @@ def _radii(params: dict[str, Any]) -> dict[str, float]:
 def _check_evaluation(params: dict[str, Any], source: str) -> None:
     """The threat model's radii fit its norm; the transfer attack must be a stored one inside the threat model;
     the sizes must fit each other; each variant names a defence and settings it reads; each defence's PGD runs
-    have distinct names and valid surrogates."""
+    have distinct names (their surrogates: `_check_surrogates`)."""
     if params["evaluation"]["norm"] == "Linf":
         for key, eps in _radii(params).items():
             if eps > 1:

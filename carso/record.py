@@ -4,8 +4,8 @@ A stage's job (`python -m carso <stage> ... --out DIR --log-file logs/<dataset>/
 runs it) writes `logs/<dataset>/<stage>.record.json` when, and only when, it succeeds: first a start marker, whose
 modification time is the job's start on the clock of the file system that holds the outputs (so a cluster's
 skewed node clocks do not matter), then, after every output, the record itself (atomically) with the MD5 of every
-file it wrote under its --out folder and the git commit of the code it ran (carso.leaderboard shows it). A failed or killed job leaves no record (an older one is removed when the
-job starts).
+file it wrote under its --out folder and the git commit of the code it ran (carso.leaderboard shows it). A failed
+or killed job leaves no record (an older one is removed when the job starts).
 
 When the workflow ends (the Snakefile's onsuccess and onerror hooks, which Snakemake runs once, in the process
 that drives the workflow, never in cluster jobs), `record_run` commits to DVC (`dvc commit`: dvc.lock and the

@@ -533,11 +533,8 @@ def positive_controls(evals: dict[str, dict[str, Any]], outcomes: Outcomes,
         d = paired(name, base, evals, outcomes) if base else None
         if d is None:
             continue
-        fired = [f"{i['indicator']} ({i['attack']})" for i in m.get("indicators", [])
-                 if i["fired"] and i["severity"] == "failure"] + [f"masking: {line.split(':')[0]}"
-                                                                 for line in m.get("gradient_masking", [])]
         out[name] = {"base": base, "paired": d, "naive": m.get("naive"), "worst": m["robust_worst_case"],
-                     "broken": d["difference"] <= CONTROL_MARGIN, "fired": fired}
+                     "broken": d["difference"] <= CONTROL_MARGIN, "fired": fired_checks(m)}
     return out
 
 
@@ -722,10 +719,15 @@ def render(title: str, dataset: str, sections: list[Section], out_dir: Path, ste
                f"{html.escape(dataset)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
+def fired_checks(m: dict[str, Any]) -> list[str]:
+    """The failure indicators and masking checks that fired on one evaluation, each in a few words."""
+    return [f"{i['indicator']} ({i['attack']})" for i in m.get("indicators", []) if i["fired"] and
+            i["severity"] == "failure"] + [f"masking: {line.split(':')[0]}" for line in m.get("gradient_masking", [])]
+
+
 def _flags(name: str, m: dict[str, Any], controls: dict[str, dict[str, Any]]) -> list[str]:
     """What the diagnostics raised on one defence: fired failure indicators, masking checks, a control's outcome."""
-    fired = [f"{i['indicator']} ({i['attack']})" for i in m.get("indicators", []) if i["fired"] and
-             i["severity"] == "failure"] + [f"masking: {line.split(':')[0]}" for line in m.get("gradient_masking", [])]
+    fired = fired_checks(m)
     if name in controls:
         fired.append("positive control: broken" if controls[name]["broken"] else "positive control LEFT STANDING")
     return fired

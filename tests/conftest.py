@@ -43,10 +43,12 @@ def run_cli(args: list[str], cwd: Path, timeout: int = HANG_GUARD_S) -> subproce
                           timeout=timeout)
 
 
-def run_tool(args: list[str], cwd: Path, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
-    """Run snakemake / dvc from this virtualenv with a hard time limit."""
+def run_tool(args: list[str], cwd: Path, timeout: int = HANG_GUARD_S,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake / dvc (or this virtualenv's python) from this virtualenv with a hard time limit; `env`: variables
+    set on top of the environment (e.g. PYTHONPATH for a plugin installed into a folder)."""
     tool = Path(sys.executable).parent / args[0]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([str(tool), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -20,7 +20,7 @@ import yaml
 from carso import discovery
 from carso.defences import BUILTIN, DEFENCES, METHODS, use_plugins
 from carso.errors import UserError
-from conftest import LOCAL_CORES, REPO, load_tiny, sh, without_timings, write_params
+from conftest import LOCAL_CORES, REPO, load_tiny, run_tool, sh, without_timings, write_params
 
 EXAMPLE = REPO / "examples" / "carso-denoiser"
 D = "data/fashion_mnist"
@@ -257,10 +257,7 @@ def _dvc_changed(project: Path, plugin_path: Path) -> list[str]:
 
 def run_tool_env(args: list[str], cwd: Path, plugin_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """snakemake / dvc from this virtualenv with the plugin's folder on PYTHONPATH (as an installed package is)."""
-    env = {**os.environ, "PYTHONPATH": str(plugin_path), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    tool = Path(sys.executable).parent / args[0]
-    return subprocess.run([str(tool), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_tool(args, cwd, timeout, env={"PYTHONPATH": str(plugin_path), "DVC_NO_ANALYTICS": "1"})
 
 
 @pytest.mark.slow

@@ -31,8 +31,9 @@ rule report:
         " --root {params.root}{params.folders} --out {params.out} --log-file {log}"
 
 
-
-rule leaderboard:  # every run of this project on one page; reads results only: `snakemake --forcerun leaderboard -- leaderboard`
+# Every run of this project on one page (carso/leaderboard.py); it reads results only, so it is run on request:
+# `snakemake --cores 1 leaderboard --forcerun leaderboard`
+rule leaderboard:
     output:
         html="leaderboard/leaderboard.html",
         md="leaderboard/leaderboard.md",

@@ -19,4 +19,3 @@ def check(params: dict[str, Any], source: str) -> None:
     if params["carso"]["aggregation"] == "count":
         raise UserError(f"{source}: 'carso.aggregation' is 'count', a majority vote without gradients that no "
                         "white-box attack can use; set it to peel, logit or prob.")
-
